@@ -1,0 +1,157 @@
+"""`paramserver cluster`: one server process and N worker processes on this machine.
+
+It shows progress while they train, stops them all cleanly on Ctrl-C or when the workers are
+done (the server writes its checkpoint and metrics on the way out), then evaluates the final
+checkpoint on held-out data and, for the GPT job, prints a sample generated from it.
+
+Usage::
+
+    paramserver cluster --workers 4 --mode sync --steps 200
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from common.config import ClusterConfig, ServerConfig, WorkerConfig, to_argv
+
+
+def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS"):
+        env.pop(var, None)   # the cluster passes identity as flags
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "paramserver"] + args, stdout=stdout or log, stderr=log,
+                            env=env, start_new_session=True)
+
+
+def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start `paramserver server` and return (process, the address it listens on)."""
+    proc = _spawn(["server"] + to_argv(scfg), os.path.join(out, "server.log"), stdout=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    line = proc.stdout.readline().decode()
+    if "listening on" not in line or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"the server did not start; see {os.path.join(out, 'server.log')}")
+    return proc, line.rsplit(" ", 1)[-1].strip()
+
+
+def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: dict[int, float] | None = None,
+                  threads: int = 0) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(n):
+        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "threads"))
+        argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
+        if slowdown and slowdown.get(rank, 1.0) > 1.0:
+            argv += ["--slowdown", str(slowdown[rank])]
+        if threads:
+            argv += ["--threads", str(threads)]
+        procs.append(_spawn(["worker"] + argv, os.path.join(out, f"worker{rank}.log")))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen], server: subprocess.Popen | None, address: str) -> None:
+    """Workers get SIGTERM (they say goodbye), the server a SHUTDOWN (it checkpoints)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if server is not None and server.poll() is None:
+        shutdown(address)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def shutdown(address: str) -> None:
+    from worker.client import PSClient, ServerUnavailable
+    with PSClient(address, server_timeout=5.0, request_timeout=1.0) as ps:
+        try:
+            ps.shutdown()
+        except ServerUnavailable:
+            pass
+
+
+def _progress(address: str, t0: float, n: int) -> str:
+    from worker.client import PSClient, ServerUnavailable
+    with PSClient(address, server_timeout=2.0, request_timeout=1.0) as ps:
+        try:
+            st = ps.status()
+        except ServerUnavailable:
+            return f"[{time.time() - t0:6.1f}s] server not answering"
+    loss = f"{st['loss']:.4f}" if st["loss"] is not None else "-"
+    return (f"[{time.time() - t0:6.1f}s] version {st['version']:5d} | live {st['live']}/{n} | "
+            f"train loss {loss} | {st['updates_per_s']:.1f} updates/s | waiting pulls {st['waiting_pulls']}")
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
+    from worker.evaluate import evaluate_checkpoint
+    out = ccfg.out
+    os.makedirs(out, exist_ok=True)
+    for stale in ("checkpoint.pt", "server_metrics.json", "metrics.json"):
+        if os.path.exists(os.path.join(out, stale)):
+            os.unlink(os.path.join(out, stale))
+    scfg.checkpoint = os.path.join(out, "checkpoint.pt")
+    scfg.metrics = os.path.join(out, "server_metrics.json")
+    scfg.bind = "tcp://127.0.0.1:*"
+    threads = max(1, (os.cpu_count() or 1) // ccfg.workers)
+    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.job}, mode {scfg.mode}, "
+          f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}, output in {out}/", flush=True)
+    t0 = time.time()
+    server, address = start_server(scfg, out)
+    slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
+    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads)
+    interrupted = False
+    next_tick = time.time() + ccfg.progress_every
+    try:
+        while any(p.poll() is None for p in workers):
+            time.sleep(0.2)
+            if time.time() >= next_tick:
+                next_tick += ccfg.progress_every
+                print(_progress(address, t0, ccfg.workers), flush=True)
+            if server.poll() is not None:
+                print(f"the server exited with code {server.returncode}; see {out}/server.log", flush=True)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping workers and server (the server writes its checkpoint)", flush=True)
+    finally:
+        stop_all(workers, server, address)
+    failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
+    for r in failed:
+        print(f"worker {r} exited with code {workers[r].returncode}; see {out}/worker{r}.log", flush=True)
+    wall = time.time() - t0
+    summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed}
+    if os.path.exists(scfg.checkpoint):
+        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out))
+    server_metrics = _read_json(scfg.metrics)
+    workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({"summary": summary, "server": server_metrics, "workers": workers_m}, f)
+    st = server_metrics.get("status", {})
+    print(f"done in {wall:.1f}s: {st.get('version', 0)} updates applied, counters {st.get('counters', {})}")
+    if "final_eval_loss" in summary:
+        first = summary.get("initial_eval_loss")
+        print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
+              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else ""))
+    if summary.get("sample"):
+        print("sample from the trained model:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
+    print(f"checkpoint: {scfg.checkpoint}   metrics: {os.path.join(out, 'metrics.json')}", flush=True)
+    return 1 if failed or interrupted else 0

@@ -1,0 +1,193 @@
+"""Sync, bounded staleness (SSP) and async as one policy object: where the barrier lives.
+
+Every live worker has a clock: the number of gradients it has pushed (in sync mode, the step
+it works on). The policy answers two questions for the server loop:
+
+* `pull_ready(w, clock)`: may worker w get theta now, to compute its gradient for `clock`?
+    - sync:  when the server has applied `clock` steps (the barrier: everyone finished step clock-1)
+    - ssp:   when clock - min(live clocks) <= staleness  (Bösen/Angel vector clock)
+    - async: always
+  Nothing is answered before `num_workers` workers have registered (the start gate).
+* `push(w, clock, grads, ...)`: what happens to a gradient?
+    - sync:  summed into the step's accumulator; when all live workers (or N - backup_workers of
+             them) have pushed for the step, the sum (or mean) is applied once
+    - ssp / async: applied on arrival, scaled by 1/N live workers under mean aggregation
+
+A worker that leaves (or is declared dead) is removed from the barrier and from the minimum
+clock at once, so the others never wait for it.
+
+Usage::
+
+    policy = Consistency(store, mode="sync", num_workers=2)
+    policy.join(0); policy.join(1)
+    policy.push(0, clock=0, grads=g0, base_version=0)   # accumulated
+    policy.push(1, clock=0, grads=g1, base_version=0)   # step applied; policy.step == 1
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from paramserver.store import ParamStore
+
+
+@dataclass
+class Contribution:
+    """One gradient that went into an applied update."""
+    worker: int
+    clock: int
+    base_version: int
+    staleness: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PushResult:
+    status: str            # "applied", "accumulated" or "dropped"
+    reason: str = ""       # why it was dropped
+    version: int = 0       # server version after handling the push
+
+
+class Consistency:
+    def __init__(self, store: ParamStore, mode: str = "sync", num_workers: int = 1, staleness: int = 0,
+                 backup_workers: int = 0, aggregate: str = "mean", min_workers: int = 1,
+                 on_update: Callable[[int, list[Contribution]], None] | None = None):
+        self.store, self.mode, self.num_workers = store, mode, num_workers
+        self.staleness, self.backup_workers, self.aggregate = staleness, backup_workers, aggregate
+        self.min_workers = min_workers
+        self.on_update = on_update or (lambda version, contributions: None)
+        self.clocks: dict[int, int] = {}          # live workers -> clock
+        self.last_clock: dict[int, int] = {}      # every worker ever seen -> its last clock
+        self.started = False
+        self.step = 0                             # sync: steps applied
+        self._acc: dict[str, np.ndarray] | None = None
+        self._contrib: list[Contribution] = []
+        self.counters: Counter = Counter()        # received, applied, dropped:<reason>, ...
+        self.max_gap = 0                          # largest clock - min_clock granted to a pull
+
+    # -- membership -------------------------------------------------------------------------
+
+    def join(self, worker: int) -> int:
+        """Add a live worker (new or coming back); returns the clock it continues from."""
+        if self.mode == "sync":
+            clock = self.step
+        elif self.clocks:
+            # rejoin at the current position: never behind the slowest live worker
+            clock = max(self.last_clock.get(worker, 0), self.min_clock())
+        else:
+            clock = self.last_clock.get(worker, 0)
+        self.clocks[worker] = clock
+        self.last_clock[worker] = clock
+        if len(self.last_clock) >= self.num_workers:
+            self.started = True
+        return clock
+
+    def leave(self, worker: int) -> None:
+        """Remove a worker from the barrier and the clock minimum (finished, said goodbye or dead)."""
+        self.clocks.pop(worker, None)
+        self._maybe_complete_step()
+
+    def min_clock(self) -> int:
+        return min(self.clocks.values()) if self.clocks else 0
+
+    # -- pulls --------------------------------------------------------------------------------
+
+    def pull_ready(self, worker: int) -> bool:
+        """May live worker `worker` get theta now? Uses the server's clock for it, not the request's."""
+        if not self.started or not self.store.initialized or worker not in self.clocks:
+            return False
+        clock = self.clocks[worker]
+        if self.mode == "sync":
+            return self.step >= clock and len(self.clocks) >= self.min_workers
+        if self.mode == "ssp":
+            return clock - self.min_clock() <= self.staleness
+        return True
+
+    def grant_clock(self, worker: int) -> int:
+        """Called when a pull is answered; returns the clock the worker now computes for."""
+        clock = self.clocks[worker]
+        self.max_gap = max(self.max_gap, clock - self.min_clock())
+        return clock
+
+    # -- pushes -------------------------------------------------------------------------------
+
+    def push(self, worker: int, clock: int, grads: Mapping[str, np.ndarray], base_version: int,
+             meta: dict | None = None) -> PushResult:
+        """Handle a gradient that the server has already checked against theta."""
+        self.counters["received"] += 1
+        contribution = Contribution(worker, clock, base_version, meta=meta or {})
+        if self.mode != "sync":
+            if worker in self.clocks:
+                self.clocks[worker] = max(self.clocks[worker], clock + 1)
+                self.last_clock[worker] = self.clocks[worker]
+            scale = 1.0 / max(1, len(self.clocks)) if self.aggregate == "mean" else 1.0
+            self._apply(grads, [contribution], scale)
+            return PushResult("applied", version=self.store.version)
+
+        if clock != self.step:
+            reason = "late" if clock < self.step else "ahead"
+            if self.backup_workers and clock < self.step:
+                reason = "backup"  # a step already applied with the first N-b gradients
+            self.counters[f"dropped:{reason}"] += 1
+            if worker in self.clocks:
+                self.clocks[worker] = self.step
+            return PushResult("dropped", reason=f"{reason}: gradient for step {clock}, server is at step "
+                                                f"{self.step}", version=self.store.version)
+        if any(c.worker == worker for c in self._contrib):
+            self.counters["dropped:twice"] += 1
+            return PushResult("dropped", reason=f"worker {worker} already pushed for step {clock}",
+                              version=self.store.version)
+        if self._acc is None:
+            self._acc = {n: np.array(g, copy=True) for n, g in grads.items()}
+        else:
+            for n, g in grads.items():
+                self._acc[n] += g
+        self._contrib.append(contribution)
+        if worker in self.clocks:
+            self.clocks[worker] = clock + 1
+            self.last_clock[worker] = clock + 1
+        if self._maybe_complete_step():
+            return PushResult("applied", version=self.store.version)
+        return PushResult("accumulated", version=self.store.version)
+
+    def needed(self) -> int:
+        """Sync: gradients that complete the current step."""
+        live = len(self.clocks) + sum(1 for c in self._contrib if c.worker not in self.clocks)
+        return max(1, live - self.backup_workers)
+
+    def _maybe_complete_step(self) -> bool:
+        if self.mode != "sync" or not self._contrib:
+            return False
+        waiting = [w for w, c in self.clocks.items() if c <= self.step]  # live, not yet pushed
+        if waiting and len(self._contrib) < self.needed():
+            return False
+        scale = 1.0 / len(self._contrib) if self.aggregate == "mean" else 1.0
+        acc, contrib = self._acc, self._contrib
+        self._acc, self._contrib = None, []
+        self.step += 1
+        self._apply(acc, contrib, scale)
+        return True
+
+    def _apply(self, grads, contributions: list[Contribution], scale: float) -> None:
+        version = self.store.version
+        for c in contributions:
+            c.staleness = version - c.base_version
+        self.store.apply(grads, scale)
+        self.counters["applied"] += len(contributions)
+        self.counters["updates"] += 1
+        self.on_update(self.store.version, contributions)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "clocks": {str(w): c for w, c in self.last_clock.items()},
+                "counters": dict(self.counters)}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.step = int(sd.get("step", 0))
+        self.last_clock = {int(w): int(c) for w, c in sd.get("clocks", {}).items()}
+        self.counters = Counter(sd.get("counters", {}))
+

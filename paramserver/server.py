@@ -1,0 +1,379 @@
+"""The server: a ROUTER socket, one receive loop, and the dispatch table.
+
+One thread owns theta, the policy and the socket, so no update ever races a send; replies that
+the consistency policy holds back (a pull waiting at the barrier or the staleness bound) wait in
+`self.pending` and are answered as soon as `policy.pull_ready` says so. A peer's mistake (a
+message that does not decode, a wrong shape, a NaN) gets an ERROR reply and a log line; the
+loop keeps serving and theta is untouched.
+
+Usage::
+
+    with Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=2)) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(server.address)          # workers connect here
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from common.config import ServerConfig
+from common.protocol import Message, MsgType, ProtocolError, decode, encode, error_reply, REQUEST_TYPES
+from paramserver.checkpoint import load_checkpoint, save_checkpoint
+from paramserver.consistency import Consistency, Contribution
+from paramserver.store import ParamStore
+
+log = logging.getLogger("paramserver.server")
+
+#: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
+SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
+
+
+class RequestError(ValueError):
+    """A request that decodes but cannot be served; `code` goes into the ERROR reply."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass
+class WorkerState:
+    identity: bytes
+    last_seen: float
+    last_seq: int = 0
+    last_reply: list | None = None    # cached ACK of the last push/leave, resent on a duplicate
+    alive: bool = True
+    left: bool = False
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig, context: zmq.Context | None = None):
+        self.cfg = cfg
+        self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps)
+        self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
+                                  cfg.aggregate, on_update=self._record_update)
+        self.workers: dict[int, WorkerState] = {}
+        self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
+        self.job: dict = {}
+        self.started_at = time.time()
+        self.updates: list[list] = []           # [time_s, version, worker, staleness, loss]
+        self.gaps: list[list] = []              # [time_s, worker, clock, min_clock] per granted pull
+        self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
+        self.recent = deque(maxlen=200)         # (time, version, loss) for status
+        self.last_checkpoint: dict = {}
+        self._stop = False
+        self._ctx = context or zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.address = ""
+        self.handlers = {
+            MsgType.REGISTER: self._on_register, MsgType.PULL: self._on_pull, MsgType.PUSH: self._on_push,
+            MsgType.LEAVE: self._on_leave, MsgType.HEARTBEAT: self._on_heartbeat,
+            MsgType.STATUS: self._on_status, MsgType.SHUTDOWN: self._on_shutdown,
+        }
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> "Server":
+        self.bind()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def bind(self) -> str:
+        if self.sock is None:
+            self.sock = self._ctx.socket(zmq.ROUTER)
+            self.sock.setsockopt(zmq.LINGER, 1000)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, int(self.cfg.max_message_mb * 2**20))
+            self.sock.bind(self.cfg.bind)
+            self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
+        return self.address
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from another thread or a signal handler)."""
+        self._stop = True
+
+    def close(self) -> None:
+        """Write the final checkpoint and metrics, then close the socket. Safe to call twice."""
+        if self.sock is None:
+            return
+        self.save_outputs()
+        self.sock.close()
+        self.sock = None
+
+    def serve_forever(self) -> None:
+        self.bind()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_sweep = next_ckpt = time.monotonic()
+        if self.cfg.checkpoint_every > 0:
+            next_ckpt += self.cfg.checkpoint_every
+        while not self._stop:
+            if poller.poll(100):
+                for _ in range(1000):   # drain what is queued before housekeeping
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    if self._stop:
+                        break
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep_dead(now)
+                next_sweep = now + min(0.5, self.cfg.worker_timeout / 4)
+            if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
+                self.write_checkpoint()
+                next_ckpt = now + self.cfg.checkpoint_every
+
+    # -- receive and dispatch -----------------------------------------------------------------
+
+    def _send(self, identity: bytes, msg: Message | list) -> None:
+        frames = msg if isinstance(msg, list) else encode(msg)
+        try:
+            self.sock.send_multipart([identity] + frames, copy=False)
+        except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
+            log.warning("reply to %r not sent: %s", identity, exc)
+
+    def _handle(self, frames) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            msg = decode(body)
+        except ProtocolError as exc:
+            self.policy.counters["malformed"] += 1
+            log.warning("malformed message from %r: %s", identity[:16], exc)
+            self._send(identity, error_reply(None, "malformed", str(exc)))
+            return
+        if msg.type not in REQUEST_TYPES:
+            self.policy.counters["malformed"] += 1
+            self._send(identity, error_reply(msg, "not_a_request", f"{msg.type.name} is a reply type; send one "
+                                                                   "of " + ", ".join(t.name for t in REQUEST_TYPES)))
+            return
+        log.debug("recv %r", msg)
+        state = self.workers.get(msg.worker)
+        if state is not None:
+            state.last_seen = time.monotonic()
+            if msg.type in SEQUENCED and msg.seq <= state.last_seq and state.alive:
+                self._duplicate(identity, msg, state)
+                return
+        try:
+            reply = self.handlers[msg.type](identity, msg)
+        except ValueError as exc:   # a request that decodes but does not fit: reply, keep theta
+            self.policy.counters["rejected"] += 1
+            log.warning("rejected %r: %s", msg, exc)
+            reply = error_reply(msg, getattr(exc, "code", "bad_request"), str(exc))
+        if msg.worker in self.workers and msg.type in SEQUENCED:
+            state = self.workers[msg.worker]
+            state.last_seq = max(state.last_seq, msg.seq)
+            if msg.type in (MsgType.PUSH, MsgType.LEAVE) and reply is not None:
+                reply = encode(reply)
+                state.last_reply = reply
+        if reply is not None:
+            self._send(identity, reply)
+        self._serve_pending()
+
+    def _duplicate(self, identity: bytes, msg: Message, state: WorkerState) -> None:
+        """A request we have seen (a resend after a timeout, or a duplicated message)."""
+        held = self.pending.get(msg.worker)
+        if held and held[1].seq == msg.seq:
+            self.pending[msg.worker] = (identity, held[1], held[2])   # answer on the newest route
+            return
+        if msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply:
+            self.policy.counters["duplicates"] += 1
+            self._send(identity, state.last_reply)
+        elif msg.seq == state.last_seq and msg.type == MsgType.PULL:
+            self.handlers[msg.type](identity, msg)   # idempotent: answer again
+            self._serve_pending()
+        else:
+            self.policy.counters["duplicates"] += 1
+            log.debug("ignored old request %r (last seq %d)", msg, state.last_seq)
+
+    def _known(self, msg: Message) -> WorkerState:
+        state = self.workers.get(msg.worker)
+        if state is None or not state.alive:
+            raise RequestError("unknown_worker", f"worker {msg.worker} is not registered"
+                               f"{' (declared dead or left)' if state else ''}; send REGISTER first")
+        return state
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def _on_register(self, identity: bytes, msg: Message) -> Message:
+        if msg.tensors:
+            if not self.store.initialized:
+                self.store.init(msg.tensors)
+                self.job = dict(msg.meta.get("job", {}))
+                log.info("theta initialised by worker %d: %d tensors, %d values", msg.worker, len(msg.tensors),
+                         sum(t.size for t in msg.tensors.values()))
+            elif {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != self.store.layout():
+                raise RequestError("model_mismatch", "this worker's model does not match the parameters the "
+                                   "server holds (names, shapes or dtypes differ); start it with the same job "
+                                   "flags as the others")
+        elif not self.store.initialized:
+            raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
+                               "carry the initial parameters")
+        worker = msg.worker
+        if worker < 0:
+            worker = max(self.workers, default=-1) + 1
+        state = self.workers.get(worker)
+        rejoin = state is not None
+        if state is not None and state.alive and not state.left and worker in self.policy.clocks:
+            log.info("worker %d registered again (restart?)", worker)
+        self.workers[worker] = WorkerState(identity, time.monotonic(), last_seq=msg.seq)
+        self.pending.pop(worker, None)
+        clock = self.policy.join(worker)
+        log.info("worker %d %s at clock %d, version %d (%d live)", worker, "rejoined" if rejoin else "joined",
+                 clock, self.store.version, len(self.policy.clocks))
+        version, theta = self.store.snapshot()
+        return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
+                       meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
+                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+
+    def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
+        self._known(msg)
+        if self.policy.pull_ready(msg.worker):
+            return self._params_reply(msg, 0.0)
+        if msg.worker not in self.pending:
+            self.pending[msg.worker] = (identity, msg, time.monotonic())
+        return None
+
+    def _params_reply(self, msg: Message, waited: float) -> Message:
+        clock = self.policy.grant_clock(msg.worker)
+        self.gaps.append([round(time.time() - self.started_at, 4), msg.worker, clock, self.policy.min_clock()])
+        self.waits[msg.worker] = self.waits.get(msg.worker, 0.0) + waited
+        version, theta = self.store.snapshot()
+        return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
+                       tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
+
+    def _serve_pending(self) -> None:
+        for worker, (identity, msg, since) in list(self.pending.items()):
+            if self.policy.pull_ready(worker):
+                del self.pending[worker]
+                self._send(identity, self._params_reply(msg, time.monotonic() - since))
+
+    def _on_push(self, identity: bytes, msg: Message) -> Message:
+        self._known(msg)
+        try:
+            self.store.check_gradient(msg.tensors)
+        except ValueError as exc:
+            self.policy.counters["received"] += 1
+            self.policy.counters["dropped:invalid"] += 1
+            raise RequestError("bad_gradient", str(exc)) from None
+        meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
+        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta)
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
+                       meta={"status": result.status, "reason": result.reason})
+
+    def _on_leave(self, identity: bytes, msg: Message) -> Message:
+        state = self._known(msg)
+        state.left = True
+        state.alive = False
+        self.pending.pop(msg.worker, None)
+        self.policy.leave(msg.worker)
+        log.info("worker %d left (%s); %d live", msg.worker, msg.meta.get("reason", "done"),
+                 len(self.policy.clocks))
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
+
+    def _on_heartbeat(self, identity: bytes, msg: Message) -> Message:
+        self._known(msg)
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
+
+    def _on_status(self, identity: bytes, msg: Message) -> Message:
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version, meta=self.status())
+
+    def _on_shutdown(self, identity: bytes, msg: Message) -> Message:
+        log.info("shutdown requested")
+        self._stop = True
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
+
+    # -- liveness -----------------------------------------------------------------------------
+
+    def _sweep_dead(self, now: float) -> None:
+        for worker, state in self.workers.items():
+            if state.alive and now - state.last_seen > self.cfg.worker_timeout:
+                state.alive = False
+                self.pending.pop(worker, None)
+                self.policy.leave(worker)
+                self.policy.counters["dead"] += 1
+                log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
+                            len(self.policy.clocks))
+        self._serve_pending()
+
+    # -- metrics, status, checkpoints ---------------------------------------------------------
+
+    def _record_update(self, version: int, contributions: list[Contribution]) -> None:
+        t = round(time.time() - self.started_at, 4)
+        for c in contributions:
+            loss = c.meta.get("loss")
+            self.updates.append([t, version, c.worker, c.staleness, loss])
+            if loss is not None:
+                self.recent.append((time.monotonic(), version, loss))
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        recent = list(self.recent)
+        rate = 0.0
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+        losses = [r[2] for r in recent[-20:]]
+        return {
+            "version": self.store.version, "mode": self.cfg.mode, "step": self.policy.step,
+            "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
+            "min_clock": self.policy.min_clock(), "max_gap": self.policy.max_gap,
+            "workers": {str(w): {"clock": self.policy.last_clock.get(w, 0),
+                                 "state": "left" if s.left else ("live" if s.alive else "dead"),
+                                 "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
+            "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
+            "counters": dict(self.policy.counters), "updates_per_s": round(rate, 2),
+            "loss": sum(losses) / len(losses) if losses else None,
+            "uptime_s": round(time.time() - self.started_at, 2), "checkpoint": self.last_checkpoint,
+        }
+
+    def state_dict(self) -> dict:
+        return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
+                "config": dataclasses.asdict(self.cfg), "job": self.job}
+
+    def write_checkpoint(self) -> None:
+        if not self.cfg.checkpoint or not self.store.initialized:
+            return
+        t0 = time.monotonic()
+        save_checkpoint(self.cfg.checkpoint, self.state_dict())
+        self.last_checkpoint = {"path": self.cfg.checkpoint, "version": self.store.version,
+                                "written_s": round(time.time() - self.started_at, 2),
+                                "seconds": round(time.monotonic() - t0, 3)}
+        log.info("checkpoint at version %d -> %s", self.store.version, self.cfg.checkpoint)
+
+    def _resume(self, path: str) -> None:
+        state = load_checkpoint(path)
+        if state.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
+            raise ValueError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
+                             f"resume with the same optimizer")
+        self.store.load_state_dict(state)
+        self.policy.load_state_dict(state)
+        self.job = state.get("job", {})
+        log.info("resumed from %s at version %d (step %d)", path, self.store.version, self.policy.step)
+
+    def metrics(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "status": self.status(), "updates": self.updates,
+                "update_fields": ["time_s", "version", "worker", "staleness", "loss"], "pull_gaps": self.gaps,
+                "pull_gap_fields": ["time_s", "worker", "clock", "min_clock"],
+                "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}
+
+    def save_outputs(self) -> None:
+        self.write_checkpoint()
+        if self.cfg.metrics:
+            os.makedirs(os.path.dirname(os.path.abspath(self.cfg.metrics)), exist_ok=True)
+            tmp = self.cfg.metrics + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.metrics(), f)
+            os.replace(tmp, self.cfg.metrics)

@@ -1,0 +1,127 @@
+"""The worker loop: register, then pull theta, compute a gradient on the next batch, push it.
+
+Each step records where its time went (computing, waiting at the barrier or staleness bound,
+communicating), the loss, and on rank 0 the held-out loss every `eval_every` steps. The worker
+leaves when it has made `steps` pushes or its shard is used up (`epochs`), so the others never
+wait for it.
+
+Usage::
+
+    metrics = run_worker(WorkerConfig(server="tcp://127.0.0.1:5555", rank=0, num_workers=2, job="mlp"))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from common.config import JobConfig, WorkerConfig, subset
+from worker.client import PSClient
+from worker.data import batches, shard_indices
+from worker.models import build_job, pick_device
+
+log = logging.getLogger("worker.train")
+
+
+def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
+    """Train until done; returns (and writes to cfg.out) this worker's metrics."""
+    device = pick_device(cfg.device)
+    if device == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    job = build_job(subset(cfg, JobConfig), device)
+    shard = shard_indices(job.n_samples, cfg.num_workers, cfg.rank, cfg.shard, cfg.seed)
+    stream = batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
+    own = client is None
+    client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
+                                server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat)
+    m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
+         "steps": [], "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s",
+                                      "sleep_s", "status"],
+         "evals": [], "eval_fields": ["time_s", "step", "version", "eval_loss"]}
+    t_start = time.time()
+    try:
+        welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
+        log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
+                 welcome.meta.get("mode"), welcome.version, job.description, len(shard))
+        if cfg.rank == 0 and cfg.eval_every:
+            job.load_params(welcome.tensors)
+            m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+        for step in range(cfg.steps):
+            micro = []
+            for _ in range(cfg.accum):
+                item = next(stream, None)
+                if item is None:
+                    break
+                micro.append(item[1])
+            if len(micro) < cfg.accum:
+                log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
+                break
+            t0 = time.perf_counter()
+            params = client.pull()
+            t1 = time.perf_counter()
+            job.load_params(params.tensors)
+            job.model.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for idx in micro:
+                x, y = job.batch(idx)
+                loss = job.loss(x, y) / cfg.accum
+                loss.backward()
+                loss_sum += loss.item()
+            grads = job.grads_numpy()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            slept = 0.0
+            if cfg.slowdown > 1.0:   # straggler: as if this worker's hardware were `slowdown` times slower
+                slept = (cfg.slowdown - 1.0) * (t2 - t1)
+                time.sleep(slept)
+            t3 = time.perf_counter()
+            ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
+            t4 = time.perf_counter()
+            wait = float(params.meta.get("wait_s", 0.0))
+            comm = max(0.0, (t1 - t0) - wait) + (t4 - t3)
+            m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
+                               round(t2 - t1, 5), round(wait, 5), round(comm, 5), round(slept, 5),
+                               ack.meta.get("status", "")])
+            if cfg.rank == 0 and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                # the model still holds the theta this step computed on
+                m["evals"].append([round(time.time() - t_start, 4), step, params.version,
+                                   job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                log.info("worker %d step %d/%d clock %d version %d loss %.4f", cfg.rank, step + 1, cfg.steps,
+                         params.clock, params.version, loss_sum)
+        client.leave("done")
+    except (KeyboardInterrupt, SystemExit):
+        client.server_timeout = min(client.server_timeout, 3.0)
+        try:
+            client.leave("interrupted")
+        except Exception:
+            pass
+        raise
+    finally:
+        m["client"] = dict(client.stats)
+        if own:
+            client.close()
+    m["wall_s"] = round(time.time() - t_start, 3)
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, f"worker{cfg.rank}.json"), "w") as f:
+            json.dump(m, f)
+    return m
+
+
+def _job_meta(cfg: WorkerConfig) -> dict:
+    """The job description the server stores in its checkpoint (enough to rebuild the model)."""
+    import dataclasses
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)}
+
+
+def summarize(m: dict) -> dict:
+    steps = np.array([s[4:8] for s in m["steps"]], dtype=float) if m["steps"] else np.zeros((0, 4))
+    return {"rank": m["rank"], "steps": len(m["steps"]), "compute_s": float(steps[:, 0].sum()),
+            "wait_s": float(steps[:, 1].sum()), "comm_s": float(steps[:, 2].sum()),
+            "sleep_s": float(steps[:, 3].sum()), "wall_s": m.get("wall_s", 0.0)}
