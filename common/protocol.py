@@ -102,7 +102,8 @@ def encode(msg: Message) -> list:
             raise ProtocolError(f"tensor {name!r}: dtype {wire} cannot go on the wire; use one of {sorted(DTYPES)}")
         if arr.dtype.byteorder == ">":
             arr = arr.astype(DTYPES[wire])
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")   # (np.ascontiguousarray would turn a 0-d array into 1-d)
         specs.append([name, wire, list(arr.shape)])
         buffers.append(memoryview(arr).cast("B") if arr.size else b"")
     header = {"v": PROTOCOL_VERSION, "t": int(msg.type), "w": int(msg.worker), "seq": int(msg.seq),

@@ -12,8 +12,7 @@ import os
 import signal
 import sys
 
-from common.config import (ENV_VARS, ClusterConfig, ServerConfig, WorkerConfig, add_arguments, env_overrides,
-                           from_args)
+from common.config import ENV_VARS, ClusterConfig, ServerConfig, WorkerConfig, add_arguments, from_args
 
 log = logging.getLogger("paramserver.cli")
 

@@ -27,14 +27,19 @@ from worker.models import build_job, pick_device
 log = logging.getLogger("worker.train")
 
 
+def batch_stream(cfg: WorkerConfig, n_samples: int):
+    """(shard, iterator of (epoch, indices)): exactly the batches worker `cfg.rank` trains on."""
+    shard = shard_indices(n_samples, cfg.num_workers, cfg.rank, cfg.shard, cfg.seed)
+    return shard, batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
+
+
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     """Train until done; returns (and writes to cfg.out) this worker's metrics."""
     device = pick_device(cfg.device)
     if device == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
-    shard = shard_indices(job.n_samples, cfg.num_workers, cfg.rank, cfg.shard, cfg.seed)
-    stream = batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
+    shard, stream = batch_stream(cfg, job.n_samples)
     own = client is None
     client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat)

@@ -1,0 +1,68 @@
+"""Shared fixtures: an in-process server on an ephemeral loopback port, and worker helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common.config import ServerConfig, WorkerConfig, to_argv  # noqa: E402
+from paramserver.server import Server  # noqa: E402
+
+
+class RunningServer:
+    """A Server whose loop runs in a thread; stop() ends it and writes its outputs."""
+
+    def __init__(self, **overrides):
+        overrides.setdefault("bind", "tcp://127.0.0.1:*")
+        overrides.setdefault("log_level", "warning")
+        self.server = Server(ServerConfig(**overrides))
+        self.address = self.server.bind()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(timeout=10)
+        self.server.close()
+
+
+@pytest.fixture
+def start_server():
+    servers = []
+
+    def start(**overrides) -> RunningServer:
+        s = RunningServer(**overrides)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def worker_process(cfg: WorkerConfig, **popen) -> subprocess.Popen:
+    """Start `paramserver worker` for cfg in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "paramserver", "worker"] + to_argv(cfg) +
+                            ["--rank", str(cfg.rank)], env=env, **popen)
+
+
+def run_worker_thread(cfg: WorkerConfig, results: dict) -> threading.Thread:
+    from worker.train import run_worker
+
+    def target():
+        try:
+            results[cfg.rank] = run_worker(cfg)
+        except BaseException as exc:  # surfaced by the test
+            results[cfg.rank] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
