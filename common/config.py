@@ -72,6 +72,10 @@ class ServerConfig:
     checkpoint: str = opt("", "path of the checkpoint written on shutdown (and periodically); empty: none")
     checkpoint_every: float = opt(0.0, "seconds between periodic checkpoints (0: only on shutdown)")
     metrics: str = opt("", "path of the JSON metrics file written on shutdown; empty: none")
+    max_gradients: int = opt(0, "end the job once this many gradients have been applied: every worker is told "
+                                "to stop (0: no limit; workers stop after their --steps)")
+    track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (one pass over "
+                                       "theta per push)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
     max_message_mb: float = opt(1024.0, "largest message accepted, in MiB (ZMQ_MAXMSGSIZE)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))

@@ -56,6 +56,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return run_cluster(ccfg, scfg, wcfg)
 
 
+def cmd_bench_consistency(args: argparse.Namespace) -> int:
+    from paramserver.bench.consistency import BenchConfig, run_bench
+    cfg = from_args(BenchConfig, args)
+    _setup_logging("warning")
+    run_bench(cfg)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout)) as ps:
@@ -98,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint"))
     add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown"))
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures", allow_abbrev=False)
+    bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from paramserver.bench.consistency import BenchConfig
+    b = bench.add_parser("consistency", allow_abbrev=False,
+                         help="sync vs backup workers vs ssp vs async vs DDP, with and without a straggler")
+    add_arguments(b, BenchConfig)
+    b.set_defaults(func=cmd_bench_consistency)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),

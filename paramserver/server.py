@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import zmq
 
 from common.config import ServerConfig
@@ -31,6 +32,10 @@ from paramserver.consistency import Consistency, Contribution
 from paramserver.store import ParamStore
 
 log = logging.getLogger("paramserver.server")
+
+#: one row of Server.updates per applied gradient: when, the version it produced, whose, how stale, the
+#: worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
+UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
@@ -62,9 +67,10 @@ class Server:
                                   cfg.aggregate, on_update=self._record_update)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
+        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
         self.started_at = time.time()
-        self.updates: list[list] = []           # [time_s, version, worker, staleness, loss]
+        self.updates: list[list] = []           # one row per applied gradient, see UPDATE_FIELDS
         self.gaps: list[list] = []              # [time_s, worker, clock, min_clock] per granted pull
         self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
         self.recent = deque(maxlen=200)         # (time, version, loss) for status
@@ -239,8 +245,19 @@ class Server:
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
 
+    @property
+    def finished(self) -> bool:
+        """The --max-gradients budget is spent: workers are told to stop."""
+        return 0 < self.cfg.max_gradients <= self.policy.counters["applied"]
+
+    def _stop_reply(self, msg: Message) -> Message:
+        return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, version=self.store.version,
+                       meta={"stop": True, "reason": f"{self.cfg.max_gradients} gradients applied"})
+
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         self._known(msg)
+        if self.finished:
+            return self._stop_reply(msg)
         if self.policy.pull_ready(msg.worker):
             return self._params_reply(msg, 0.0)
         if msg.worker not in self.pending:
@@ -252,12 +269,17 @@ class Server:
         self.gaps.append([round(time.time() - self.started_at, 4), msg.worker, clock, self.policy.min_clock()])
         self.waits[msg.worker] = self.waits.get(msg.worker, 0.0) + waited
         version, theta = self.store.snapshot()
+        if self.cfg.track_divergence:
+            self.held[msg.worker] = (version, theta)
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
                        tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
 
     def _serve_pending(self) -> None:
         for worker, (identity, msg, since) in list(self.pending.items()):
-            if self.policy.pull_ready(worker):
+            if self.finished:
+                del self.pending[worker]
+                self._send(identity, self._stop_reply(msg))
+            elif self.policy.pull_ready(worker):
                 del self.pending[worker]
                 self._send(identity, self._params_reply(msg, time.monotonic() - since))
 
@@ -270,15 +292,30 @@ class Server:
             self.policy.counters["dropped:invalid"] += 1
             raise RequestError("bad_gradient", str(exc)) from None
         meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
+        meta["divergence"] = self._divergence(msg.worker, msg.version)
         result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta)
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
-                       meta={"status": result.status, "reason": result.reason})
+                       meta={"status": result.status, "reason": result.reason, "stop": self.finished})
+
+    def _divergence(self, worker: int, base_version: int) -> float | None:
+        """L2 distance between the theta this gradient was computed on and the server's theta now."""
+        held = self.held.get(worker)
+        if held is None or held[0] != base_version:
+            return None
+        if base_version == self.store.version:
+            return 0.0
+        total = 0.0
+        for name, theta in self.store.theta.items():
+            d = theta - held[1][name]
+            total += float(np.dot(d.ravel(), d.ravel()))
+        return total ** 0.5
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)
         state.left = True
         state.alive = False
         self.pending.pop(msg.worker, None)
+        self.held.pop(msg.worker, None)
         self.policy.leave(msg.worker)
         log.info("worker %d left (%s); %d live", msg.worker, msg.meta.get("reason", "done"),
                  len(self.policy.clocks))
@@ -303,6 +340,7 @@ class Server:
             if state.alive and now - state.last_seen > self.cfg.worker_timeout:
                 state.alive = False
                 self.pending.pop(worker, None)
+                self.held.pop(worker, None)
                 self.policy.leave(worker)
                 self.policy.counters["dead"] += 1
                 log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
@@ -313,9 +351,11 @@ class Server:
 
     def _record_update(self, version: int, contributions: list[Contribution]) -> None:
         t = round(time.time() - self.started_at, 4)
+        applied = self.policy.counters["applied"] - len(contributions)
         for c in contributions:
             loss = c.meta.get("loss")
-            self.updates.append([t, version, c.worker, c.staleness, loss])
+            applied += 1
+            self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
             if loss is not None:
                 self.recent.append((time.monotonic(), version, loss))
 
@@ -364,8 +404,9 @@ class Server:
         log.info("resumed from %s at version %d (step %d)", path, self.store.version, self.policy.step)
 
     def metrics(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "status": self.status(), "updates": self.updates,
-                "update_fields": ["time_s", "version", "worker", "staleness", "loss"], "pull_gaps": self.gaps,
+        return {"config": dataclasses.asdict(self.cfg), "status": self.status(), "t0_epoch": self.started_at,
+                "updates": self.updates,
+                "update_fields": UPDATE_FIELDS, "pull_gaps": self.gaps,
                 "pull_gap_fields": ["time_s", "worker", "clock", "min_clock"],
                 "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}
 

@@ -126,8 +126,9 @@ class Job:
         idx = torch.from_numpy(np.asarray(indices))
         return self.x[idx].to(self.device), self.y[idx].to(self.device)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Mean loss of `model` (default: this job's model; DDP passes its wrapper) on a batch."""
+        out = (model or self.model)(x)
         if self.cfg.job == "gpt":
             return F.cross_entropy(out.reshape(-1, 256), y.reshape(-1))
         return F.mse_loss(out, y)

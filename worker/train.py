@@ -68,6 +68,9 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             t0 = time.perf_counter()
             params = client.pull()
             t1 = time.perf_counter()
+            if params.meta.get("stop"):
+                log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+                break
             job.load_params(params.tensors)
             job.model.zero_grad(set_to_none=True)
             loss_sum = 0.0
@@ -96,6 +99,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 # the model still holds the theta this step computed on
                 m["evals"].append([round(time.time() - t_start, 4), step, params.version,
                                    job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+            if ack.meta.get("stop"):
+                break
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 log.info("worker %d step %d/%d clock %d version %d loss %.4f", cfg.rank, step + 1, cfg.steps,
                          params.clock, params.version, loss_sum)
@@ -112,6 +117,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         if own:
             client.close()
     m["wall_s"] = round(time.time() - t_start, 3)
+    m["t0_epoch"] = t_start
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"worker{cfg.rank}.json"), "w") as f:

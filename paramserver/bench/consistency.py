@@ -1,0 +1,273 @@
+"""`paramserver bench consistency`: sync vs backup workers vs ssp vs async vs DDP, with and without a straggler.
+
+Every run trains the same seeded job from the same initial theta on the same shards, and ends
+when the same number of gradients (the budget) has been applied, so wall-clock time, loss and
+throughput compare like with like. Everything reported is recorded by the server and the
+workers while they run (paramserver/server.py `updates`, worker step timings, rank-0 held-out
+evaluations); nothing is estimated afterwards.
+
+Usage::
+
+    paramserver bench consistency --quick --out runs/bench
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import JobConfig, ServerConfig, WorkerConfig, opt, subset
+
+
+@dataclass
+class BenchConfig(JobConfig):
+    """Configuration of `paramserver bench consistency` (job flags as for `paramserver worker`)."""
+
+    workers: int = opt(4, "worker processes per run")
+    steps: int = opt(150, "sync steps per run: every run stops after steps x workers applied gradients")
+    straggler: float = opt(3.0, "slowdown factor of the straggler (the last worker) in the straggler scenarios")
+    staleness: str = opt("1,3", "comma-separated ssp staleness bounds to run")
+    backup_workers: int = opt(1, "backup workers b for the sync-with-backups run (first N-b gradients per step)")
+    modes: str = opt("sync,backup,ssp,async,ddp", "comma-separated modes to run (sync, backup, ssp, async, ddp)")
+    scenarios: str = opt("none,straggler", "comma-separated scenarios: none, straggler")
+    optimizer: str = opt("adam", "update rule (server side; the same torch optimizer for DDP)",
+                         ("sgd", "momentum", "adam"))
+    lr: float = opt(0.003, "learning rate")
+    batch_size: int = opt(16, "samples per gradient")
+    eval_every: int = opt(10, "rank 0 evaluates held-out loss every this many of its steps")
+    eval_batches: int = opt(4, "held-out batches per evaluation")
+    out: str = opt("runs/bench", "output folder: results.json, summary.csv, *.png, report.md")
+    quick: bool = opt(False, "a one-minute version: a smaller model and budget")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quick:
+            self.steps = min(self.steps, 40)
+            self.n_layer, self.n_embd, self.n_head, self.context = 1, 32, 2, 32
+            self.max_bytes = min(self.max_bytes or 2_000_000, 2_000_000)
+            self.eval_every = min(self.eval_every, 5)
+        for mode in self.mode_list:
+            if mode not in ("sync", "backup", "ssp", "async", "ddp"):
+                raise ValueError(f"unknown mode {mode!r} in --modes; choose from sync, backup, ssp, async, ddp")
+        for sc in self.scenario_list:
+            if sc not in ("none", "straggler"):
+                raise ValueError(f"unknown scenario {sc!r} in --scenarios; choose none or straggler")
+        if not 0 < self.backup_workers < self.workers and "backup" in self.mode_list:
+            raise ValueError(f"--backup-workers must be in [1, {self.workers - 1}]")
+        if self.straggler < 1.0:
+            raise ValueError("--straggler must be >= 1.0")
+
+    @property
+    def mode_list(self) -> list[str]:
+        return [m.strip() for m in self.modes.split(",") if m.strip()]
+
+    @property
+    def scenario_list(self) -> list[str]:
+        return [s.strip() for s in self.scenarios.split(",") if s.strip()]
+
+    @property
+    def staleness_list(self) -> list[int]:
+        try:
+            return [int(s) for s in self.staleness.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--staleness {self.staleness!r} must be comma-separated integers, e.g. 1,3") from None
+
+    @property
+    def budget(self) -> int:
+        return self.steps * self.workers
+
+
+def planned_runs(cfg: BenchConfig) -> list[dict]:
+    """[{name, mode, server kwargs, scenario}] in the order they run."""
+    runs = []
+    for scenario in cfg.scenario_list:
+        for mode in cfg.mode_list:
+            variants = {"sync": [("sync", {"mode": "sync"})],
+                        "backup": [(f"sync+{cfg.backup_workers}backup",
+                                    {"mode": "sync", "backup_workers": cfg.backup_workers})],
+                        "ssp": [(f"ssp s={s}", {"mode": "ssp", "staleness": s}) for s in cfg.staleness_list],
+                        "async": [("async", {"mode": "async"})],
+                        "ddp": [("ddp", {})]}[mode]
+            for name, kw in variants:
+                runs.append({"name": name, "mode": mode, "server": kw, "scenario": scenario})
+    return runs
+
+
+def _worker_cfg(cfg: BenchConfig, steps: int) -> WorkerConfig:
+    return subset(cfg, WorkerConfig, steps=steps, num_workers=cfg.workers, rank=0, log_every=0, threads=1,
+                  shard="random", device="cpu", heartbeat=1.0, log_level="warning")
+
+
+def run_ps(cfg: BenchConfig, run: dict, folder: str) -> dict:
+    """One parameter-server run: in-process server thread, worker processes; returns raw series."""
+    from paramserver.cluster import start_workers
+    from paramserver.server import Server
+    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=cfg.workers, optimizer=cfg.optimizer,
+                                 lr=cfg.lr, aggregate="mean", max_gradients=cfg.budget, log_level="warning",
+                                 worker_timeout=120, **run["server"]))
+    address = server.bind()
+    loop = threading.Thread(target=server.serve_forever, daemon=True)
+    loop.start()
+    slow = {cfg.workers - 1: cfg.straggler} if run["scenario"] == "straggler" else None
+    # each worker may need up to the whole budget when the others are slow; the server says when to stop
+    procs = start_workers(_worker_cfg(cfg, cfg.budget), cfg.workers, address, folder, slow, threads=1)
+    codes = [p.wait(timeout=3600) for p in procs]
+    server.stop()
+    loop.join(timeout=30)
+    server.close()
+    if any(codes):
+        raise RuntimeError(f"run {run['name']}: workers exited with {codes}; see {folder}/worker*.log")
+    metrics = server.metrics()
+    workers = []
+    for r in range(cfg.workers):
+        with open(os.path.join(folder, f"worker{r}.json")) as f:
+            workers.append(json.load(f))
+    return {"server": metrics, "workers": workers, "theta": server.store.theta}
+
+
+def run_ddp_baseline(cfg: BenchConfig, run: dict, folder: str) -> dict:
+    from worker.ddp import launch_ddp
+    slow = {cfg.workers - 1: cfg.straggler} if run["scenario"] == "straggler" else None
+    workers = launch_ddp(_worker_cfg(cfg, cfg.steps), cfg.workers, cfg.steps, folder, cfg.optimizer, cfg.lr,
+                         slowdown=slow, return_theta=True)
+    theta = {n: np.array(v, np.float32) for n, v in workers[0].pop("theta").items()}
+    for w in workers[1:]:
+        w.pop("theta", None)
+    return {"server": None, "workers": workers, "theta": theta}
+
+
+def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_eval: float) -> dict:
+    """Turn one run's raw records into its series and summary figures."""
+    workers = raw["workers"]
+    n = cfg.workers
+    samples_per_grad = cfg.batch_size
+    if raw["server"] is not None:
+        srv = raw["server"]
+        upd = srv["updates"]
+        t0 = srv["t0_epoch"]
+        start = min((g[0] for g in srv["pull_gaps"]), default=0.0)      # the start gate opened
+        times = [u[0] - start for u in upd]
+        staleness = [u[3] for u in upd]
+        losses = [u[4] for u in upd]
+        divergence = [u[5] for u in upd if u[5] is not None]
+        applied = [u[6] for u in upd]
+        versions = [u[1] for u in upd]
+        counters = srv["status"]["counters"]
+        n_updates = srv["status"]["version"]
+        version_to_applied = {}
+        for v, a in zip(versions, applied):
+            version_to_applied[v] = a
+        dropped = sum(v for k, v in counters.items() if k.startswith("dropped"))
+    else:   # DDP: one update per step of N gradients; replicas identical by construction
+        r0 = workers[0]
+        t0, start = r0["t0_epoch"], 0.0
+        steps = np.array([[s[0], s[3]] for s in r0["steps"]])
+        all_losses = np.mean([[s[3] for s in w["steps"]] for w in workers], axis=0)
+        times = list(np.repeat(steps[:, 0], n))
+        losses = list(np.repeat(all_losses, n))
+        staleness = [0] * (len(r0["steps"]) * n)
+        divergence = [0.0] * len(staleness)
+        applied = list(range(1, len(staleness) + 1))
+        n_updates = len(r0["steps"])
+        version_to_applied = {v: v * n for v in range(n_updates + 1)}
+        counters = {"received": len(staleness), "applied": len(staleness)}
+        dropped = 0
+    wall = max(times) if times else 0.0
+    evals = []
+    r0 = workers[0]
+    for t, step, version, loss in r0.get("evals", []):
+        t_rel = (r0["t0_epoch"] + t) - (t0 + start)
+        evals.append([round(max(0.0, t_rel), 3), version_to_applied.get(version, version * n), loss])
+    evals.append([round(wall, 3), len(applied), final_eval])
+    per_worker = []
+    for w in workers:
+        s = np.array([row[4:8] for row in w["steps"]], dtype=float) if w["steps"] else np.zeros((0, 4))
+        per_worker.append({"rank": w["rank"], "steps": len(w["steps"]), "compute_s": float(s[:, 0].sum()),
+                           "wait_s": float(s[:, 1].sum()), "comm_s": float(s[:, 2].sum()),
+                           "sleep_s": float(s[:, 3].sum())})
+    tot = {k: sum(p[k] for p in per_worker) for k in ("compute_s", "wait_s", "comm_s", "sleep_s")}
+    busy = sum(tot.values()) or 1.0
+    hist = np.bincount(np.asarray(staleness, dtype=int)).tolist() if staleness else []
+    return {
+        "name": run["name"], "mode": run["mode"], "scenario": run["scenario"],
+        "summary": {
+            "wall_s": round(wall, 3), "updates": n_updates, "gradients_applied": len(applied),
+            "gradients_dropped": dropped,
+            "updates_per_s": round(n_updates / wall, 2) if wall else 0.0,
+            "samples_per_s": round(len(applied) * samples_per_grad / wall, 1) if wall else 0.0,
+            "staleness_mean": round(float(np.mean(staleness)), 3) if staleness else 0.0,
+            "staleness_max": int(max(staleness)) if staleness else 0,
+            "divergence_mean": round(float(np.mean(divergence)), 5) if divergence else None,
+            "divergence_max": round(float(np.max(divergence)), 5) if divergence else None,
+            "initial_eval_loss": round(initial_eval, 4), "final_eval_loss": round(final_eval, 4),
+            "share_compute": round(tot["compute_s"] / busy, 3), "share_wait": round(tot["wait_s"] / busy, 3),
+            "share_comm": round(tot["comm_s"] / busy, 3), "share_straggler_sleep": round(tot["sleep_s"] / busy, 3),
+        },
+        "series": {
+            "time_s": [round(t, 4) for t in times], "applied": applied, "loss": losses, "staleness": staleness,
+            "staleness_hist": hist, "divergence": divergence, "evals": evals,
+            "eval_fields": ["time_s", "gradients_applied", "eval_loss"], "per_worker": per_worker,
+        },
+        "counters": counters,
+    }
+
+
+def time_to_target(result: dict, target: float) -> float | None:
+    for t, _, loss in result["series"]["evals"]:
+        if loss <= target:
+            return t
+    return None
+
+
+def machine() -> dict:
+    import torch
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    from paramserver.bench.report import print_table, write_report
+    from worker.models import build_job
+    os.makedirs(cfg.out, exist_ok=True)
+    job = build_job(subset(cfg, JobConfig), "cpu")
+    initial_eval = job.eval_loss(cfg.eval_batches, cfg.batch_size)
+    runs = planned_runs(cfg)
+    print(f"paramserver bench consistency: {len(runs)} runs, {cfg.workers} workers each, job {cfg.job} "
+          f"({job.description}), budget {cfg.budget} gradients/run, straggler x{cfg.straggler}, "
+          f"{os.cpu_count()} CPU cores (the {cfg.workers} workers and the server share them)", flush=True)
+    results = []
+    t_all = time.time()
+    for i, run in enumerate(runs):
+        folder = os.path.join(cfg.out, "runs", f"{i:02d}-{run['name'].replace(' ', '').replace('=', '')}"
+                              f"-{run['scenario']}")
+        os.makedirs(folder, exist_ok=True)
+        t = time.time()
+        raw = run_ddp_baseline(cfg, run, folder) if run["mode"] == "ddp" else run_ps(cfg, run, folder)
+        job.load_params(raw["theta"])
+        final_eval = job.eval_loss(cfg.eval_batches, cfg.batch_size)
+        res = analyse(cfg, run, raw, final_eval, initial_eval)
+        results.append(res)
+        s = res["summary"]
+        print(f"[{i + 1:2d}/{len(runs)}] {run['name']:14s} {run['scenario']:9s} {s['wall_s']:7.2f}s  "
+              f"{s['updates_per_s']:7.1f} upd/s  staleness mean {s['staleness_mean']:.2f} max {s['staleness_max']:3d}  "
+              f"wait {100 * s['share_wait']:4.1f}%  eval {s['final_eval_loss']:.4f}  ({time.time() - t:.0f}s incl. "
+              f"start-up)", flush=True)
+    ref = next((r for r in results if r["name"] == "sync" and r["scenario"] == "none"), results[0])
+    ref_s = ref["summary"]
+    target = round(ref_s["final_eval_loss"] + 0.05 * (ref_s["initial_eval_loss"] - ref_s["final_eval_loss"]), 4)
+    for r in results:
+        ttt = time_to_target(r, target)
+        r["summary"]["time_to_target_s"] = round(ttt, 3) if ttt is not None else None
+    report = {"config": dataclasses.asdict(cfg), "machine": machine(), "target_eval_loss": target,
+              "target_rule": f"the {ref['name']} ({ref['scenario']}) run's final held-out loss plus 5% of its "
+                             "improvement from the initial loss",
+              "bench_wall_s": round(time.time() - t_all, 1), "runs": results}
+    write_report(report, cfg.out)
+    print_table(report)
+    return report
