@@ -61,7 +61,7 @@ class ServerConfig:
     staleness: int = opt(3, "ssp: a worker may be at most this many clocks ahead of the slowest live worker")
     backup_workers: int = opt(0, "sync: apply each step after the first N-b gradients; later ones are dropped")
     aggregate: str = opt("mean", "sum: theta -= lr*sum(g_i); mean: theta -= lr*mean(g_i) (ssp/async: each push "
-                                 "is scaled by 1/N live workers)", AGGREGATES)
+                                 "is applied with lr/N, N live workers)", AGGREGATES)
     optimizer: str = opt("adam", "update rule applied on the server", OPTIMIZERS)
     lr: float = opt(0.003, "learning rate alpha")
     momentum: float = opt(0.9, "momentum coefficient (--optimizer momentum)")

@@ -11,7 +11,7 @@ it works on). The policy answers two questions for the server loop:
 * `push(w, clock, grads, ...)`: what happens to a gradient?
     - sync:  summed into the step's accumulator; when all live workers (or N - backup_workers of
              them) have pushed for the step, the sum (or mean) is applied once
-    - ssp / async: applied on arrival, scaled by 1/N live workers under mean aggregation
+    - ssp / async: applied on arrival, with learning rate lr/N (N live workers) under mean aggregation
 
 A worker that leaves (or is declared dead) is removed from the barrier and from the minimum
 clock at once, so the others never wait for it.
@@ -123,8 +123,10 @@ class Consistency:
             if worker in self.clocks:
                 self.clocks[worker] = max(self.clocks[worker], clock + 1)
                 self.last_clock[worker] = self.clocks[worker]
-            scale = 1.0 / max(1, len(self.clocks)) if self.aggregate == "mean" else 1.0
-            self._apply(grads, [contribution], scale)
+            # mean: each push moves theta 1/N as far, so N pushes ~ one sync step. Scaling the learning rate
+            # (not the gradient) keeps that true for Adam, which is invariant to the gradient's scale.
+            lr_scale = 1.0 / max(1, len(self.clocks)) if self.aggregate == "mean" else 1.0
+            self._apply(grads, [contribution], lr_scale=lr_scale)
             return PushResult("applied", version=self.store.version)
 
         if clock != self.step:
@@ -168,14 +170,14 @@ class Consistency:
         acc, contrib = self._acc, self._contrib
         self._acc, self._contrib = None, []
         self.step += 1
-        self._apply(acc, contrib, scale)
+        self._apply(acc, contrib, scale=scale)
         return True
 
-    def _apply(self, grads, contributions: list[Contribution], scale: float) -> None:
+    def _apply(self, grads, contributions: list[Contribution], scale: float = 1.0, lr_scale: float = 1.0) -> None:
         version = self.store.version
         for c in contributions:
             c.staleness = version - c.base_version
-        self.store.apply(grads, scale)
+        self.store.apply(grads, scale, lr_scale)
         self.counters["applied"] += len(contributions)
         self.counters["updates"] += 1
         self.on_update(self.store.version, contributions)

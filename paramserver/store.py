@@ -67,15 +67,17 @@ class ParamStore:
             if not np.isfinite(g).all():
                 raise ValueError(f"non-finite gradient (NaN or Inf) in {name!r}; rejected, theta unchanged")
 
-    def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0) -> int:
-        """One optimizer step with gradient `scale * grads` (already checked). Returns the new version."""
+    def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0) -> int:
+        """One optimizer step with gradient `scale * grads` (already checked) and learning rate
+        `lr_scale * lr`. Returns the new version."""
         self.opt_steps += 1
+        lr = self.lr * lr_scale
         for name, theta in self.theta.items():
             g = grads[name]
             if scale != 1.0:
                 g = g * np.asarray(scale, dtype=theta.dtype)
             if self.optimizer == "sgd":
-                theta -= np.asarray(self.lr, theta.dtype) * g
+                theta -= np.asarray(lr, theta.dtype) * g
             elif self.optimizer == "momentum":
                 buf = self.state.setdefault(name, {}).get("momentum")
                 if buf is None:
@@ -83,7 +85,7 @@ class ParamStore:
                 else:
                     buf *= self.momentum
                     buf += g
-                theta -= np.asarray(self.lr, theta.dtype) * buf
+                theta -= np.asarray(lr, theta.dtype) * buf
             else:  # adam
                 slots = self.state.setdefault(name, {})
                 m = slots.setdefault("exp_avg", np.zeros_like(theta))
@@ -95,7 +97,7 @@ class ParamStore:
                 bc1 = 1 - self.beta1 ** self.opt_steps
                 bc2 = 1 - self.beta2 ** self.opt_steps
                 denom = np.sqrt(v / bc2) + self.eps
-                theta -= (self.lr / bc1) * m / denom
+                theta -= (lr / bc1) * m / denom
         self.version += 1
         self._snapshot = None
         return self.version
