@@ -291,6 +291,11 @@ class Server:
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:invalid"] += 1
             raise RequestError("bad_gradient", str(exc)) from None
+        if self.finished:   # the budget is spent: nothing more is applied
+            self.policy.counters["received"] += 1
+            self.policy.counters["dropped:budget"] += 1
+            return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=self.store.version,
+                           meta={"status": "dropped", "reason": "the --max-gradients budget is spent", "stop": True})
         meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
         meta["divergence"] = self._divergence(msg.worker, msg.version)
         result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta)

@@ -30,7 +30,7 @@ class BenchConfig(JobConfig):
     """Configuration of `paramserver bench consistency` (job flags as for `paramserver worker`)."""
 
     workers: int = opt(4, "worker processes per run")
-    steps: int = opt(150, "sync steps per run: every run stops after steps x workers applied gradients")
+    steps: int = opt(300, "sync steps per run: every run stops after steps x workers applied gradients")
     straggler: float = opt(3.0, "slowdown factor of the straggler (the last worker) in the straggler scenarios")
     staleness: str = opt("1,3", "comma-separated ssp staleness bounds to run")
     backup_workers: int = opt(1, "backup workers b for the sync-with-backups run (first N-b gradients per step)")
@@ -164,6 +164,8 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         for v, a in zip(versions, applied):
             version_to_applied[v] = a
         dropped = sum(v for k, v in counters.items() if k.startswith("dropped"))
+        gap_max = max((g[2] - g[3] for g in srv["pull_gaps"]), default=0)
+        per_version = np.bincount(np.asarray(versions, dtype=int)).tolist() if versions else []
     else:   # DDP: one update per step of N gradients; replicas identical by construction
         r0 = workers[0]
         t0, start = r0["t0_epoch"], 0.0
@@ -177,7 +179,8 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         n_updates = len(r0["steps"])
         version_to_applied = {v: v * n for v in range(n_updates + 1)}
         counters = {"received": len(staleness), "applied": len(staleness)}
-        dropped = 0
+        dropped = gap_max = 0
+        per_version = [0] + [n] * n_updates
     wall = max(times) if times else 0.0
     evals = []
     r0 = workers[0]
@@ -203,6 +206,7 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
             "samples_per_s": round(len(applied) * samples_per_grad / wall, 1) if wall else 0.0,
             "staleness_mean": round(float(np.mean(staleness)), 3) if staleness else 0.0,
             "staleness_max": int(max(staleness)) if staleness else 0,
+            "clock_gap_max": int(gap_max),
             "divergence_mean": round(float(np.mean(divergence)), 5) if divergence else None,
             "divergence_max": round(float(np.max(divergence)), 5) if divergence else None,
             "initial_eval_loss": round(initial_eval, 4), "final_eval_loss": round(final_eval, 4),
@@ -212,6 +216,7 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         "series": {
             "time_s": [round(t, 4) for t in times], "applied": applied, "loss": losses, "staleness": staleness,
             "staleness_hist": hist, "divergence": divergence, "evals": evals,
+            "gradients_per_update": per_version[1:],
             "eval_fields": ["time_s", "gradients_applied", "eval_loss"], "per_worker": per_worker,
         },
         "counters": counters,
