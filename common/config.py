@@ -77,7 +77,11 @@ class ServerConfig:
     track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (one pass over "
                                        "theta per push)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
-    max_message_mb: float = opt(1024.0, "largest message accepted, in MiB (ZMQ_MAXMSGSIZE)")
+    max_message_mb: float = opt(1024.0, "largest message accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
+                                        "more is disconnected")
+    min_workers: int = opt(1, "sync: below this many live workers the server holds every pull and says so")
+    curve_secret: str = opt("", "server secret key file (paramserver keys): encrypt all traffic with CurveZMQ")
+    auth: str = opt("", "folder of client public key files: admit only these clients (needs --curve-secret)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self):
@@ -92,6 +96,10 @@ class ServerConfig:
             raise ValueError("--backup-workers only applies to --mode sync")
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
+        if self.auth and not self.curve_secret:
+            raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
+        if self.min_workers < 1:
+            raise ValueError("--min-workers must be at least 1")
 
 
 @dataclass
@@ -139,6 +147,10 @@ class WorkerConfig(JobConfig):
     heartbeat: float = opt(2.0, "seconds between heartbeats")
     log_every: int = opt(10, "print a progress line every this many steps (0: quiet)")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret)")
+    curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
+    fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
+    fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self):
@@ -150,6 +162,10 @@ class WorkerConfig(JobConfig):
             raise ValueError("--batch-size and --accum must be >= 1 and --steps >= 0")
         if self.slowdown < 1.0:
             raise ValueError("--slowdown is a slowdown factor and must be >= 1.0")
+        if bool(self.curve_server) != bool(self.curve_secret):
+            raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
+        if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
+            raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
 
 
 @dataclass

@@ -64,9 +64,29 @@ def cmd_bench_consistency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from common.security import make_keys
+    keys = make_keys(args.folder, tuple(["server"] + args.clients))
+    for name, (public, secret) in keys.items():
+        print(f"{name}: public {public}  secret {secret}")
+    print(f"admitted client keys (for the server's --auth): {os.path.join(args.folder, 'clients')}")
+    return 0
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from paramserver.bench.load import LoadConfig, print_load, run_load
+    _setup_logging("warning")
+    result = run_load(from_args(LoadConfig, args))
+    print_load(result)
+    return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
-    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout)) as ps:
+    if bool(args.curve_server) != bool(args.curve_secret):
+        raise ValueError("--curve-server and --curve-secret go together")
+    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
         try:
             st = ps.status()
         except ServerUnavailable as exc:
@@ -115,12 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b, BenchConfig)
     b.set_defaults(func=cmd_bench_consistency)
 
+    from paramserver.bench.load import LoadConfig
+    b = bench.add_parser("load", allow_abbrev=False,
+                         help="many lightweight workers against one server: throughput, latency, exactness")
+    add_arguments(b, LoadConfig)
+    b.set_defaults(func=cmd_bench_load)
+
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
                    help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
+    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
+    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("keys", help="create CurveZMQ key pairs for the server and clients", allow_abbrev=False)
+    p.add_argument("folder", help="where to write NAME.key (public) and NAME.key_secret files")
+    p.add_argument("--clients", nargs="+", default=["client"], help="client key names (default: client)")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -155,6 +155,11 @@ class Consistency:
             return PushResult("applied", version=self.store.version)
         return PushResult("accumulated", version=self.store.version)
 
+    @property
+    def pending_gradients(self) -> int:
+        """Sync: gradients accumulated for the current step, not applied yet."""
+        return len(self._contrib)
+
     def needed(self) -> int:
         """Sync: gradients that complete the current step."""
         live = len(self.clocks) + sum(1 for c in self._contrib if c.worker not in self.clocks)
@@ -186,10 +191,13 @@ class Consistency:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "clocks": {str(w): c for w, c in self.last_clock.items()},
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters), "pending_gradients": self.pending_gradients}
 
     def load_state_dict(self, sd: Mapping) -> None:
         self.step = int(sd.get("step", 0))
         self.last_clock = {int(w): int(c) for w, c in sd.get("clocks", {}).items()}
         self.counters = Counter(sd.get("counters", {}))
+        # gradients summed for an unfinished sync step are not in the checkpoint: the step is redone
+        if sd.get("pending_gradients"):
+            self.counters["dropped:restart"] += int(sd["pending_gradients"])
 

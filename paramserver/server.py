@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ import numpy as np
 import zmq
 
 from common.config import ServerConfig
-from common.protocol import Message, MsgType, ProtocolError, decode, encode, error_reply, REQUEST_TYPES
+from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
+from common.security import server_curve
 from paramserver.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
 from paramserver.store import ParamStore
@@ -39,6 +41,15 @@ UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
+
+
+def theta_crc32(theta: dict[str, np.ndarray]) -> str:
+    """A checksum of theta (names and bytes, in name order): equal checksums mean bit-identical theta."""
+    crc = 0
+    for name in sorted(theta):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(theta[name]).view(np.uint8), crc)
+    return f"{crc:08x}"
 
 
 class RequestError(ValueError):
@@ -64,7 +75,7 @@ class Server:
         self.cfg = cfg
         self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
-                                  cfg.aggregate, on_update=self._record_update)
+                                  cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
@@ -74,9 +85,12 @@ class Server:
         self.gaps: list[list] = []              # [time_s, worker, clock, min_clock] per granted pull
         self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
         self.recent = deque(maxlen=200)         # (time, version, loss) for status
+        self.handle_s = deque(maxlen=100_000)   # seconds spent handling each recent message
         self.last_checkpoint: dict = {}
         self._stop = False
         self._ctx = context or zmq.Context.instance()
+        self._auth = None        # the ZAP authenticator thread when --auth is on
+        self._last_why = ""      # the last reason logged for holding pulls
         self.sock: zmq.Socket | None = None
         self.address = ""
         self.handlers = {
@@ -101,6 +115,8 @@ class Server:
             self.sock = self._ctx.socket(zmq.ROUTER)
             self.sock.setsockopt(zmq.LINGER, 1000)
             self.sock.setsockopt(zmq.MAXMSGSIZE, int(self.cfg.max_message_mb * 2**20))
+            if self.cfg.curve_secret:
+                self._auth = server_curve(self.sock, self.cfg.curve_secret, self.cfg.auth, self._ctx)
             self.sock.bind(self.cfg.bind)
             self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
@@ -117,6 +133,9 @@ class Server:
         self.save_outputs()
         self.sock.close()
         self.sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def serve_forever(self) -> None:
         self.bind()
@@ -153,6 +172,17 @@ class Server:
             log.warning("reply to %r not sent: %s", identity, exc)
 
     def _handle(self, frames) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._dispatch(frames)
+        except Exception as exc:   # a bug of ours must not take the server down with it
+            self.policy.counters["internal_errors"] += 1
+            log.exception("internal error while handling a message from %r", frames[0].bytes[:16])
+            self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.handle_s.append(time.perf_counter() - t0)
+
+    def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
             msg = decode(body)
@@ -170,14 +200,16 @@ class Server:
         state = self.workers.get(msg.worker)
         if state is not None:
             state.last_seen = time.monotonic()
-            if msg.type in SEQUENCED and msg.seq <= state.last_seq and state.alive:
+            # a resend of a request already handled (a LEAVE's resend also after the worker has left)
+            if msg.type in SEQUENCED and msg.seq <= state.last_seq and (state.alive or msg.type == MsgType.LEAVE):
                 self._duplicate(identity, msg, state)
                 return
         try:
             reply = self.handlers[msg.type](identity, msg)
         except ValueError as exc:   # a request that decodes but does not fit: reply, keep theta
             self.policy.counters["rejected"] += 1
-            log.warning("rejected %r: %s", msg, exc)
+            # a heartbeat racing a worker's goodbye is routine; everything else is worth a line
+            log.log(logging.DEBUG if msg.type == MsgType.HEARTBEAT else logging.WARNING, "rejected %r: %s", msg, exc)
             reply = error_reply(msg, getattr(exc, "code", "bad_request"), str(exc))
         if msg.worker in self.workers and msg.type in SEQUENCED:
             state = self.workers[msg.worker]
@@ -199,11 +231,14 @@ class Server:
             self.policy.counters["duplicates"] += 1
             self._send(identity, state.last_reply)
         elif msg.seq == state.last_seq and msg.type == MsgType.PULL:
-            self.handlers[msg.type](identity, msg)   # idempotent: answer again
-            self._serve_pending()
-        else:
+            reply = self._on_pull(identity, msg)    # idempotent: answer again (the reply was lost)
+            if reply is not None:
+                self._send(identity, reply)
+        else:   # older than the last request: its answer went out long ago; the client ignores this one
             self.policy.counters["duplicates"] += 1
             log.debug("ignored old request %r (last seq %d)", msg, state.last_seq)
+            self._send(identity, error_reply(msg, "stale_request", f"seq {msg.seq} is older than this worker's "
+                                                                   f"last request ({state.last_seq}); ignored"))
 
     def _known(self, msg: Message) -> WorkerState:
         state = self.workers.get(msg.worker)
@@ -262,7 +297,21 @@ class Server:
             return self._params_reply(msg, 0.0)
         if msg.worker not in self.pending:
             self.pending[msg.worker] = (identity, msg, time.monotonic())
+            self._say_why_waiting()
         return None
+
+    def _say_why_waiting(self) -> None:
+        """Log (once per cause) why pulls are being held when it is not the ordinary barrier."""
+        live = len(self.policy.clocks)
+        if not self.policy.started:
+            why = f"waiting for {self.cfg.num_workers} workers to register ({len(self.policy.last_clock)} so far)"
+        elif self.cfg.mode == "sync" and live < self.cfg.min_workers:
+            why = f"holding all pulls: {live} live workers, below --min-workers {self.cfg.min_workers}"
+        else:
+            return
+        if why != self._last_why:
+            self._last_why = why
+            log.warning(why)
 
     def _params_reply(self, msg: Message, waited: float) -> Message:
         clock = self.policy.grant_clock(msg.worker)
@@ -379,9 +428,13 @@ class Server:
                                  "state": "left" if s.left else ("live" if s.alive else "dead"),
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
-            "counters": dict(self.policy.counters), "updates_per_s": round(rate, 2),
+            "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
+            "updates_per_s": round(rate, 2),
             "loss": sum(losses) / len(losses) if losses else None,
             "uptime_s": round(time.time() - self.started_at, 2), "checkpoint": self.last_checkpoint,
+            "theta_crc32": theta_crc32(self.store.theta),
+            "handle_ms": {f"p{q}": round(float(np.percentile(self.handle_s, q)) * 1e3, 4)
+                          for q in (50, 90, 99)} if self.handle_s else {},
         }
 
     def state_dict(self) -> dict:
@@ -406,7 +459,8 @@ class Server:
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
-        log.info("resumed from %s at version %d (step %d)", path, self.store.version, self.policy.step)
+        log.info("resumed from %s at version %d (step %d), theta crc32 %s", path, self.store.version,
+                 self.policy.step, theta_crc32(self.store.theta))
 
     def metrics(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), "t0_epoch": self.started_at,

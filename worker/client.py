@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from common.protocol import Message, MsgType, decode, encode
+from common.security import client_curve
 
 log = logging.getLogger("worker.client")
 
@@ -45,8 +46,9 @@ class ServerUnavailable(RuntimeError):
 class PSClient:
     def __init__(self, server: str, worker: int = -1, request_timeout: float = 2.0, server_timeout: float = 120.0,
                  heartbeat: float = 0.0, context: zmq.Context | None = None, drop: float = 0.0,
-                 duplicate: float = 0.0, fault_seed: int = 0):
+                 duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = ""):
         self.server, self.worker = server, worker
+        self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
         self.sock = self._connect()
@@ -54,8 +56,8 @@ class PSClient:
         self.last_heard = time.monotonic()
         self.registered = False
         self._register_args: tuple = ()
-        self.stats = {"requests": 0, "resends": 0, "reregistrations": 0}
-        # fault injection for tests: drop / duplicate this fraction of outgoing requests
+        self.stats = {"requests": 0, "resends": 0, "reregistrations": 0, "dropped_by_fault": 0}
+        # fault injection for tests: drop this fraction of requests and replies, duplicate requests
         self._drop, self._dup, self._rng = drop, duplicate, random.Random(fault_seed)
         self._hb_stop = threading.Event()
         self._hb_thread = None
@@ -65,6 +67,8 @@ class PSClient:
     def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve:
+            client_curve(sock, *self.curve)
         sock.connect(self.server)
         return sock
 
@@ -120,6 +124,7 @@ class PSClient:
 
     def _send(self, frames) -> None:
         if self._drop and self._rng.random() < self._drop:
+            self.stats["dropped_by_fault"] += 1
             return   # injected loss: the resend path must recover
         for _ in range(2 if self._dup and self._rng.random() < self._dup else 1):
             try:
@@ -139,6 +144,9 @@ class PSClient:
             if self.sock.poll(int(min(timeout, 1.0) * 1000)):
                 reply = decode(self.sock.recv_multipart(copy=False))
                 self.last_heard = time.monotonic()
+                if self._drop and self._rng.random() < self._drop:
+                    self.stats["dropped_by_fault"] += 1
+                    continue   # injected loss of the reply: the resend must be answered from the first handling
                 if reply.seq != msg.seq:
                     continue   # the answer to an earlier resend
                 if reply.type == MsgType.ERROR:

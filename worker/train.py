@@ -42,7 +42,9 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     shard, stream = batch_stream(cfg, job.n_samples)
     own = client is None
     client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
-                                server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat)
+                                server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
+                                duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
+                                curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
     m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
          "steps": [], "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s",
                                       "sleep_s", "status"],

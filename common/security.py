@@ -1,0 +1,76 @@
+"""CurveZMQ: key pairs, and turning encryption and client authentication on for a socket.
+
+`paramserver keys DIR` writes `server.key` / `server.key_secret` and `client.key` /
+`client.key_secret` (ZeroMQ certificate files). The server loads its secret file; with `--auth
+DIR` it admits only clients whose public key file is in DIR (a ZAP handler checks every
+connection; a client with another key never gets a reply). Clients load their own secret file and
+the server's public file. Without keys, traffic is plain TCP: keep the server on loopback or a
+private network.
+
+Usage::
+
+    make_keys("keys")                                   # server + client pairs
+    server_curve(sock, "keys/server.key_secret", auth_dir="keys/clients", ctx=ctx)
+    client_curve(sock, "keys/client.key_secret", "keys/server.key")
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+
+def make_keys(folder: str, names: tuple[str, ...] = ("server", "client")) -> dict[str, tuple[str, str]]:
+    """Create a key pair per name in `folder`; returns {name: (public file, secret file)}."""
+    if not zmq.has("curve"):
+        raise RuntimeError("this libzmq has no CURVE support; install pyzmq from its wheels (they bundle libsodium)")
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for name in names:
+        out[name] = zmq.auth.create_certificates(folder, name)
+    clients = os.path.join(folder, "clients")          # the --auth folder: public keys admitted
+    os.makedirs(clients, exist_ok=True)
+    for name in names:
+        if name != "server":
+            shutil.copy(out[name][0], os.path.join(clients, os.path.basename(out[name][0])))
+    return out
+
+
+def _load_secret(path: str) -> tuple[bytes, bytes]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"key file {path!r} does not exist (create keys with `paramserver keys DIR`)")
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{path} holds no secret key; pass the *.key_secret file")
+    return public, secret
+
+
+def server_curve(sock: zmq.Socket, secret_file: str, auth_dir: str = "",
+                 ctx: zmq.Context | None = None) -> ThreadAuthenticator | None:
+    """Make `sock` (not yet bound) a CURVE server; with auth_dir, admit only the keys found there."""
+    public, secret = _load_secret(secret_file)
+    auth = None
+    if auth_dir:
+        if not os.path.isdir(auth_dir):
+            raise FileNotFoundError(f"--auth folder {auth_dir!r} does not exist")
+        auth = ThreadAuthenticator(ctx or zmq.Context.instance())
+        auth.start()
+        auth.configure_curve(domain="*", location=auth_dir)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    return auth
+
+
+def client_curve(sock: zmq.Socket, secret_file: str, server_public_file: str) -> None:
+    """Make `sock` (not yet connected) a CURVE client of the server whose public key file is given."""
+    public, secret = _load_secret(secret_file)
+    if not os.path.exists(server_public_file):
+        raise FileNotFoundError(f"server key file {server_public_file!r} does not exist")
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_public

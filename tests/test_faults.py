@@ -1,0 +1,303 @@
+"""Faults: dead workers, a killed server, lost and duplicated messages, fuzzed frames, auth, load."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from common.config import WorkerConfig
+from common.protocol import Message, MsgType, decode, encode
+from paramserver.checkpoint import load_checkpoint
+from paramserver.server import theta_crc32
+from tests.conftest import ROOT, worker_process
+from worker.client import PSClient, ServerUnavailable
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def counts_add_up(status: dict) -> None:
+    c = status["counters"]
+    dropped = sum(v for k, v in c.items() if k.startswith("dropped:"))
+    assert c.get("received", 0) == c.get("applied", 0) + dropped + status["pending_gradients"], c
+
+
+def _wait_for(pred, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _workers(address, n, steps, **kw):
+    kw.setdefault("job", "mlp")
+    kw.setdefault("request_timeout", 0.3)
+    return [WorkerConfig(server=address, rank=r, num_workers=n, batch_size=8, steps=steps, eval_every=0,
+                         log_every=0, threads=1, heartbeat=0.2, **kw) for r in range(n)]
+
+
+# -- a worker killed with SIGKILL -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sync", "ssp"])
+def test_kill_one_of_three_workers(start_server, mode):
+    srv = start_server(num_workers=3, mode=mode, staleness=2, optimizer="sgd", lr=0.05, worker_timeout=1.0)
+    procs = [worker_process(c) for c in _workers(srv.address, 3, 400)]
+    _wait_for(lambda: srv.server.store.version >= 30, what="training to start")
+    procs[2].send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker to be noticed")
+    detected = time.monotonic() - t_kill
+    for p in procs[:2]:
+        assert p.wait(timeout=120) == 0            # the survivors finish
+    st = srv.server.status()
+    assert st["workers"]["2"]["state"] == "dead"
+    assert st["workers"]["0"]["state"] == st["workers"]["1"]["state"] == "left"
+    counts_add_up(st)
+    assert detected < 5.0
+    if mode == "sync":
+        assert srv.server.policy.step == 400       # every survivor's 400 pushes became steps
+    print(f"\n{mode}: dead worker detected after {detected:.2f}s")
+
+
+# -- the server killed with SIGKILL and resumed ---------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_proc(port, ckpt, log, *extra):
+    args = [sys.executable, "-m", "paramserver", "server", "--bind", f"tcp://127.0.0.1:{port}", "--num-workers",
+            "2", "--mode", "sync", "--optimizer", "momentum", "--lr", "0.05", "--checkpoint", str(ckpt),
+            "--checkpoint-every", "0.2", "--worker-timeout", "30", *extra]
+    return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def test_kill_server_and_resume(tmp_path):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    ckpt = tmp_path / "ckpt.pt"
+    server = _server_proc(port, ckpt, tmp_path / "server1.log")
+    cfgs = _workers(address, 2, 1500, server_timeout=120)
+    procs = [worker_process(c, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{c.rank}.log", "w"))
+             for c in cfgs]
+
+    def version():
+        with PSClient(address, server_timeout=2, request_timeout=0.5) as ps:
+            return ps.status()["version"]
+
+    _wait_for(lambda: ckpt.exists() and version() >= 100, what="a checkpoint mid-run")
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    t_kill = time.monotonic()
+    saved = load_checkpoint(str(ckpt))
+    (tmp_path / "resume.pt").write_bytes(ckpt.read_bytes())
+    assert all(p.poll() is None for p in procs)      # the workers wait for the server, they do not die
+    server = _server_proc(port, ckpt, tmp_path / "server2.log", "--resume", str(tmp_path / "resume.pt"))
+    try:
+        for p in procs:
+            assert p.wait(timeout=180) == 0          # training completes; nobody restarted a worker
+        recovered = time.monotonic() - t_kill
+        log = (tmp_path / "server2.log").read_text()
+        m = re.search(r"resumed from .* at version (\d+) \(step (\d+)\), theta crc32 ([0-9a-f]{8})", log)
+        assert m, log
+        assert int(m.group(1)) == saved["version"]
+        assert m.group(3) == theta_crc32(saved["theta"])      # theta after resume == the checkpoint
+        with PSClient(address, server_timeout=5) as ps:
+            st = ps.status()
+        assert st["version"] > saved["version"]
+        counts_add_up(st)
+        reregistered = sum("registering again" in (tmp_path / f"w{r}.log").read_text() for r in range(2))
+        assert reregistered == 2
+        print(f"\nserver killed at version >= {saved['version']}, resumed; workers finished {recovered:.1f}s "
+              f"after the kill; final version {st['version']}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    final = load_checkpoint(str(ckpt))                   # SIGTERM wrote a last checkpoint
+    assert final["version"] == st["version"]
+
+
+# -- lost and duplicated messages ----------------------------------------------------------------
+
+def test_lost_and_duplicated_messages_do_not_change_sync_theta(start_server):
+    thetas, stats = [], []
+    for drop, dup in ((0.0, 0.0), (0.15, 0.15)):
+        srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.1)
+        cfgs = _workers(srv.address, 2, 40, seed=4, fault_drop=drop, fault_dup=dup, request_timeout=0.05)
+        procs = [worker_process(c) for c in cfgs]
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+        st = srv.server.status()
+        counts_add_up(st)
+        thetas.append({n: t.copy() for n, t in srv.server.store.theta.items()})
+        stats.append(st["counters"])
+    assert stats[1].get("duplicates", 0) > 0             # resends and duplicates really happened
+    assert stats[0]["applied"] == stats[1]["applied"] == 80
+    for name in thetas[0]:
+        np.testing.assert_array_equal(thetas[0][name], thetas[1][name])
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+def test_curve_auth_admits_only_listed_keys(start_server, tmp_path):
+    from common.security import make_keys
+    keys = make_keys(str(tmp_path / "keys"), ("server", "client"))
+    rogue = make_keys(str(tmp_path / "rogue"), ("server", "client"))
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1,
+                       curve_secret=keys["server"][1], auth=str(tmp_path / "keys" / "clients"))
+    before = theta_crc32(srv.server.store.theta)
+    # a client with a key the server does not list: never gets an answer, changes nothing
+    with PSClient(srv.address, worker=0, request_timeout=0.2, server_timeout=1.5,
+                  curve_server=keys["server"][0], curve_secret=rogue["client"][1]) as bad:
+        with pytest.raises(ServerUnavailable):
+            bad.register(init={"w": np.ones(3, np.float32)})
+    # a plain-text client: no answer either
+    with PSClient(srv.address, worker=0, request_timeout=0.2, server_timeout=1.5) as plain:
+        with pytest.raises(ServerUnavailable):
+            plain.status()
+    assert not srv.server.store.initialized and theta_crc32(srv.server.store.theta) == before
+    # with the right key it trains
+    cfg = _workers(srv.address, 1, 30, job="linear", curve_server=keys["server"][0],
+                   curve_secret=keys["client"][1])[0]
+    assert worker_process(cfg).wait(timeout=120) == 0
+    assert srv.server.store.version == 30
+
+
+# -- protocol fuzzing ----------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import msgpack  # noqa: E402
+
+_values = st.one_of(st.integers(-2**40, 2**40), st.none(), st.booleans(), st.floats(allow_nan=True),
+                    st.text(max_size=8), st.binary(max_size=8), st.lists(st.integers(-2**63, 2**63 - 1), max_size=2))
+# Mutations of a valid PUSH from the registered worker 1: they reach every check behind the decoder.
+_type_ids = [int(t) for t in MsgType if t not in (MsgType.REGISTER, MsgType.SHUTDOWN, MsgType.LEAVE)]
+_mutation = st.one_of(
+    st.tuples(st.just("field"), st.sampled_from(["v", "t", "w", "seq", "clk", "ver", "ts", "m"]), _values),
+    st.tuples(st.just("type"), st.sampled_from(_type_ids + [0, 8, 99]), st.none()),
+    st.tuples(st.just("name"), st.integers(0, 1), st.sampled_from(["zz", "", "w", "b", "w.x"])),
+    st.tuples(st.just("dtype"), st.integers(0, 1), st.sampled_from(["float64", "float16", "int32", "uint8", "?"])),
+    st.tuples(st.just("shape"), st.integers(0, 1), st.lists(st.integers(-1, 7), max_size=3)),
+    st.tuples(st.just("spec"), st.integers(0, 2), _values),
+    st.tuples(st.just("drop_spec"), st.integers(0, 1), st.none()),
+    st.tuples(st.just("frame"), st.integers(0, 2), st.binary(max_size=40)),
+    st.tuples(st.just("drop_frame"), st.integers(0, 1), st.none()),
+    st.tuples(st.just("nan"), st.integers(0, 1), st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f"])),
+    st.tuples(st.just("flip"), st.integers(0, 200), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 200), st.none()),
+)
+_fuzz_case = st.one_of(
+    st.lists(_mutation, min_size=1, max_size=3),
+    st.lists(st.binary(max_size=64), min_size=1, max_size=4),   # raw garbage frames
+)
+
+
+def _build(case, seq: int, rng_bytes: bytes) -> list[bytes]:
+    """Apply a list of mutations to a valid PUSH (or pass garbage frames through)."""
+    if case and isinstance(case[0], bytes):
+        return list(case)
+    h = {"v": 1, "t": int(MsgType.PUSH), "w": 1, "seq": seq, "clk": 0, "ver": 0,
+         "ts": [["w", "float32", [2, 3]], ["b", "float32", [2]]], "m": {"loss": 1.0}}
+    frames = [bytearray(rng_bytes[:24]), bytearray(rng_bytes[24:32])]
+    post = []
+    for kind, a, b in case:
+        if kind == "field":
+            h[a] = b
+        elif kind == "type":
+            h["t"] = a
+        elif kind in ("name", "dtype", "shape") and isinstance(h["ts"], list) and a < len(h["ts"]) \
+                and isinstance(h["ts"][a], list) and len(h["ts"][a]) == 3:
+            h["ts"][a][{"name": 0, "dtype": 1, "shape": 2}[kind]] = b
+        elif kind == "spec" and isinstance(h["ts"], list):
+            h["ts"][a:a + 1] = [b]
+        elif kind == "drop_spec" and isinstance(h["ts"], list):
+            del h["ts"][a:a + 1]
+        elif kind == "frame":
+            frames[a:a + 1] = [bytearray(b)]
+        elif kind == "drop_frame":
+            del frames[a:a + 1]
+        elif kind == "nan" and a < len(frames) and len(frames[a]) >= 4:
+            frames[a][:4] = b
+        else:
+            post.append((kind, a, b))
+    header = bytearray(msgpack.packb(h, use_bin_type=True))
+    for kind, a, b in post:
+        if kind == "flip" and header:
+            header[a % len(header)] ^= b
+        elif kind == "cut":
+            header = header[:a % (len(header) + 1)]
+    return [bytes(header)] + [bytes(f) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def fuzz_target():
+    from tests.conftest import RunningServer
+    srv = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init={"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)})
+        ps.push({"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}, version=0, clock=0)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(srv.address)
+    sock.send_multipart(encode(Message(MsgType.REGISTER, worker=1, seq=1)))   # the fuzzer is worker 1
+    assert decode(sock.recv_multipart()).type == MsgType.WELCOME
+    state = {"theta": theta_crc32(srv.server.store.theta), "version": srv.server.store.version, "count": 0,
+             "valid_pushes": 0}
+    yield srv, sock, state
+    sock.close()
+    srv.stop()
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_fuzz_case, payload=st.binary(min_size=32, max_size=32))
+def test_fuzzed_messages_get_answers_and_leave_theta_alone(fuzz_target, case, payload):
+    srv, sock, state = fuzz_target
+    state["seq"] = state.get("seq", 10) + 1
+    frames = _build(case, state["seq"], payload)
+    sock.send_multipart(frames)
+    assert sock.poll(5000), f"no answer to {frames!r}"
+    reply = decode(sock.recv_multipart())
+    assert reply.type in (MsgType.ERROR, MsgType.ACK, MsgType.PARAMS)
+    state["count"] += 1
+    assert srv.thread.is_alive()
+    if reply.type == MsgType.ACK and reply.meta.get("status") == "applied":
+        # a push that happens to be entirely valid (names, shapes, dtypes, finite values) is not malformed
+        state["valid_pushes"] += 1
+        state["theta"], state["version"] = theta_crc32(srv.server.store.theta), srv.server.store.version
+    assert (theta_crc32(srv.server.store.theta), srv.server.store.version) == (state["theta"], state["version"])
+
+
+def test_fuzz_server_still_serves(fuzz_target):
+    srv, sock, state = fuzz_target
+    with PSClient(srv.address, server_timeout=5) as ps:
+        st_ = ps.status()
+    assert st_["version"] == state["version"] and st_["theta_crc32"] == state["theta"]
+    assert st_["counters"].get("internal_errors", 0) == 0
+    assert state["count"] >= 3000
+    print(f"\nfuzz: {state['count']} messages answered ({state['valid_pushes']} happened to be valid pushes); "
+          f"counters {st_['counters']}")
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+def test_load_32_workers_no_update_lost_or_doubled():
+    from paramserver.bench.load import LoadConfig, print_load, run_load
+    r = run_load(LoadConfig(workers=32, seconds=4.0, size=256, drop=0.02, dup=0.02))
+    print_load(r)
+    assert r["applied_acked"] > 32
+    assert r["applied_acked"] == r["server_applied"] == r["server_version"]
+    assert r["theta_exact"]
+    assert r["duplicates"] > 0
