@@ -400,6 +400,8 @@ class Server:
                 log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
                             len(self.policy.clocks))
         self._serve_pending()
+        if self.pending:
+            self._say_why_waiting()
 
     # -- metrics, status, checkpoints ---------------------------------------------------------
 

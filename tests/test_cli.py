@@ -82,3 +82,25 @@ def test_cluster_trains_and_writes_checkpoint_and_metrics(tmp_path):
     assert len(metrics["server"]["updates"]) == 30
     assert set(metrics["workers"]) == {"0", "1"}
     assert np.isfinite(s["final_bits_per_byte"])
+
+
+def test_cluster_stops_cleanly_on_ctrl_c(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "paramserver", "cluster", "--workers", "2", "--steps", "100000",
+                          "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32", "--max-bytes",
+                          "300000", "--eval-every", "0", "--out", str(out), "--progress-every", "0.5",
+                          "--sample-bytes", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=ENV, cwd=ROOT)
+    for line in p.stdout:
+        if "live 2/2" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=120)[0]
+    assert p.returncode == 1 and "interrupted" in rest
+    ckpt = torch.load(out / "checkpoint.pt")
+    assert ckpt["version"] > 0
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == [], "processes of the cluster are still running"

@@ -301,3 +301,55 @@ def test_load_32_workers_no_update_lost_or_doubled():
     assert r["applied_acked"] == r["server_applied"] == r["server_version"]
     assert r["theta_exact"]
     assert r["duplicates"] > 0
+
+
+# -- a worker that stalls, is declared dead, and comes back ---------------------------------------
+
+def test_paused_worker_is_declared_dead_then_rejoins(start_server):
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05, worker_timeout=1.0)
+    procs = [worker_process(c) for c in _workers(srv.address, 2, 600)]
+    _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
+    procs[1].send_signal(signal.SIGSTOP)                   # frozen: no heartbeats, no pushes
+    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the stalled worker to be dead")
+    v_dead = srv.server.store.version
+    _wait_for(lambda: srv.server.store.version >= v_dead + 20, what="the live worker to go on alone")
+    procs[1].send_signal(signal.SIGCONT)
+    _wait_for(lambda: srv.server.workers[1].alive, timeout=30, what="the worker to rejoin")
+    assert srv.server.policy.last_clock[1] >= v_dead + 20   # it rejoined at the current step, not its old one
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    counts_add_up(srv.server.status())
+
+
+def test_min_workers_holds_sync_and_says_so(start_server, caplog):
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05, worker_timeout=1.0, min_workers=2,
+                       log_level="info")
+    procs = [worker_process(c) for c in _workers(srv.address, 2, 600)]
+    _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
+    procs[1].send_signal(signal.SIGKILL)
+    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker")
+    time.sleep(0.5)
+    held_at = srv.server.store.version
+    time.sleep(1.0)
+    assert srv.server.store.version == held_at            # below --min-workers nothing moves
+    assert any("below --min-workers 2" in r.getMessage() for r in caplog.records)
+    # a replacement worker with the same rank restores the quorum and training goes on
+    replacement = worker_process(_workers(srv.address, 2, 50)[1])
+    assert replacement.wait(timeout=120) == 0
+    assert srv.server.store.version > held_at
+    procs[0].kill()
+
+
+def test_oversized_message_is_refused_and_theta_kept(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, max_message_mb=0.01)
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init={"w": np.zeros(16, np.float32)})
+    before = theta_crc32(srv.server.store.theta)
+    with zmq.Context.instance().socket(zmq.DEALER) as s:
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(srv.address)
+        s.send_multipart(encode(Message(MsgType.PUSH, worker=0, seq=99, tensors={"w": np.zeros(10**5, np.float32)})))
+        assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
+    with PSClient(srv.address, server_timeout=5) as ps:
+        st_ = ps.status()
+    assert st_["theta_crc32"] == before and st_["version"] == 0
