@@ -303,15 +303,17 @@ class Server:
     def _say_why_waiting(self) -> None:
         """Log (once per cause) why pulls are being held when it is not the ordinary barrier."""
         live = len(self.policy.clocks)
-        if not self.policy.started:
+        if not self.policy.started:   # routine at start-up
+            level = logging.INFO
             why = f"waiting for {self.cfg.num_workers} workers to register ({len(self.policy.last_clock)} so far)"
         elif self.cfg.mode == "sync" and live < self.cfg.min_workers:
+            level = logging.WARNING
             why = f"holding all pulls: {live} live workers, below --min-workers {self.cfg.min_workers}"
         else:
             return
         if why != self._last_why:
             self._last_why = why
-            log.warning(why)
+            log.log(level, why)
 
     def _params_reply(self, msg: Message, waited: float) -> Message:
         clock = self.policy.grant_clock(msg.worker)

@@ -168,8 +168,35 @@ def findings(report: dict) -> list[str]:
             if scen != sc or name == "sync":
                 continue
             speed = s["wall_s"] and sync["wall_s"] / s["wall_s"]
+            waiting = (f"in allreduce (which includes waiting) {100 * s['share_comm']:.1f}%" if name == "ddp"
+                       else f"waiting {100 * s['share_wait']:.1f}%")
+            ttt, sync_ttt = s.get("time_to_target_s"), sync.get("time_to_target_s")
+            reach = "never reached the target" if ttt is None else f"reached the target at {ttt:.1f}s"
             out.append(f"- {'With' if sc == 'straggler' else 'Without'} a straggler, **{name}** finished the budget "
-                       f"in {s['wall_s']:.1f}s vs sync's {sync['wall_s']:.1f}s ({speed:.2f}x), final held-out loss "
-                       f"{s['final_eval_loss']:.4f} vs {sync['final_eval_loss']:.4f}, workers waiting "
-                       f"{100 * s['share_wait']:.1f}% of their time vs {100 * sync['share_wait']:.1f}%.")
+                       f"in {s['wall_s']:.1f}s vs sync's {sync['wall_s']:.1f}s ({speed:.2f}x) and {reach} "
+                       f"(sync: {'never' if sync_ttt is None else f'{sync_ttt:.1f}s'}); final held-out loss "
+                       f"{s['final_eval_loss']:.4f} vs {sync['final_eval_loss']:.4f}; workers {waiting} of their "
+                       f"time vs sync's {100 * sync['share_wait']:.1f}% waiting.")
+    curves = {(r["name"], r["scenario"]): np.array(r["series"]["evals"]) for r in report["runs"]}
+    for sc in ("none", "straggler"):
+        ref = curves.get(("sync", sc))
+        if ref is None:
+            continue
+        for (name, scen), ev in curves.items():
+            if scen != sc or name == "sync" or ev[-1, 0] >= ref[-1, 0]:
+                continue
+            at = float(np.interp(ev[-1, 0], ref[:, 0], ref[:, 2]))   # sync's held-out loss at the same moment
+            out.append(f"- {'With' if sc == 'straggler' else 'Without'} a straggler, when **{name}** had spent the "
+                       f"budget ({ev[-1, 0]:.1f}s) its held-out loss was {ev[-1, 2]:.4f}; sync's at that moment was "
+                       f"{at:.4f} ({'ahead of' if ev[-1, 2] < at else 'behind'} sync at equal wall-clock time).")
+    slow, fast = by.get(("sync", "straggler")), by.get(("sync", "none"))
+    if slow and fast:
+        out.append(f"- The straggler stretched sync from {fast['wall_s']:.1f}s to {slow['wall_s']:.1f}s; its workers "
+                   f"spent {100 * slow['share_wait']:.1f}% of their time waiting at the barrier.")
+    for (name, scen), s in by.items():
+        if name.startswith("ssp") and scen == "straggler" and slow and s["wall_s"] > 0.8 * slow["wall_s"]:
+            out.append(f"- **{name}** did not escape a *persistent* straggler ({s['wall_s']:.1f}s vs sync's "
+                       f"{slow['wall_s']:.1f}s): once the fast workers are s clocks ahead, the bound makes them "
+                       "wait for the slow one at every clock, so they run at its pace. Bounded staleness absorbs "
+                       "transient delays, not a worker that is always slower.")
     return out
