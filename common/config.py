@@ -34,6 +34,10 @@ ENV_VARS = {
 }
 
 
+class ConfigError(ValueError):
+    """A flag value, an environment variable or a file named by a flag that cannot be used."""
+
+
 def opt(default: Any, help: str, choices: tuple | None = None):
     """A config field with its help text and, optionally, its allowed values."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -230,12 +234,15 @@ def env_overrides(cls) -> dict[str, Any]:
 
 
 def from_args(cls, ns: argparse.Namespace, **extra):
-    """Build `cls` from defaults < environment < parsed flags < extra."""
+    """Build `cls` from defaults < environment < parsed flags < extra; a bad value raises ConfigError."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = env_overrides(cls)
-    values.update({k: v for k, v in vars(ns).items() if k in names})
-    values.update({k: v for k, v in extra.items() if k in names})
-    return cls(**values)
+    try:
+        values = env_overrides(cls)
+        values.update({k: v for k, v in vars(ns).items() if k in names})
+        values.update({k: v for k, v in extra.items() if k in names})
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_argv(cfg, skip: tuple[str, ...] = ()) -> list[str]:

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from common.config import ENV_VARS, ClusterConfig, ServerConfig, WorkerConfig, add_arguments, from_args
+from common.config import ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments, from_args
 
 log = logging.getLogger("paramserver.cli")
 
@@ -84,7 +84,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     if bool(args.curve_server) != bool(args.curve_secret):
-        raise ValueError("--curve-server and --curve-secret go together")
+        raise ConfigError("--curve-server and --curve-secret go together")
     with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
                   curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
         try:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:   # config errors: say what to change, no traceback
+    except (ConfigError, FileNotFoundError) as exc:   # say what to change, no traceback
         parser.exit(2, f"paramserver {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         return 130

@@ -19,37 +19,23 @@ import json
 import logging
 import os
 import time
-import zlib
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from common.config import ServerConfig
+from common.config import ConfigError, ServerConfig
 from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
 from common.security import server_curve
 from paramserver.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
+from paramserver.metrics import ServerMetrics, theta_crc32
 from paramserver.store import ParamStore
 
 log = logging.getLogger("paramserver.server")
 
-#: one row of Server.updates per applied gradient: when, the version it produced, whose, how stale, the
-#: worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
-UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
-
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
-
-
-def theta_crc32(theta: dict[str, np.ndarray]) -> str:
-    """A checksum of theta (names and bytes, in name order): equal checksums mean bit-identical theta."""
-    crc = 0
-    for name in sorted(theta):
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(np.ascontiguousarray(theta[name]).view(np.uint8), crc)
-    return f"{crc:08x}"
 
 
 class RequestError(ValueError):
@@ -80,12 +66,7 @@ class Server:
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
-        self.started_at = time.time()
-        self.updates: list[list] = []           # one row per applied gradient, see UPDATE_FIELDS
-        self.gaps: list[list] = []              # [time_s, worker, clock, min_clock] per granted pull
-        self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
-        self.recent = deque(maxlen=200)         # (time, version, loss) for status
-        self.handle_s = deque(maxlen=100_000)   # seconds spent handling each recent message
+        self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
         self._stop = False
         self._ctx = context or zmq.Context.instance()
@@ -180,7 +161,7 @@ class Server:
             log.exception("internal error while handling a message from %r", frames[0].bytes[:16])
             self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
-            self.handle_s.append(time.perf_counter() - t0)
+            self.record.handle_s.append(time.perf_counter() - t0)
 
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
@@ -317,8 +298,7 @@ class Server:
 
     def _params_reply(self, msg: Message, waited: float) -> Message:
         clock = self.policy.grant_clock(msg.worker)
-        self.gaps.append([round(time.time() - self.started_at, 4), msg.worker, clock, self.policy.min_clock()])
-        self.waits[msg.worker] = self.waits.get(msg.worker, 0.0) + waited
+        self.record.record_grant(msg.worker, clock, self.policy.min_clock(), waited)
         version, theta = self.store.snapshot()
         if self.cfg.track_divergence:
             self.held[msg.worker] = (version, theta)
@@ -408,22 +388,10 @@ class Server:
     # -- metrics, status, checkpoints ---------------------------------------------------------
 
     def _record_update(self, version: int, contributions: list[Contribution]) -> None:
-        t = round(time.time() - self.started_at, 4)
-        applied = self.policy.counters["applied"] - len(contributions)
-        for c in contributions:
-            loss = c.meta.get("loss")
-            applied += 1
-            self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
-            if loss is not None:
-                self.recent.append((time.monotonic(), version, loss))
+        self.record.record_update(version, contributions, self.policy.counters["applied"] - len(contributions))
 
     def status(self) -> dict:
         now = time.monotonic()
-        recent = list(self.recent)
-        rate = 0.0
-        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
-            rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
-        losses = [r[2] for r in recent[-20:]]
         return {
             "version": self.store.version, "mode": self.cfg.mode, "step": self.policy.step,
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
@@ -433,12 +401,8 @@ class Server:
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
-            "updates_per_s": round(rate, 2),
-            "loss": sum(losses) / len(losses) if losses else None,
-            "uptime_s": round(time.time() - self.started_at, 2), "checkpoint": self.last_checkpoint,
-            "theta_crc32": theta_crc32(self.store.theta),
-            "handle_ms": {f"p{q}": round(float(np.percentile(self.handle_s, q)) * 1e3, 4)
-                          for q in (50, 90, 99)} if self.handle_s else {},
+            "checkpoint": self.last_checkpoint, "theta_crc32": theta_crc32(self.store.theta),
+            **self.record.summary(),
         }
 
     def state_dict(self) -> dict:
@@ -451,15 +415,15 @@ class Server:
         t0 = time.monotonic()
         save_checkpoint(self.cfg.checkpoint, self.state_dict())
         self.last_checkpoint = {"path": self.cfg.checkpoint, "version": self.store.version,
-                                "written_s": round(time.time() - self.started_at, 2),
+                                "written_s": self.record.elapsed(),
                                 "seconds": round(time.monotonic() - t0, 3)}
         log.info("checkpoint at version %d -> %s", self.store.version, self.cfg.checkpoint)
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path)
         if state.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
-            raise ValueError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
-                             f"resume with the same optimizer")
+            raise ConfigError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
+                              f"resume with the same optimizer")
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
@@ -467,11 +431,7 @@ class Server:
                  self.policy.step, theta_crc32(self.store.theta))
 
     def metrics(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "status": self.status(), "t0_epoch": self.started_at,
-                "updates": self.updates,
-                "update_fields": UPDATE_FIELDS, "pull_gaps": self.gaps,
-                "pull_gap_fields": ["time_s", "worker", "clock", "min_clock"],
-                "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}
+        return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}
 
     def save_outputs(self) -> None:
         self.write_checkpoint()

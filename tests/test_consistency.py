@@ -107,11 +107,11 @@ def _run(start_server, mode, slowdown=1.0, staleness=3, steps=12, n=2, job="line
 def test_ssp_gap_never_exceeds_s_with_a_slow_worker(start_server, s):
     srv, results = _run(start_server, "ssp", slowdown=20.0, staleness=s, steps=10, job="mlp")
     server = srv.server
-    gaps = [clock - min_clock for _, _, clock, min_clock in server.gaps]
+    gaps = [clock - min_clock for _, _, clock, min_clock in server.record.gaps]
     assert max(gaps) <= s and server.policy.max_gap <= s
     fast_wait = sum(step[5] for step in results[0]["steps"])
     assert fast_wait > 0                          # the bound did hold the fast worker back
-    staleness = [u[3] for u in server.updates]
+    staleness = [u[3] for u in server.record.updates]
     assert max(staleness) <= 2 * (s + 1)          # bounded staleness => bounded version lag
 
 
@@ -126,10 +126,10 @@ def test_ssp_with_large_s_does_not_block_the_fast_worker(start_server):
 def test_async_converges_on_a_convex_problem(start_server):
     srv, results = _run(start_server, "async", steps=150, n=2, job="linear", slowdown=2.0)
     server = srv.server
-    losses = [u[4] for u in server.updates]
+    losses = [u[4] for u in server.record.updates]
     assert server.store.version == 300            # every push applied on arrival
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:5])
-    assert max(u[3] for u in server.updates) >= 1  # real staleness recorded
+    assert max(u[3] for u in server.record.updates) >= 1  # real staleness recorded
 
 
 def test_uneven_workers_do_not_hang_the_barrier(start_server):

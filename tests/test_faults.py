@@ -16,7 +16,7 @@ import zmq
 from common.config import WorkerConfig
 from common.protocol import Message, MsgType, decode, encode
 from paramserver.checkpoint import load_checkpoint
-from paramserver.server import theta_crc32
+from paramserver.metrics import theta_crc32
 from tests.conftest import ROOT, worker_process
 from worker.client import PSClient, ServerUnavailable
 

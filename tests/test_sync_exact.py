@@ -42,7 +42,7 @@ def test_sync_equals_single_process_sgd(start_server, aggregate, job):
         assert p.wait(timeout=120) == 0
     server = srv.server
     assert server.store.version == STEPS
-    assert all(u[3] == 0 for u in server.updates)            # sync: staleness exactly 0
+    assert all(u[3] == 0 for u in server.record.updates)            # sync: staleness exactly 0
     expected = reference_sgd(cfgs, aggregate)
     assert set(expected) == set(server.store.theta)
     worst = max(float(np.abs(server.store.theta[n] - expected[n]).max()) for n in expected)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import JobConfig
+from common.config import ConfigError, JobConfig
 from worker.data import load_corpus, synthetic_regression
 
 
@@ -165,7 +165,8 @@ def build_job(cfg: JobConfig, device: str = "cpu") -> Job:
 
 def pick_device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
+        raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu "
+                          "or --device auto")
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice

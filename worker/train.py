@@ -11,6 +11,7 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -129,7 +130,6 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
 
 def _job_meta(cfg: WorkerConfig) -> dict:
     """The job description the server stores in its checkpoint (enough to rebuild the model)."""
-    import dataclasses
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)}
 
 

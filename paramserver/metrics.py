@@ -1,0 +1,74 @@
+"""What the server records while it runs: a row per applied gradient, a row per granted pull, timings.
+
+These are the raw series behind `paramserver status`, the metrics file and the consistency
+benchmark; nothing in them is estimated afterwards.
+
+Usage::
+
+    rec = ServerMetrics(); rec.record_grant(worker=0, clock=3, min_clock=1, waited=0.02)
+    rec.summary()["updates_per_s"]
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from collections import deque
+
+import numpy as np
+
+#: one row of ServerMetrics.updates per applied gradient: when, the version it produced, whose, how stale,
+#: the worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
+UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
+GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
+
+
+def theta_crc32(theta: dict[str, np.ndarray]) -> str:
+    """A checksum of theta (names and bytes, in name order): equal checksums mean bit-identical theta."""
+    crc = 0
+    for name in sorted(theta):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(theta[name]).view(np.uint8), crc)
+    return f"{crc:08x}"
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.started_at = time.time()
+        self.updates: list[list] = []           # UPDATE_FIELDS
+        self.gaps: list[list] = []              # GAP_FIELDS, per granted pull
+        self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
+        self.recent = deque(maxlen=200)         # (monotonic time, version, loss) for rates
+        self.handle_s = deque(maxlen=100_000)   # seconds spent handling each recent message
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.started_at, 4)
+
+    def record_update(self, version: int, contributions, applied_before: int) -> None:
+        t, applied = self.elapsed(), applied_before
+        for c in contributions:
+            loss = c.meta.get("loss")
+            applied += 1
+            self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
+            if loss is not None:
+                self.recent.append((time.monotonic(), version, loss))
+
+    def record_grant(self, worker: int, clock: int, min_clock: int, waited: float) -> None:
+        self.gaps.append([self.elapsed(), worker, clock, min_clock])
+        self.waits[worker] = self.waits.get(worker, 0.0) + waited
+
+    def summary(self) -> dict:
+        """Rates for `status`: updates/s and mean loss over the recent window, handling-time percentiles."""
+        recent = list(self.recent)
+        rate = 0.0
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+        losses = [r[2] for r in recent[-20:]]
+        return {"updates_per_s": round(rate, 2), "loss": sum(losses) / len(losses) if losses else None,
+                "uptime_s": round(time.time() - self.started_at, 2),
+                "handle_ms": {f"p{q}": round(float(np.percentile(self.handle_s, q)) * 1e3, 4)
+                              for q in (50, 90, 99)} if self.handle_s else {}}
+
+    def series(self) -> dict:
+        return {"t0_epoch": self.started_at, "updates": self.updates, "update_fields": UPDATE_FIELDS,
+                "pull_gaps": self.gaps, "pull_gap_fields": GAP_FIELDS,
+                "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}
