@@ -53,7 +53,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0")
     wcfg = from_args(WorkerConfig, args, num_workers=ccfg.workers, rank=0)
     _setup_logging(scfg.log_level)
+    # Ctrl-C and SIGTERM both stop the cluster cleanly, even where SIGINT arrives ignored (background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     return run_cluster(ccfg, scfg, wcfg)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_bench_consistency(args: argparse.Namespace) -> int:

@@ -93,11 +93,15 @@ def test_cluster_stops_cleanly_on_ctrl_c(tmp_path):
                           "300000", "--eval-every", "0", "--out", str(out), "--progress-every", "0.5",
                           "--sample-bytes", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=ENV, cwd=ROOT)
-    for line in p.stdout:
-        if "live 2/2" in line:
-            break
-    p.send_signal(signal.SIGINT)
-    rest = p.communicate(timeout=120)[0]
+    try:
+        for line in p.stdout:
+            if "live 2/2" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
     assert p.returncode == 1 and "interrupted" in rest
     ckpt = torch.load(out / "checkpoint.pt")
     assert ckpt["version"] > 0
