@@ -82,13 +82,12 @@ def shutdown(address: str) -> None:
             pass
 
 
-def _progress(address: str, t0: float, n: int) -> str:
-    from worker.client import PSClient, ServerUnavailable
-    with PSClient(address, server_timeout=2.0, request_timeout=1.0) as ps:
-        try:
-            st = ps.status()
-        except ServerUnavailable:
-            return f"[{time.time() - t0:6.1f}s] server not answering"
+def _progress(ps, t0: float, n: int) -> str:
+    from worker.client import ServerUnavailable
+    try:
+        st = ps.status()
+    except ServerUnavailable:
+        return f"[{time.time() - t0:6.1f}s] server not answering"
     loss = f"{st['loss']:.4f}" if st["loss"] is not None else "-"
     return (f"[{time.time() - t0:6.1f}s] version {st['version']:5d} | live {st['live']}/{n} | "
             f"train loss {loss} | {st['updates_per_s']:.1f} updates/s | waiting pulls {st['waiting_pulls']}")
@@ -102,6 +101,7 @@ def _read_json(path: str) -> dict:
 
 
 def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
+    from worker.client import PSClient
     from worker.evaluate import evaluate_checkpoint
     out = ccfg.out
     os.makedirs(out, exist_ok=True)
@@ -120,12 +120,13 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads)
     interrupted = False
     next_tick = time.time() + ccfg.progress_every
+    monitor = PSClient(address, server_timeout=2.0, request_timeout=1.0)   # one connection for all status calls
     try:
         while any(p.poll() is None for p in workers):
             time.sleep(0.2)
             if time.time() >= next_tick:
                 next_tick += ccfg.progress_every
-                print(_progress(address, t0, ccfg.workers), flush=True)
+                print(_progress(monitor, t0, ccfg.workers), flush=True)
             if server.poll() is not None:
                 print(f"the server exited with code {server.returncode}; see {out}/server.log", flush=True)
                 break
@@ -133,6 +134,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         interrupted = True
         print("\ninterrupted: stopping workers and server (the server writes its checkpoint)", flush=True)
     finally:
+        monitor.close()
         stop_all(workers, server, address)
     failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
     for r in failed:

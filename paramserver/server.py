@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
 from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
@@ -33,6 +34,12 @@ from paramserver.metrics import ServerMetrics, theta_crc32
 from paramserver.store import ParamStore
 
 log = logging.getLogger("paramserver.server")
+
+MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused",
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error",
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail"}
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
@@ -73,6 +80,7 @@ class Server:
         self._auth = None        # the ZAP authenticator thread when --auth is on
         self._last_why = ""      # the last reason logged for holding pulls
         self.sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None   # connection events of self.sock
         self.address = ""
         self.handlers = {
             MsgType.REGISTER: self._on_register, MsgType.PULL: self._on_pull, MsgType.PUSH: self._on_push,
@@ -100,6 +108,7 @@ class Server:
                 self._auth = server_curve(self.sock, self.cfg.curve_secret, self.cfg.auth, self._ctx)
             self.sock.bind(self.cfg.bind)
             self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self._monitor = self.sock.get_monitor_socket(MONITORED)
             log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
         return self.address
 
@@ -112,6 +121,8 @@ class Server:
         if self.sock is None:
             return
         self.save_outputs()
+        self.sock.disable_monitor()
+        self._monitor.close()
         self.sock.close()
         self.sock = None
         if self._auth is not None:
@@ -122,11 +133,15 @@ class Server:
         self.bind()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         next_sweep = next_ckpt = time.monotonic()
         if self.cfg.checkpoint_every > 0:
             next_ckpt += self.cfg.checkpoint_every
         while not self._stop:
-            if poller.poll(100):
+            ready = dict(poller.poll(100))
+            if self._monitor in ready:
+                self._connection_events()
+            if self.sock in ready:
                 for _ in range(1000):   # drain what is queued before housekeeping
                     try:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -142,6 +157,21 @@ class Server:
             if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
                 self.write_checkpoint()
                 next_ckpt = now + self.cfg.checkpoint_every
+
+    def _connection_events(self) -> None:
+        """Say when ZeroMQ drops a connection: it does so without a message for an oversized message
+        (--max-message-mb) and for a failed CurveZMQ handshake (an unknown key, or plain text)."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            what, endpoint = event["event"], event["endpoint"].decode(errors="replace")
+            if what == zmq.EVENT_DISCONNECTED:
+                self.policy.counters["disconnects"] += 1
+                log.info("a peer on %s disconnected (it closed, or sent a message over --max-message-mb %g)",
+                          endpoint, self.cfg.max_message_mb)
+            else:
+                self.policy.counters["handshake_failures"] += 1
+                log.warning("refused a connection on %s: CurveZMQ handshake failed (%s); the client has no "
+                            "admitted key or speaks plain text", endpoint, _EVENT_NAMES.get(what, what))
 
     # -- receive and dispatch -----------------------------------------------------------------
 

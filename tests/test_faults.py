@@ -167,6 +167,7 @@ def test_curve_auth_admits_only_listed_keys(start_server, tmp_path):
         with pytest.raises(ServerUnavailable):
             plain.status()
     assert not srv.server.store.initialized and theta_crc32(srv.server.store.theta) == before
+    assert srv.server.status()["counters"]["handshake_failures"] >= 1     # refused, and counted
     # with the right key it trains
     cfg = _workers(srv.address, 1, 30, job="linear", curve_server=keys["server"][0],
                    curve_secret=keys["client"][1])[0]
@@ -350,6 +351,7 @@ def test_oversized_message_is_refused_and_theta_kept(start_server):
         s.connect(srv.address)
         s.send_multipart(encode(Message(MsgType.PUSH, worker=0, seq=99, tensors={"w": np.zeros(10**5, np.float32)})))
         assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
+    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
     with PSClient(srv.address, server_timeout=5) as ps:
         st_ = ps.status()
     assert st_["theta_crc32"] == before and st_["version"] == 0

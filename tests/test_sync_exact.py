@@ -14,12 +14,13 @@ STEPS, LR, N = 6, 0.1, 2
 
 
 def reference_sgd(cfgs: list[WorkerConfig], aggregate: str) -> dict[str, np.ndarray]:
-    """Single process: one model, each step one SGD update on the union of the workers' batches."""
+    """Single process: one model, each step one SGD update on the union of the workers' batches
+    (with --accum k, a worker's batch is its k micro-batches)."""
     job = build_job(subset(cfgs[0], JobConfig), "cpu")
     streams = [batch_stream(c, job.n_samples)[1] for c in cfgs]
     opt = torch.optim.SGD(job.model.parameters(), lr=LR)
     for _ in range(STEPS):
-        batches = [next(s)[1] for s in streams]
+        batches = [np.concatenate([next(s)[1] for _ in range(c.accum)]) for s, c in zip(streams, cfgs)]
         opt.zero_grad()
         if aggregate == "mean":   # mean over the union = data-parallel SGD
             loss = job.loss(*job.batch(np.concatenate(batches)))
@@ -30,13 +31,14 @@ def reference_sgd(cfgs: list[WorkerConfig], aggregate: str) -> dict[str, np.ndar
     return job.params_numpy()
 
 
-@pytest.mark.parametrize("aggregate", ["mean", "sum"])
-@pytest.mark.parametrize("job", ["mlp", "gpt"])
-def test_sync_equals_single_process_sgd(start_server, aggregate, job):
+@pytest.mark.parametrize("aggregate, job, accum", [("mean", "mlp", 1), ("sum", "mlp", 1), ("mean", "gpt", 1),
+                                                   ("sum", "gpt", 1), ("mean", "mlp", 3)])
+def test_sync_equals_single_process_sgd(start_server, aggregate, job, accum):
     srv = start_server(num_workers=N, mode="sync", optimizer="sgd", lr=LR, aggregate=aggregate)
     small = dict(n_layer=1, n_embd=32, n_head=2, context=16, max_bytes=200_000) if job == "gpt" else {}
     cfgs = [WorkerConfig(server=srv.address, rank=r, num_workers=N, job=job, batch_size=8, steps=STEPS,
-                         eval_every=0, log_every=0, shard="hash", seed=3, threads=1, **small) for r in range(N)]
+                         accum=accum, eval_every=0, log_every=0, shard="hash", seed=3, threads=1, **small)
+            for r in range(N)]
     procs = [worker_process(c) for c in cfgs]
     for p in procs:
         assert p.wait(timeout=120) == 0
