@@ -144,7 +144,9 @@ class WorkerConfig(JobConfig):
     device: str = opt("auto", "where to compute: auto picks cuda when available", DEVICES)
     eval_every: int = opt(50, "rank 0: evaluate held-out loss every this many steps (0: never)")
     eval_batches: int = opt(8, "held-out batches per evaluation")
-    slowdown: float = opt(1.0, "straggler factor: sleep (factor-1) x compute time after each step")
+    slowdown: float = opt(1.0, "straggler factor: sleep (factor-1) x compute time after a slowed step")
+    slowdown_prob: float = opt(1.0, "fraction of steps that are slowed, drawn per step from a seeded generator "
+                                    "(1.0: every step, a persistent straggler; below 1: transient delays)")
     out: str = opt("", "folder for this worker's metrics JSON; empty: none")
     request_timeout: float = opt(2.0, "seconds before an unanswered request is sent again (with backoff)")
     server_timeout: float = opt(120.0, "give up when the server has not answered for this many seconds")
@@ -166,6 +168,8 @@ class WorkerConfig(JobConfig):
             raise ValueError("--batch-size and --accum must be >= 1 and --steps >= 0")
         if self.slowdown < 1.0:
             raise ValueError("--slowdown is a slowdown factor and must be >= 1.0")
+        if not 0.0 <= self.slowdown_prob <= 1.0:
+            raise ValueError("--slowdown-prob is a fraction in [0, 1]")
         if bool(self.curve_server) != bool(self.curve_secret):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):

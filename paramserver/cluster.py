@@ -41,13 +41,14 @@ def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0) -> tuple[s
 
 
 def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: dict[int, float] | None = None,
-                  threads: int = 0) -> list[subprocess.Popen]:
+                  threads: int = 0, slowdown_prob: float = 1.0) -> list[subprocess.Popen]:
+    """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor."""
     procs = []
     for rank in range(n):
-        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "threads"))
+        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads"))
         argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
         if slowdown and slowdown.get(rank, 1.0) > 1.0:
-            argv += ["--slowdown", str(slowdown[rank])]
+            argv += ["--slowdown", str(slowdown[rank]), "--slowdown-prob", str(slowdown_prob)]
         if threads:
             argv += ["--threads", str(threads)]
         procs.append(_spawn(["worker"] + argv, os.path.join(out, f"worker{rank}.log")))

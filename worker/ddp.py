@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def run_ddp(spec: dict) -> dict:
              "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s",
                              "status"], "eval_fields": ["time_s", "step", "version", "eval_loss"]}
         t_start, last_compute = time.time(), 0.0
+        slow_rng = random.Random(cfg.seed * 7919 + cfg.rank)   # the same draws as a PS worker of this rank
         for step in range(spec["steps"]):
             if cfg.rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
                 m["evals"].append([round(time.time() - t_start, 4), step, step,
@@ -82,7 +84,7 @@ def run_ddp(spec: dict) -> dict:
                 x, y = job.batch(next(stream)[1])
                 with model.no_sync() if k < cfg.accum - 1 else contextlib.nullcontext():
                     loss = job.loss(x, y, model) / cfg.accum   # through the wrapper: its hooks allreduce
-                    if k == cfg.accum - 1 and cfg.slowdown > 1.0:
+                    if k == cfg.accum - 1 and cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:
                         # straggler: slower hardware delays this rank's part of the allreduce
                         slept = (cfg.slowdown - 1.0) * last_compute
                         time.sleep(slept)
@@ -113,7 +115,8 @@ def free_port() -> int:
 
 
 def launch_ddp(cfg: WorkerConfig, world: int, steps: int, out: str, optimizer: str, lr: float,
-               slowdown: dict[int, float] | None = None, return_theta: bool = False, **opt_kw) -> list[dict]:
+               slowdown: dict[int, float] | None = None, slowdown_prob: float = 1.0, return_theta: bool = False,
+               **opt_kw) -> list[dict]:
     """Run `world` DDP ranks as processes; returns each rank's metrics (also written to out/ddp{r}.json)."""
     os.makedirs(out, exist_ok=True)
     init = f"tcp://127.0.0.1:{free_port()}"
@@ -122,7 +125,7 @@ def launch_ddp(cfg: WorkerConfig, world: int, steps: int, out: str, optimizer: s
     procs = []
     for rank in range(world):
         wcfg = dataclasses.replace(cfg, rank=rank, num_workers=world,
-                                   slowdown=(slowdown or {}).get(rank, 1.0))
+                                   slowdown=(slowdown or {}).get(rank, 1.0), slowdown_prob=slowdown_prob)
         spec = {"worker": dataclasses.asdict(wcfg), "world": world, "init": init, "optimizer": optimizer,
                 "lr": lr, "steps": steps, "out": os.path.join(out, f"ddp{rank}.json"),
                 "return_theta": return_theta, **opt_kw}

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 
 import numpy as np
@@ -50,6 +51,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
          "steps": [], "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s",
                                       "sleep_s", "status"],
          "evals": [], "eval_fields": ["time_s", "step", "version", "eval_loss"]}
+    slow_rng = random.Random(cfg.seed * 7919 + cfg.rank)
     t_start = time.time()
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
@@ -87,7 +89,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
             slept = 0.0
-            if cfg.slowdown > 1.0:   # straggler: as if this worker's hardware were `slowdown` times slower
+            if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:
+                # straggler: as if this worker's hardware were `slowdown` times slower for this step
                 slept = (cfg.slowdown - 1.0) * (t2 - t1)
                 time.sleep(slept)
             t3 = time.perf_counter()

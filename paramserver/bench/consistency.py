@@ -25,17 +25,22 @@ import numpy as np
 from common.config import JobConfig, ServerConfig, WorkerConfig, opt, subset
 
 
+SCENARIOS = ("none", "straggler", "jitter")
+
+
 @dataclass
 class BenchConfig(JobConfig):
     """Configuration of `paramserver bench consistency` (job flags as for `paramserver worker`)."""
 
     workers: int = opt(4, "worker processes per run")
-    steps: int = opt(300, "sync steps per run: every run stops after steps x workers applied gradients")
+    steps: int = opt(250, "sync steps per run: every run stops after steps x workers applied gradients")
     straggler: float = opt(3.0, "slowdown factor of the straggler (the last worker) in the straggler scenarios")
     staleness: str = opt("1,3", "comma-separated ssp staleness bounds to run")
     backup_workers: int = opt(1, "backup workers b for the sync-with-backups run (first N-b gradients per step)")
     modes: str = opt("sync,backup,ssp,async,ddp", "comma-separated modes to run (sync, backup, ssp, async, ddp)")
-    scenarios: str = opt("none,straggler", "comma-separated scenarios: none, straggler")
+    scenarios: str = opt("none,straggler,jitter", "comma-separated scenarios: none; straggler (the last worker is "
+                                           "always slow); jitter (every worker is slow on a random 1/N of its "
+                                           "steps: the same total delay, spread out and transient)")
     optimizer: str = opt("adam", "update rule (server side; the same torch optimizer for DDP)",
                          ("sgd", "momentum", "adam"))
     lr: float = opt(0.003, "learning rate")
@@ -56,8 +61,8 @@ class BenchConfig(JobConfig):
             if mode not in ("sync", "backup", "ssp", "async", "ddp"):
                 raise ValueError(f"unknown mode {mode!r} in --modes; choose from sync, backup, ssp, async, ddp")
         for sc in self.scenario_list:
-            if sc not in ("none", "straggler"):
-                raise ValueError(f"unknown scenario {sc!r} in --scenarios; choose none or straggler")
+            if sc not in SCENARIOS:
+                raise ValueError(f"unknown scenario {sc!r} in --scenarios; choose from {', '.join(SCENARIOS)}")
         if not 0 < self.backup_workers < self.workers and "backup" in self.mode_list:
             raise ValueError(f"--backup-workers must be in [1, {self.workers - 1}]")
         if self.straggler < 1.0:
@@ -99,6 +104,15 @@ def planned_runs(cfg: BenchConfig) -> list[dict]:
     return runs
 
 
+def slowdowns(cfg: BenchConfig, scenario: str) -> tuple[dict[int, float] | None, float]:
+    """(rank -> slowdown factor, fraction of steps slowed) for a scenario."""
+    if scenario == "straggler":
+        return {cfg.workers - 1: cfg.straggler}, 1.0
+    if scenario == "jitter":
+        return {r: cfg.straggler for r in range(cfg.workers)}, 1.0 / cfg.workers
+    return None, 1.0
+
+
 def _worker_cfg(cfg: BenchConfig, steps: int) -> WorkerConfig:
     return subset(cfg, WorkerConfig, steps=steps, num_workers=cfg.workers, rank=0, log_every=0, threads=1,
                   shard="random", device="cpu", heartbeat=1.0, log_level="warning")
@@ -114,9 +128,10 @@ def run_ps(cfg: BenchConfig, run: dict, folder: str) -> dict:
     address = server.bind()
     loop = threading.Thread(target=server.serve_forever, daemon=True)
     loop.start()
-    slow = {cfg.workers - 1: cfg.straggler} if run["scenario"] == "straggler" else None
+    slow, prob = slowdowns(cfg, run["scenario"])
     # each worker may need up to the whole budget when the others are slow; the server says when to stop
-    procs = start_workers(_worker_cfg(cfg, cfg.budget), cfg.workers, address, folder, slow, threads=1)
+    procs = start_workers(_worker_cfg(cfg, cfg.budget), cfg.workers, address, folder, slow, threads=1,
+                          slowdown_prob=prob)
     codes = [p.wait(timeout=3600) for p in procs]
     server.stop()
     loop.join(timeout=30)
@@ -133,9 +148,9 @@ def run_ps(cfg: BenchConfig, run: dict, folder: str) -> dict:
 
 def run_ddp_baseline(cfg: BenchConfig, run: dict, folder: str) -> dict:
     from worker.ddp import launch_ddp
-    slow = {cfg.workers - 1: cfg.straggler} if run["scenario"] == "straggler" else None
+    slow, prob = slowdowns(cfg, run["scenario"])
     workers = launch_ddp(_worker_cfg(cfg, cfg.steps), cfg.workers, cfg.steps, folder, cfg.optimizer, cfg.lr,
-                         slowdown=slow, return_theta=True)
+                         slowdown=slow, slowdown_prob=prob, return_theta=True)
     theta = {n: np.array(v, np.float32) for n, v in workers[0].pop("theta").items()}
     for w in workers[1:]:
         w.pop("theta", None)

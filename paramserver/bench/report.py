@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 
+TITLES = {"none": "no straggler", "straggler": "one persistent straggler", "jitter": "transient delays (jitter)"}
+PHRASES = {"none": "Without a straggler", "straggler": "With a persistent straggler",
+           "jitter": "With transient delays"}
 COLUMNS = [("run", 14), ("scenario", 9), ("wall_s", 8), ("upd/s", 7), ("samples/s", 9), ("stale_mean", 10),
            ("stale_max", 9), ("diverg_mean", 11), ("wait%", 6), ("comm%", 6), ("dropped", 7), ("eval_loss", 9),
            ("t_target_s", 10)]
@@ -50,7 +53,7 @@ def write_plots(report: dict, out: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = report["runs"]
-    scenarios = sorted({r["scenario"] for r in runs}, key=["none", "straggler"].index)
+    scenarios = sorted({r["scenario"] for r in runs}, key=list(TITLES).index)
     files = []
 
     for xkey, fname, xlabel in (("time_s", "loss_vs_time.png", "wall-clock seconds"),
@@ -62,7 +65,7 @@ def write_plots(report: dict, out: str) -> list[str]:
                 x = ev[:, 0] if xkey == "time_s" else ev[:, 1]
                 ax.plot(x, ev[:, 2], marker=".", label=r["name"])
             ax.axhline(report["target_eval_loss"], color="grey", ls="--", lw=0.8, label="target")
-            ax.set_title(f"held-out loss, {'one straggler' if sc == 'straggler' else 'no straggler'}")
+            ax.set_title(f"held-out loss, {TITLES[sc]}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("held-out loss (nats/byte)" if report["config"]["job"] == "gpt" else "held-out loss")
             ax.legend(fontsize=8)
@@ -80,7 +83,7 @@ def write_plots(report: dict, out: str) -> list[str]:
             h = np.asarray(r["series"]["staleness_hist"], dtype=float)
             if h.sum():
                 ax.bar(np.arange(len(h)) + i * width, h / h.sum(), width=width, label=r["name"])
-        ax.set_title(f"staleness of applied gradients, {'one straggler' if sc == 'straggler' else 'no straggler'}")
+        ax.set_title(f"staleness of applied gradients, {TITLES[sc]}")
         ax.set_xlabel("server version at apply - version computed on")
         ax.set_ylabel("fraction of gradients")
         ax.legend(fontsize=8)
@@ -160,7 +163,7 @@ def findings(report: dict) -> list[str]:
     """Plain statements derived from this run's numbers (nothing here is fixed text about results)."""
     by = {(r["name"], r["scenario"]): r["summary"] for r in report["runs"]}
     out = []
-    for sc in ("none", "straggler"):
+    for sc in TITLES:
         sync = by.get(("sync", sc))
         if not sync:
             continue
@@ -172,13 +175,13 @@ def findings(report: dict) -> list[str]:
                        else f"waiting {100 * s['share_wait']:.1f}%")
             ttt, sync_ttt = s.get("time_to_target_s"), sync.get("time_to_target_s")
             reach = "never reached the target" if ttt is None else f"reached the target at {ttt:.1f}s"
-            out.append(f"- {'With' if sc == 'straggler' else 'Without'} a straggler, **{name}** finished the budget "
+            out.append(f"- {PHRASES[sc]}, **{name}** finished the budget "
                        f"in {s['wall_s']:.1f}s vs sync's {sync['wall_s']:.1f}s ({speed:.2f}x) and {reach} "
                        f"(sync: {'never' if sync_ttt is None else f'{sync_ttt:.1f}s'}); final held-out loss "
                        f"{s['final_eval_loss']:.4f} vs {sync['final_eval_loss']:.4f}; workers {waiting} of their "
                        f"time vs sync's {100 * sync['share_wait']:.1f}% waiting.")
     curves = {(r["name"], r["scenario"]): np.array(r["series"]["evals"]) for r in report["runs"]}
-    for sc in ("none", "straggler"):
+    for sc in TITLES:
         ref = curves.get(("sync", sc))
         if ref is None:
             continue
@@ -186,14 +189,18 @@ def findings(report: dict) -> list[str]:
             if scen != sc or name == "sync" or ev[-1, 0] >= ref[-1, 0]:
                 continue
             at = float(np.interp(ev[-1, 0], ref[:, 0], ref[:, 2]))   # sync's held-out loss at the same moment
-            out.append(f"- {'With' if sc == 'straggler' else 'Without'} a straggler, when **{name}** had spent the "
+            out.append(f"- {PHRASES[sc]}, when **{name}** had spent the "
                        f"budget ({ev[-1, 0]:.1f}s) its held-out loss was {ev[-1, 2]:.4f}; sync's at that moment was "
                        f"{at:.4f} ({'ahead of' if ev[-1, 2] < at else 'behind'} sync at equal wall-clock time).")
     slow, fast = by.get(("sync", "straggler")), by.get(("sync", "none"))
     if slow and fast:
         out.append(f"- The straggler stretched sync from {fast['wall_s']:.1f}s to {slow['wall_s']:.1f}s; its workers "
                    f"spent {100 * slow['share_wait']:.1f}% of their time waiting at the barrier.")
+    jit = by.get(("sync", "jitter"))
     for (name, scen), s in by.items():
+        if name.startswith("ssp") and scen == "jitter" and jit:
+            out.append(f"- With transient delays, **{name}** took {s['wall_s']:.1f}s vs sync's {jit['wall_s']:.1f}s "
+                       f"(workers waiting {100 * s['share_wait']:.1f}% vs {100 * jit['share_wait']:.1f}%).")
         if name.startswith("ssp") and scen == "straggler" and slow and s["wall_s"] > 0.8 * slow["wall_s"]:
             out.append(f"- **{name}** did not escape a *persistent* straggler ({s['wall_s']:.1f}s vs sync's "
                        f"{slow['wall_s']:.1f}s): once the fast workers are s clocks ahead, the bound makes them "
