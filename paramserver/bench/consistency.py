@@ -48,12 +48,15 @@ class BenchConfig(JobConfig):
     eval_every: int = opt(10, "rank 0 evaluates held-out loss every this many of its steps")
     eval_batches: int = opt(4, "held-out batches per evaluation")
     out: str = opt("runs/bench", "output folder: results.json, summary.csv, *.png, report.md")
-    quick: bool = opt(False, "a one-minute version: a smaller model and budget")
+    quick: bool = opt(False, "a one-minute version: a smaller model and budget, and (unless --scenarios is "
+                             "changed) only the none and straggler scenarios")
 
     def __post_init__(self):
         super().__post_init__()
         if self.quick:
             self.steps = min(self.steps, 40)
+            if self.scenarios == "none,straggler,jitter":
+                self.scenarios = "none,straggler"
             self.n_layer, self.n_embd, self.n_head, self.context = 1, 32, 2, 32
             self.max_bytes = min(self.max_bytes or 2_000_000, 2_000_000)
             self.eval_every = min(self.eval_every, 5)
