@@ -24,9 +24,9 @@ def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS"):
         env.pop(var, None)   # the cluster passes identity as flags
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "paramserver"] + args, stdout=stdout or log, stderr=log,
-                            env=env, start_new_session=True)
+    with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "paramserver"] + args, stdout=stdout or log, stderr=log,
+                                env=env, start_new_session=True)
 
 
 def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:

@@ -11,7 +11,6 @@ Usage::
 from __future__ import annotations
 
 import time
-import zlib
 from collections import deque
 
 import numpy as np
@@ -20,15 +19,6 @@ import numpy as np
 #: the worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
 UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
 GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
-
-
-def theta_crc32(theta: dict[str, np.ndarray]) -> str:
-    """A checksum of theta (names and bytes, in name order): equal checksums mean bit-identical theta."""
-    crc = 0
-    for name in sorted(theta):
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(np.ascontiguousarray(theta[name]).view(np.uint8), crc)
-    return f"{crc:08x}"
 
 
 class ServerMetrics:

@@ -28,9 +28,9 @@ from zmq.utils.monitor import recv_monitor_message
 from common.config import ConfigError, ServerConfig
 from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
 from common.security import server_curve
-from paramserver.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
-from paramserver.metrics import ServerMetrics, theta_crc32
+from paramserver.metrics import ServerMetrics
 from paramserver.store import ParamStore
 
 log = logging.getLogger("paramserver.server")
@@ -431,7 +431,7 @@ class Server:
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
-            "checkpoint": self.last_checkpoint, "theta_crc32": theta_crc32(self.store.theta),
+            "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             **self.record.summary(),
         }
 
@@ -458,7 +458,7 @@ class Server:
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
         log.info("resumed from %s at version %d (step %d), theta crc32 %s", path, self.store.version,
-                 self.policy.step, theta_crc32(self.store.theta))
+                 self.policy.step, self.store.checksum())
 
     def metrics(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}

@@ -13,9 +13,19 @@ Usage::
 """
 from __future__ import annotations
 
+import zlib
 from typing import Mapping
 
 import numpy as np
+
+
+def theta_crc32(theta: dict[str, np.ndarray]) -> str:
+    """A checksum of theta (names and bytes, in name order): equal checksums mean bit-identical theta."""
+    crc = 0
+    for name in sorted(theta):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(theta[name]).view(np.uint8), crc)
+    return f"{crc:08x}"
 
 
 class ParamStore:
@@ -28,6 +38,7 @@ class ParamStore:
         self.version = 0        # number of updates applied
         self.opt_steps = 0      # Adam's t (equals version unless restored from another optimizer)
         self._snapshot: tuple[int, dict[str, np.ndarray]] | None = None
+        self._checksum: str | None = None   # theta_crc32 of the current theta, computed on demand
 
     @property
     def initialized(self) -> bool:
@@ -43,7 +54,7 @@ class ParamStore:
         if not tensors:
             raise ValueError("a model with no parameters cannot be trained")
         self.theta = {n: np.array(t, copy=True) for n, t in tensors.items()}
-        self._snapshot = None
+        self._snapshot = self._checksum = None
 
     def layout(self) -> dict[str, list]:
         """{name: [dtype, shape]}: what every push must match."""
@@ -99,7 +110,7 @@ class ParamStore:
                 denom = np.sqrt(v / bc2) + self.eps
                 theta -= (lr / bc1) * m / denom
         self.version += 1
-        self._snapshot = None
+        self._snapshot = self._checksum = None
         return self.version
 
     def snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
@@ -107,6 +118,12 @@ class ParamStore:
         if self._snapshot is None or self._snapshot[0] != self.version:
             self._snapshot = (self.version, {n: t.copy() for n, t in self.theta.items()})
         return self._snapshot
+
+    def checksum(self) -> str:
+        """theta_crc32(theta), computed once per change of theta."""
+        if self._checksum is None:
+            self._checksum = theta_crc32(self.theta)
+        return self._checksum
 
     def state_dict(self) -> dict:
         return {"theta": {n: t.copy() for n, t in self.theta.items()},
@@ -119,4 +136,4 @@ class ParamStore:
                       for n, s in sd.get("optimizer_state", {}).items()}
         self.version = int(sd["version"])
         self.opt_steps = int(sd.get("opt_steps", self.version))
-        self._snapshot = None
+        self._snapshot = self._checksum = None

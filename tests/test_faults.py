@@ -15,8 +15,8 @@ import zmq
 
 from common.config import WorkerConfig
 from common.protocol import Message, MsgType, decode, encode
-from paramserver.checkpoint import load_checkpoint
-from paramserver.metrics import theta_crc32
+from common.checkpoint import load_checkpoint
+from paramserver.store import theta_crc32
 from tests.conftest import ROOT, worker_process
 from worker.client import PSClient, ServerUnavailable
 

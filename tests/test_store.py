@@ -65,3 +65,14 @@ def test_state_dict_round_trip():
     other.apply({"w": np.ones(2, np.float32)})
     np.testing.assert_array_equal(store.theta["w"], other.theta["w"])
     assert other.version == 2
+
+
+def test_checksum_follows_every_change_of_theta():
+    from paramserver.store import theta_crc32
+    store = ParamStore("sgd", lr=1.0)
+    empty = store.checksum()
+    store.init({"w": np.zeros(2, np.float32)})
+    at_init = store.checksum()
+    assert at_init != empty and at_init == theta_crc32(store.theta)
+    store.apply({"w": np.ones(2, np.float32)})
+    assert store.checksum() != at_init and store.checksum() == theta_crc32(store.theta)

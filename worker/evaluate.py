@@ -11,7 +11,7 @@ import math
 import os
 
 from common.config import JobConfig, WorkerConfig, subset
-from paramserver.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 from worker.models import build_job
 
 
