@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -32,11 +33,11 @@ def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
 def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Start `paramserver server` and return (process, the address it listens on)."""
     proc = _spawn(["server"] + to_argv(scfg), os.path.join(out, "server.log"), stdout=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline().decode()
-    if "listening on" not in line or time.monotonic() > deadline:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().decode() if ready else ""
+    if "listening on" not in line:
         proc.kill()
-        raise RuntimeError(f"the server did not start; see {os.path.join(out, 'server.log')}")
+        raise RuntimeError(f"the server did not start within {timeout:.0f}s; see {os.path.join(out, 'server.log')}")
     return proc, line.rsplit(" ", 1)[-1].strip()
 
 

@@ -76,6 +76,7 @@ def test_report_files_are_written_parse_and_are_not_constants(report):
     md = (out / "report.md").read_text()
     assert "![loss_vs_time.png](loss_vs_time.png)" in md and "| run |" in md
     assert str(data["target_eval_loss"]) in md
+    assert "Where each worker's time went" in md and f"worker {N - 1}" in md
     sync_stale = [r["summary"]["staleness_mean"] for r in _runs(data, "sync")]
     async_stale = [r["summary"]["staleness_mean"] for r in _runs(data, "async")]
     assert max(sync_stale) == 0 < max(async_stale)

@@ -154,6 +154,17 @@ def write_report(report: dict, out: str) -> None:
               "eval_loss = held-out loss of the final θ; t_target_s = first rank-0 evaluation at or below the target.",
               ""]
     lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Where each worker's time went (% of its compute + wait + comm + straggler sleep)", "",
+              "| run | scenario | " + " | ".join(f"worker {w['rank']}" for w in report["runs"][0]["series"]["per_worker"])
+              + " |", "|---|---|" + "---|" * len(report["runs"][0]["series"]["per_worker"])]
+    for r in report["runs"]:
+        cells = []
+        for w in r["series"]["per_worker"]:
+            total = (w["compute_s"] + w["wait_s"] + w["comm_s"] + w["sleep_s"]) or 1.0
+            cells.append(f"{100 * w['compute_s'] / total:.0f} / {100 * w['wait_s'] / total:.0f} / "
+                         f"{100 * w['comm_s'] / total:.0f} / {100 * w['sleep_s'] / total:.0f} ({w['steps']} steps)")
+        lines.append(f"| {r['name']} | {r['scenario']} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: compute / wait / comm / straggler sleep, in % of that worker's time, and its pushes."]
     lines += ["", "## What the numbers say", ""] + findings(report)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
