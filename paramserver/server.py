@@ -379,10 +379,7 @@ class Server:
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)
         state.left = True
-        state.alive = False
-        self.pending.pop(msg.worker, None)
-        self.held.pop(msg.worker, None)
-        self.policy.leave(msg.worker)
+        self._remove(msg.worker)
         log.info("worker %d left (%s); %d live", msg.worker, msg.meta.get("reason", "done"),
                  len(self.policy.clocks))
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
@@ -401,13 +398,17 @@ class Server:
 
     # -- liveness -----------------------------------------------------------------------------
 
+    def _remove(self, worker: int) -> None:
+        """Take a worker out of the job (it left or is dead): no held pull, no barrier, no clock minimum."""
+        self.workers[worker].alive = False
+        self.pending.pop(worker, None)
+        self.held.pop(worker, None)
+        self.policy.leave(worker)
+
     def _sweep_dead(self, now: float) -> None:
         for worker, state in self.workers.items():
             if state.alive and now - state.last_seen > self.cfg.worker_timeout:
-                state.alive = False
-                self.pending.pop(worker, None)
-                self.held.pop(worker, None)
-                self.policy.leave(worker)
+                self._remove(worker)
                 self.policy.counters["dead"] += 1
                 log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
                             len(self.policy.clocks))

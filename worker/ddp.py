@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.config import JobConfig, WorkerConfig, subset
 from worker.models import build_job
-from worker.train import batch_stream
+from worker.train import EVAL_FIELDS, STEP_FIELDS, batch_stream, straggler_rng
 
 
 def make_optimizer(params, optimizer: str, lr: float, momentum: float = 0.9, beta1: float = 0.9,
@@ -68,10 +67,9 @@ def run_ddp(spec: dict) -> dict:
                              spec.get("beta1", 0.9), spec.get("beta2", 0.999), spec.get("eps", 1e-8))
         _, stream = batch_stream(cfg, job.n_samples)
         m = {"rank": cfg.rank, "device": "cpu", "data": job.description, "steps": [], "evals": [],
-             "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s",
-                             "status"], "eval_fields": ["time_s", "step", "version", "eval_loss"]}
+             "step_fields": STEP_FIELDS, "eval_fields": EVAL_FIELDS}
         t_start, last_compute = time.time(), 0.0
-        slow_rng = random.Random(cfg.seed * 7919 + cfg.rank)   # the same draws as a PS worker of this rank
+        slow_rng = straggler_rng(cfg)
         for step in range(spec["steps"]):
             if cfg.rank == 0 and cfg.eval_every and step % cfg.eval_every == 0:
                 m["evals"].append([round(time.time() - t_start, 4), step, step,

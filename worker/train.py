@@ -29,6 +29,16 @@ from worker.models import build_job, pick_device
 log = logging.getLogger("worker.train")
 
 
+#: one row of a worker's (or DDP rank's) "steps" and "evals" series
+STEP_FIELDS = ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s", "status"]
+EVAL_FIELDS = ["time_s", "step", "version", "eval_loss"]
+
+
+def straggler_rng(cfg: WorkerConfig) -> random.Random:
+    """The generator that decides which steps a straggler slows (the same draws for a PS worker and a DDP rank)."""
+    return random.Random(cfg.seed * 7919 + cfg.rank)
+
+
 def batch_stream(cfg: WorkerConfig, n_samples: int):
     """(shard, iterator of (epoch, indices)): exactly the batches worker `cfg.rank` trains on."""
     shard = shard_indices(n_samples, cfg.num_workers, cfg.rank, cfg.shard, cfg.seed)
@@ -48,10 +58,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
                                 curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
     m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
-         "steps": [], "step_fields": ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s",
-                                      "sleep_s", "status"],
-         "evals": [], "eval_fields": ["time_s", "step", "version", "eval_loss"]}
-    slow_rng = random.Random(cfg.seed * 7919 + cfg.rank)
+         "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
+    slow_rng = straggler_rng(cfg)
     t_start = time.time()
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))

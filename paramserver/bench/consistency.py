@@ -162,6 +162,7 @@ def run_ddp_baseline(cfg: BenchConfig, run: dict, folder: str) -> dict:
 
 def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_eval: float) -> dict:
     """Turn one run's raw records into its series and summary figures."""
+    from worker.train import summarize
     workers = raw["workers"]
     n = cfg.workers
     samples_per_grad = cfg.batch_size
@@ -206,12 +207,7 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         t_rel = (r0["t0_epoch"] + t) - (t0 + start)
         evals.append([round(max(0.0, t_rel), 3), version_to_applied.get(version, version * n), loss])
     evals.append([round(wall, 3), len(applied), final_eval])
-    per_worker = []
-    for w in workers:
-        s = np.array([row[4:8] for row in w["steps"]], dtype=float) if w["steps"] else np.zeros((0, 4))
-        per_worker.append({"rank": w["rank"], "steps": len(w["steps"]), "compute_s": float(s[:, 0].sum()),
-                           "wait_s": float(s[:, 1].sum()), "comm_s": float(s[:, 2].sum()),
-                           "sleep_s": float(s[:, 3].sum())})
+    per_worker = [summarize(w) for w in workers]
     tot = {k: sum(p[k] for p in per_worker) for k in ("compute_s", "wait_s", "comm_s", "sleep_s")}
     busy = sum(tot.values()) or 1.0
     hist = np.bincount(np.asarray(staleness, dtype=int)).tolist() if staleness else []
