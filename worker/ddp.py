@@ -8,7 +8,7 @@ measured by a communication hook and reported as communication.
 
 Usage (one process per rank; `launch_ddp` starts them)::
 
-    python -m worker.ddp '{"worker": {...WorkerConfig fields...}, "world": 4, "init": "tcp://127.0.0.1:29500",
+    python -m worker.ddp '{"worker": {...WorkerConfig fields...}, "world": 4, "init": "file:///tmp/rendezvous",
                            "optimizer": "sgd", "lr": 0.1, "steps": 100}'
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -101,15 +100,10 @@ def run_ddp(spec: dict) -> dict:
         m["t0_epoch"] = t_start
         m["theta"] = {n: p.detach().numpy().tolist() for n, p in job.model.named_parameters()} \
             if spec.get("return_theta") else None
+        dist.barrier()   # every rank is done before any tears gloo down (a rank that tore down early aborted)
         return m
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_ddp(cfg: WorkerConfig, world: int, steps: int, out: str, optimizer: str, lr: float,
@@ -117,7 +111,12 @@ def launch_ddp(cfg: WorkerConfig, world: int, steps: int, out: str, optimizer: s
                **opt_kw) -> list[dict]:
     """Run `world` DDP ranks as processes; returns each rank's metrics (also written to out/ddp{r}.json)."""
     os.makedirs(out, exist_ok=True)
-    init = f"tcp://127.0.0.1:{free_port()}"
+    # rendezvous through a file, not a port: a port picked free and released can be taken (e.g. as another
+    # connection's source port) before rank 0 binds it
+    store = os.path.abspath(os.path.join(out, "ddp-rendezvous"))
+    if os.path.exists(store):
+        os.unlink(store)
+    init = f"file://{store}"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = []
