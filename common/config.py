@@ -81,11 +81,20 @@ class ServerConfig:
     track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (one pass over "
                                        "theta per push)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
-    max_message_mb: float = opt(1024.0, "largest message accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
-                                        "more is disconnected")
+    max_message_mb: float = opt(0.0, "largest message frame accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
+                                     "more is disconnected. 0: automatic (1024 until theta is known, then what the "
+                                     "largest tensor needs plus the header, for connections made from then on)")
     min_workers: int = opt(1, "sync: below this many live workers the server holds every pull and says so")
+    max_workers: int = opt(0, "most worker ids the server keeps (live, dead or left); more registrations are "
+                              "refused. 0: 2 x --num-workers + 4")
+    step_timeout: float = opt(0.0, "sync: a live worker that has not pushed for the current step within this many "
+                                   "seconds is treated as dead, so a hung worker cannot hold the barrier (0: off)")
+    resume_override: bool = opt(False, "--resume: accept a checkpoint written with another --mode, --aggregate, "
+                                       "--lr or --num-workers (refused by default)")
     curve_secret: str = opt("", "server secret key file (paramserver keys): encrypt all traffic with CurveZMQ")
     auth: str = opt("", "folder of client public key files: admit only these clients (needs --curve-secret)")
+    admins: str = opt("", "--auth: folder of public key files allowed to send SHUTDOWN (default: the admins "
+                          "folder beside the --auth folder, made by `paramserver keys --admin NAME`)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
 
     def __post_init__(self):
@@ -104,6 +113,14 @@ class ServerConfig:
             raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
+        if self.max_workers == 0:
+            self.max_workers = 2 * self.num_workers + 4
+        if self.max_workers < self.num_workers:
+            raise ValueError(f"--max-workers {self.max_workers} is below --num-workers {self.num_workers}")
+        if self.step_timeout < 0 or self.max_message_mb < 0:
+            raise ValueError("--step-timeout and --max-message-mb must be >= 0")
+        if self.admins and not self.auth:
+            raise ValueError("--admins needs --auth (without --auth every client may send SHUTDOWN)")
 
 
 @dataclass

@@ -15,7 +15,11 @@ Every message is one ZeroMQ multipart message::
     frame 1..n     raw tensor bytes, C order, little endian, exactly prod(shape) * itemsize bytes
 
 Between a worker (DEALER) and the server (ROUTER) ZeroMQ adds the routing identity on the
-server side; this module never sees it. Tensors are keyed by parameter *name*, never by
+server side. A client sets that routing id itself: a random session id of SESSION_BYTES bytes plus
+one role byte (``R`` for the request socket, ``H`` for the heartbeat socket; `routing_id`). The
+server binds a worker id to the session that registered it (`session_of`), so another connection
+cannot act as that worker; a client that sets no routing id is its own session (then send
+heartbeats on the request socket). Tensors are keyed by parameter *name*, never by
 position. Tensor frames are sent without copying (``copy=False``) and decoded as read-only
 numpy views of the received frames. Nothing is ever pickled.
 
@@ -47,6 +51,30 @@ DTYPES: dict[str, np.dtype] = {
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 100_000
 MAX_NDIM = 16
+MAX_DIM = 1 << 40          # no real tensor has a dimension this large; a bigger one is a malformed spec
+MAX_ELEMENTS = 1 << 40     # nor this many elements (4 TiB of float32)
+
+#: a client's session id: random bytes, the same on its request and heartbeat sockets
+SESSION_BYTES = 15
+ROLE_REQUESTS, ROLE_HEARTBEAT = b"R", b"H"
+
+
+def new_session() -> bytes:
+    """A fresh random session id for one client object."""
+    import os
+    return os.urandom(SESSION_BYTES)
+
+
+def routing_id(session: bytes, role: bytes) -> bytes:
+    """The ZeroMQ routing id a client sets on its socket for `role` (ROLE_REQUESTS or ROLE_HEARTBEAT)."""
+    return session + role
+
+
+def session_of(identity: bytes) -> bytes:
+    """The session a routing identity belongs to (the identity itself for clients that set none)."""
+    if len(identity) == SESSION_BYTES + 1 and identity[-1:] in (ROLE_REQUESTS, ROLE_HEARTBEAT):
+        return identity[:-1]
+    return identity
 
 
 class MsgType(IntEnum):
@@ -168,13 +196,19 @@ def decode(frames: Sequence) -> Message:
                                             for d in shape):
             raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}; expected up to {MAX_NDIM} "
                                 "non-negative integers")
+        if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} is absurdly large (a dimension over "
+                                f"{MAX_DIM} or over {MAX_ELEMENTS} elements)")
         dtype = DTYPES[dtype_name]
         buf = _buffer(frame)
         expected = math.prod(shape) * dtype.itemsize
         if len(buf) != expected:
             raise ProtocolError(f"tensor {name!r}: frame has {len(buf)} bytes but {dtype_name}{shape} needs "
                                 f"{expected} (truncated frame?)")
-        tensors[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        try:
+            tensors[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
     return Message(mtype, worker=_int(header, "w"), seq=_int(header, "seq"), clock=_int(header, "clk"),
                    version=_int(header, "ver"), tensors=tensors, meta=meta)
 

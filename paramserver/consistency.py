@@ -7,10 +7,12 @@ it works on). The policy answers two questions for the server loop:
     - sync:  when the server has applied `clock` steps (the barrier: everyone finished step clock-1)
     - ssp:   when clock - min(live clocks) <= staleness  (Bösen/Angel vector clock)
     - async: always
-  Nothing is answered before `num_workers` workers have registered (the start gate).
+  Nothing is answered before `num_workers` workers have registered (the start gate); a resumed
+  server instead waits for the workers its checkpoint had live (`await_workers`).
 * `push(w, clock, grads, ...)`: what happens to a gradient?
-    - sync:  summed into the step's accumulator; when all live workers (or N - backup_workers of
-             them) have pushed for the step, the sum (or mean) is applied once
+    - sync:  held for the step; when all live workers (or N - backup_workers of them) have pushed,
+             the sum (or mean) is applied once. Gradients are summed in worker-id order, never in
+             arrival order, so theta is bit-identical from run to run whatever the timing
     - ssp / async: applied on arrival, with learning rate lr/N (N live workers) under mean aggregation
 
 A worker that leaves (or is declared dead) is removed from the barrier and from the minimum
@@ -61,9 +63,13 @@ class Consistency:
         self.on_update = on_update or (lambda version, contributions: None)
         self.clocks: dict[int, int] = {}          # live workers -> clock
         self.last_clock: dict[int, int] = {}      # every worker ever seen -> its last clock
+        self.joined: set[int] = set()             # workers registered since this process started
+        self.awaiting: set[int] = set()           # after a resume: workers of the checkpoint not back yet
+        self._resumed_with_workers = False
         self.started = False
         self.step = 0                             # sync: steps applied
-        self._acc: dict[str, np.ndarray] | None = None
+        self._acc: dict[str, np.ndarray] | None = None   # sync: the step's gradients summed so far, in id order
+        self._held: dict[int, Mapping[str, np.ndarray]] = {}   # sync: gradients waiting for a lower id
         self._contrib: list[Contribution] = []
         self.counters: Counter = Counter()        # received, applied, dropped:<reason>, ...
         self.max_gap = 0                          # largest clock - min_clock granted to a pull
@@ -73,7 +79,8 @@ class Consistency:
     def join(self, worker: int) -> int:
         """Add a live worker (new or coming back); returns the clock it continues from."""
         if self.mode == "sync":
-            clock = self.step
+            # a worker whose gradient is already in the current step waits for the next one
+            clock = self.step + 1 if any(c.worker == worker for c in self._contrib) else self.step
         elif self.clocks:
             # rejoin at the current position: never behind the slowest live worker
             clock = max(self.last_clock.get(worker, 0), self.min_clock())
@@ -81,13 +88,32 @@ class Consistency:
             clock = self.last_clock.get(worker, 0)
         self.clocks[worker] = clock
         self.last_clock[worker] = clock
-        if len(self.last_clock) >= self.num_workers:
-            self.started = True
+        self.joined.add(worker)
+        self.awaiting.discard(worker)
+        self._maybe_start()
         return clock
+
+    def await_workers(self, workers) -> None:
+        """After a resume: hold every pull until these workers are back (or given up with `give_up`)."""
+        self.started = False
+        self.awaiting = set(workers)
+        self._resumed_with_workers = bool(self.awaiting)
+
+    def give_up(self, worker: int) -> None:
+        """Stop waiting for a worker of the checkpoint (it stayed silent)."""
+        self.awaiting.discard(worker)
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        if self.started or self.awaiting:
+            return
+        if self._resumed_with_workers or len(self.joined) >= self.num_workers:
+            self.started = True
 
     def leave(self, worker: int) -> None:
         """Remove a worker from the barrier and the clock minimum (finished, said goodbye or dead)."""
         self.clocks.pop(worker, None)
+        self._fold()
         self._maybe_complete_step()
 
     def min_clock(self) -> int:
@@ -142,15 +168,12 @@ class Consistency:
             self.counters["dropped:twice"] += 1
             return PushResult("dropped", reason=f"worker {worker} already pushed for step {clock}",
                               version=self.store.version)
-        if self._acc is None:
-            self._acc = {n: np.array(g, copy=True) for n, g in grads.items()}
-        else:
-            for n, g in grads.items():
-                self._acc[n] += g
+        self._held[worker] = grads
         self._contrib.append(contribution)
         if worker in self.clocks:
             self.clocks[worker] = clock + 1
             self.last_clock[worker] = clock + 1
+        self._fold()
         if self._maybe_complete_step():
             return PushResult("applied", version=self.store.version)
         return PushResult("accumulated", version=self.store.version)
@@ -165,12 +188,28 @@ class Consistency:
         live = len(self.clocks) + sum(1 for c in self._contrib if c.worker not in self.clocks)
         return max(1, live - self.backup_workers)
 
+    def _fold(self, final: bool = False) -> None:
+        """Sum held gradients into the step's accumulator in worker-id order. The lowest held id is added
+        once no live worker with a lower id can still push for this step, so that the sum's order (and so
+        its rounding) never depends on arrival order; memory holds only the gradients that arrived early."""
+        while self._held:
+            w = min(self._held)
+            if not final and any(x < w and c <= self.step for x, c in self.clocks.items()):
+                return
+            g = self._held.pop(w)
+            if self._acc is None:
+                self._acc = {n: np.array(t, copy=True) for n, t in g.items()}
+            else:
+                for n, t in g.items():
+                    self._acc[n] += t
+
     def _maybe_complete_step(self) -> bool:
         if self.mode != "sync" or not self._contrib:
             return False
         waiting = [w for w, c in self.clocks.items() if c <= self.step]  # live, not yet pushed
         if waiting and len(self._contrib) < self.needed():
             return False
+        self._fold(final=True)
         scale = 1.0 / len(self._contrib) if self.aggregate == "mean" else 1.0
         acc, contrib = self._acc, self._contrib
         self._acc, self._contrib = None, []

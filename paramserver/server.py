@@ -26,7 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
+from common.protocol import (MAX_HEADER_BYTES, REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode,
+                             error_reply, session_of)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
@@ -43,6 +44,42 @@ _EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused",
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
+#: requests that act as a worker: only the session that registered the worker id may send them
+AS_WORKER = SEQUENCED | {MsgType.HEARTBEAT}
+#: refusals of who may do what (counted as refused:<code>; other rejected requests count as "rejected")
+REFUSALS = frozenset({"identity", "worker_live", "bad_seq", "too_many_workers", "not_admin"})
+#: a sequence number further than this past a worker's last one is refused, not adopted
+MAX_SEQ_JUMP = 10_000
+#: replies queued per connection before ZeroMQ drops more (a client that never reads pins no more than this)
+SEND_HWM = 8
+#: the start-up frame limit while theta is unknown (the first REGISTER carries it)
+STARTUP_MAX_MESSAGE_MB = 1024.0
+
+
+#: flags a checkpoint must have been written with to be resumed (unless --resume-override)
+RESUME_MUST_MATCH = ("mode", "aggregate", "lr", "num_workers")
+
+
+def load_admin_keys(cfg: ServerConfig) -> set[str]:
+    """--auth: the public keys (z85 text) allowed to send SHUTDOWN."""
+    if not cfg.auth:
+        return set()
+    folder = cfg.admins or os.path.join(os.path.dirname(os.path.abspath(cfg.auth)), "admins")
+    if not os.path.isdir(folder):
+        if cfg.admins:
+            raise ConfigError(f"--admins folder {cfg.admins!r} does not exist (make admin keys with "
+                              "`paramserver keys DIR --admin NAME`)")
+        return set()
+    import zmq.auth
+    return {k.decode() if isinstance(k, bytes) else k for k in zmq.auth.load_certificates(folder)}
+
+
+def _user_id(frame) -> str:
+    """The CurveZMQ public key (z85) ZeroMQ's authenticator attached to a received frame, or ""."""
+    try:
+        return frame.get("User-Id") or ""
+    except (AttributeError, zmq.ZMQError):
+        return ""
 
 
 class RequestError(ValueError):
@@ -55,12 +92,19 @@ class RequestError(ValueError):
 
 @dataclass
 class WorkerState:
-    identity: bytes
+    identity: bytes                   # routing identity replies go to (the newest request's)
     last_seen: float
-    last_seq: int = 0
+    session: bytes = b""              # the session the worker id is bound to (protocol.session_of)
+    key: str = ""                     # --auth: the CurveZMQ public key (z85) that registered it
+    last_seq: int = 0                 # highest sequenced request handled (kept across re-registration)
     last_reply: list | None = None    # cached ACK of the last push/leave, resent on a duplicate
+    seq_base: int = 0                 # the seq of its last REGISTER (a far jump past both is refused)
     alive: bool = True
     left: bool = False
+    params_tracker: zmq.MessageTracker | None = None   # the last PARAMS sent, until ZeroMQ has sent it
+
+    def params_in_flight(self) -> bool:
+        return self.params_tracker is not None and not self.params_tracker.done
 
 
 class Server:
@@ -79,6 +123,9 @@ class Server:
         self._ctx = context or zmq.Context.instance()
         self._auth = None        # the ZAP authenticator thread when --auth is on
         self._last_why = ""      # the last reason logged for holding pulls
+        self._admins = load_admin_keys(cfg)   # --auth: public keys (z85) allowed to send SHUTDOWN
+        self._resumed_at: float | None = None   # a resumed server holds pulls until its workers are back
+        self._timed_step = (-1, 0.0)  # --step-timeout: (sync step, when it became the current one)
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None   # connection events of self.sock
         self.address = ""
@@ -103,7 +150,8 @@ class Server:
         if self.sock is None:
             self.sock = self._ctx.socket(zmq.ROUTER)
             self.sock.setsockopt(zmq.LINGER, 1000)
-            self.sock.setsockopt(zmq.MAXMSGSIZE, int(self.cfg.max_message_mb * 2**20))
+            self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            self._set_max_message()
             if self.cfg.curve_secret:
                 self._auth = server_curve(self.sock, self.cfg.curve_secret, self.cfg.auth, self._ctx)
             self.sock.bind(self.cfg.bind)
@@ -111,6 +159,17 @@ class Server:
             self._monitor = self.sock.get_monitor_socket(MONITORED)
             log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
         return self.address
+
+    def _set_max_message(self) -> None:
+        """ZMQ_MAXMSGSIZE: the flag's value, or (automatic) what theta's largest tensor needs once it is known.
+        ZeroMQ applies it to connections made after it is set; every message is checked against theta anyway."""
+        if self.cfg.max_message_mb > 0:
+            limit = int(self.cfg.max_message_mb * 2**20)
+        elif self.store.initialized:
+            limit = max(t.nbytes for t in self.store.theta.values()) + MAX_HEADER_BYTES
+        else:
+            limit = int(STARTUP_MAX_MESSAGE_MB * 2**20)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from another thread or a signal handler)."""
@@ -175,12 +234,15 @@ class Server:
 
     # -- receive and dispatch -----------------------------------------------------------------
 
-    def _send(self, identity: bytes, msg: Message | list) -> None:
+    def _send(self, identity: bytes, msg: Message | list, track: bool = False) -> zmq.MessageTracker | None:
         frames = msg if isinstance(msg, list) else encode(msg)
         try:
+            if track:   # the tracker says when ZeroMQ no longer needs the frames (the reply has been sent)
+                return self.sock.send_multipart([identity] + frames, copy=False, track=True)
             self.sock.send_multipart([identity] + frames, copy=False)
         except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
             log.warning("reply to %r not sent: %s", identity, exc)
+        return None
 
     def _handle(self, frames) -> None:
         t0 = time.perf_counter()
@@ -192,6 +254,11 @@ class Server:
             self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
             self.record.handle_s.append(time.perf_counter() - t0)
+
+    def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> None:
+        self.policy.counters[f"refused:{code}"] += 1
+        log.warning("refused %r from %r: %s", msg, identity[:16], text)
+        self._send(identity, error_reply(msg, code, text))
 
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
@@ -208,48 +275,68 @@ class Server:
                                                                    "of " + ", ".join(t.name for t in REQUEST_TYPES)))
             return
         log.debug("recv %r", msg)
+        # who sent it: the session of its routing id and, under --auth, its CurveZMQ key
+        self._peer = (session_of(identity), _user_id(body[0]) if self.cfg.auth else "")
         state = self.workers.get(msg.worker)
-        if state is not None:
-            state.last_seen = time.monotonic()
-            # a resend of a request already handled (a LEAVE's resend also after the worker has left)
-            if msg.type in SEQUENCED and msg.seq <= state.last_seq and (state.alive or msg.type == MsgType.LEAVE):
-                self._duplicate(identity, msg, state)
+        if state is not None and msg.type in AS_WORKER:
+            if state.session != self._peer[0]:
+                self._refuse(identity, msg, "identity", f"worker {msg.worker} is bound to another connection; "
+                             "only the connection that registered it may act as it (register your own worker)")
                 return
+            state.last_seen = time.monotonic()
+            if msg.type in SEQUENCED:
+                if msg.seq > max(state.last_seq, state.seq_base) + MAX_SEQ_JUMP:
+                    self._refuse(identity, msg, "bad_seq", f"seq {msg.seq} jumps more than {MAX_SEQ_JUMP} past "
+                                 f"worker {msg.worker}'s last request ({state.last_seq}); refused")
+                    return
+                state.identity = identity
+                # a resend of a request already handled (answered from the record, also across re-registration)
+                if msg.seq <= state.last_seq and self._duplicate(identity, msg, state):
+                    return
         try:
             reply = self.handlers[msg.type](identity, msg)
         except ValueError as exc:   # a request that decodes but does not fit: reply, keep theta
-            self.policy.counters["rejected"] += 1
+            code = getattr(exc, "code", "bad_request")
+            self.policy.counters[f"refused:{code}" if code in REFUSALS else "rejected"] += 1
             # a heartbeat racing a worker's goodbye is routine; everything else is worth a line
             log.log(logging.DEBUG if msg.type == MsgType.HEARTBEAT else logging.WARNING, "rejected %r: %s", msg, exc)
-            reply = error_reply(msg, getattr(exc, "code", "bad_request"), str(exc))
+            reply = error_reply(msg, code, str(exc))
         if msg.worker in self.workers and msg.type in SEQUENCED:
             state = self.workers[msg.worker]
-            state.last_seq = max(state.last_seq, msg.seq)
-            if msg.type in (MsgType.PUSH, MsgType.LEAVE) and reply is not None:
-                reply = encode(reply)
-                state.last_reply = reply
-        if reply is not None:
+            if state.session == self._peer[0] and (reply is None or reply.type != MsgType.ERROR):
+                state.last_seq = max(state.last_seq, msg.seq)
+                if msg.type in (MsgType.PUSH, MsgType.LEAVE) and reply is not None:
+                    reply = encode(reply)
+                    state.last_reply = reply
+        if isinstance(reply, Message) and reply.type == MsgType.PARAMS:
+            self._send_params(msg.worker, identity, reply)
+        elif reply is not None:
             self._send(identity, reply)
         self._serve_pending()
 
-    def _duplicate(self, identity: bytes, msg: Message, state: WorkerState) -> None:
-        """A request we have seen (a resend after a timeout, or a duplicated message)."""
+    def _duplicate(self, identity: bytes, msg: Message, state: WorkerState) -> bool:
+        """A request we have seen (a resend after a timeout, or a duplicated message). Returns False when
+        it must be handled as new (a pull of a worker that is no longer live: the handler says so)."""
+        if msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply:
+            # answered from the record even if the worker was declared dead meanwhile: applied exactly once
+            self.policy.counters["duplicates"] += 1
+            self._send(identity, state.last_reply)
+            return True
+        if not state.alive:
+            return False
         held = self.pending.get(msg.worker)
         if held and held[1].seq == msg.seq:
             self.pending[msg.worker] = (identity, held[1], held[2])   # answer on the newest route
-            return
-        if msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply:
-            self.policy.counters["duplicates"] += 1
-            self._send(identity, state.last_reply)
         elif msg.seq == state.last_seq and msg.type == MsgType.PULL:
             reply = self._on_pull(identity, msg)    # idempotent: answer again (the reply was lost)
             if reply is not None:
-                self._send(identity, reply)
+                self._send_params(msg.worker, identity, reply)
         else:   # older than the last request: its answer went out long ago; the client ignores this one
             self.policy.counters["duplicates"] += 1
             log.debug("ignored old request %r (last seq %d)", msg, state.last_seq)
             self._send(identity, error_reply(msg, "stale_request", f"seq {msg.seq} is older than this worker's "
                                                                    f"last request ({state.last_seq}); ignored"))
+        return True
 
     def _known(self, msg: Message) -> WorkerState:
         state = self.workers.get(msg.worker)
@@ -261,11 +348,13 @@ class Server:
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        worker = self._worker_id_for(msg)
         if msg.tensors:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
                 self.job = dict(msg.meta.get("job", {}))
-                log.info("theta initialised by worker %d: %d tensors, %d values", msg.worker, len(msg.tensors),
+                self._set_max_message()
+                log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
                          sum(t.size for t in msg.tensors.values()))
             elif {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != self.store.layout():
                 raise RequestError("model_mismatch", "this worker's model does not match the parameters the "
@@ -274,14 +363,22 @@ class Server:
         elif not self.store.initialized:
             raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
                                "carry the initial parameters")
-        worker = msg.worker
-        if worker < 0:
-            worker = max(self.workers, default=-1) + 1
+        session, key = self._peer
         state = self.workers.get(worker)
         rejoin = state is not None
-        if state is not None and state.alive and not state.left and worker in self.policy.clocks:
-            log.info("worker %d registered again (restart?)", worker)
-        self.workers[worker] = WorkerState(identity, time.monotonic(), last_seq=msg.seq)
+        if state is not None and state.session == session:
+            # the same client again (it was declared dead, or the server restarted): its dedup record stays,
+            # so a request it retries under its original seq is recognised
+            if state.alive and worker in self.policy.clocks:
+                log.info("worker %d registered again", worker)
+            state.identity, state.alive, state.left = identity, True, False
+            state.last_seen, state.seq_base = time.monotonic(), msg.seq
+        else:
+            if state is not None:
+                log.info("worker %d taken over by a new connection (the old one is %s)", worker,
+                         "left" if state.left else ("live" if state.alive else "dead"))
+            self.workers[worker] = WorkerState(identity, time.monotonic(), session=session, key=key,
+                                               seq_base=msg.seq)
         self.pending.pop(worker, None)
         clock = self.policy.join(worker)
         log.info("worker %d %s at clock %d, version %d (%d live)", worker, "rejoined" if rejoin else "joined",
@@ -290,6 +387,29 @@ class Server:
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+
+    def _worker_id_for(self, msg: Message) -> int:
+        """The worker id a REGISTER gets, or RequestError: identity binding and the --max-workers cap."""
+        session, key = self._peer
+        worker = msg.worker
+        if worker < 0:   # automatic: the lowest id of the job that is not live, else a new one
+            free = [w for w in range(self.cfg.num_workers) if w not in self.workers or not self.workers[w].alive]
+            worker = free[0] if free else max(self.workers, default=-1) + 1
+        state = self.workers.get(worker)
+        if state is None:
+            if len(self.workers) >= self.cfg.max_workers:
+                raise RequestError("too_many_workers", f"the server already knows {len(self.workers)} worker ids "
+                                   f"(--max-workers {self.cfg.max_workers}); refused worker {worker}")
+        elif state.session != session:
+            if self.cfg.auth:
+                if key != state.key:
+                    raise RequestError("identity", f"worker {worker} was registered with another key; only the "
+                                       "same key may take it over")
+            elif state.alive:
+                raise RequestError("worker_live", f"worker {worker} is live on another connection; it can be taken "
+                                   f"over once it leaves or is declared dead (--worker-timeout "
+                                   f"{self.cfg.worker_timeout:g}s)")
+        return worker
 
     @property
     def finished(self) -> bool:
@@ -301,10 +421,11 @@ class Server:
                        meta={"stop": True, "reason": f"{self.cfg.max_gradients} gradients applied"})
 
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
-        self._known(msg)
+        state = self._known(msg)
         if self.finished:
             return self._stop_reply(msg)
-        if self.policy.pull_ready(msg.worker):
+        # at most one PARAMS per worker in ZeroMQ's queue: a client that never reads pins one snapshot, not many
+        if self.policy.pull_ready(msg.worker) and not state.params_in_flight():
             return self._params_reply(msg, 0.0)
         if msg.worker not in self.pending:
             self.pending[msg.worker] = (identity, msg, time.monotonic())
@@ -314,9 +435,13 @@ class Server:
     def _say_why_waiting(self) -> None:
         """Log (once per cause) why pulls are being held when it is not the ordinary barrier."""
         live = len(self.policy.clocks)
-        if not self.policy.started:   # routine at start-up
+        if self.policy.awaiting:   # a resumed server waits for the workers of its checkpoint
             level = logging.INFO
-            why = f"waiting for {self.cfg.num_workers} workers to register ({len(self.policy.last_clock)} so far)"
+            why = (f"resumed: holding pulls until workers {', '.join(map(str, sorted(self.policy.awaiting)))} "
+                   f"re-register (or --worker-timeout {self.cfg.worker_timeout:g}s passes)")
+        elif not self.policy.started:   # routine at start-up
+            level = logging.INFO
+            why = f"waiting for {self.cfg.num_workers} workers to register ({len(self.policy.joined)} so far)"
         elif self.cfg.mode == "sync" and live < self.cfg.min_workers:
             level = logging.WARNING
             why = f"holding all pulls: {live} live workers, below --min-workers {self.cfg.min_workers}"
@@ -335,14 +460,21 @@ class Server:
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
                        tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
 
+    def _send_params(self, worker: int, identity: bytes, reply: Message) -> None:
+        """Send a PARAMS reply and remember it until ZeroMQ has sent it (see _on_pull)."""
+        tracker = self._send(identity, reply, track=True)
+        state = self.workers.get(worker)
+        if state is not None:
+            state.params_tracker = tracker
+
     def _serve_pending(self) -> None:
         for worker, (identity, msg, since) in list(self.pending.items()):
             if self.finished:
                 del self.pending[worker]
                 self._send(identity, self._stop_reply(msg))
-            elif self.policy.pull_ready(worker):
+            elif self.policy.pull_ready(worker) and not self.workers[worker].params_in_flight():
                 del self.pending[worker]
-                self._send(identity, self._params_reply(msg, time.monotonic() - since))
+                self._send_params(worker, identity, self._params_reply(msg, time.monotonic() - since))
 
     def _on_push(self, identity: bytes, msg: Message) -> Message:
         self._known(msg)
@@ -392,6 +524,9 @@ class Server:
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version, meta=self.status())
 
     def _on_shutdown(self, identity: bytes, msg: Message) -> Message:
+        if self.cfg.auth and self._peer[1] not in self._admins:
+            raise RequestError("not_admin", "SHUTDOWN needs an admin key (`paramserver keys DIR --admin NAME`); "
+                               "this client's key is not among the server's --admins")
         log.info("shutdown requested")
         self._stop = True
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
@@ -412,9 +547,36 @@ class Server:
                 self.policy.counters["dead"] += 1
                 log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
                             len(self.policy.clocks))
+        if self.policy.awaiting and self._resumed_at is not None:
+            if now - self._resumed_at > self.cfg.worker_timeout:
+                for worker in sorted(self.policy.awaiting):
+                    log.warning("worker %d has not come back within --worker-timeout %gs of the resume: going on "
+                                "without it", worker, self.cfg.worker_timeout)
+                    self.policy.give_up(worker)
+            else:
+                self._say_why_waiting()
+        if self.cfg.step_timeout > 0 and self.cfg.mode == "sync":
+            self._sweep_hung(now)
         self._serve_pending()
         if self.pending:
             self._say_why_waiting()
+
+    def _sweep_hung(self, now: float) -> None:
+        """--step-timeout: a live worker that has not pushed for the current sync step in time is treated as
+        dead (its heartbeats may go on while it hangs), so the others are not held at the barrier forever."""
+        step = self.policy.step
+        if self._timed_step[0] != step or not self.policy.started or len(self.policy.clocks) < self.cfg.min_workers:
+            self._timed_step = (step, now)
+            return
+        if now - self._timed_step[1] <= self.cfg.step_timeout:
+            return
+        for worker in [w for w, clock in self.policy.clocks.items() if clock <= step]:
+            self._remove(worker)
+            self.policy.counters["dead"] += 1
+            self.policy.counters["step_timeouts"] += 1
+            log.warning("worker %d has not pushed for step %d within --step-timeout %gs: treated as dead; %d live",
+                        worker, step, self.cfg.step_timeout, len(self.policy.clocks))
+        self._timed_step = (self.policy.step, now)
 
     # -- metrics, status, checkpoints ---------------------------------------------------------
 
@@ -428,7 +590,8 @@ class Server:
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
             "min_clock": self.policy.min_clock(), "max_gap": self.policy.max_gap,
             "workers": {str(w): {"clock": self.policy.last_clock.get(w, 0),
-                                 "state": "left" if s.left else ("live" if s.alive else "dead"),
+                                 "state": "left" if s.left else ("live" if s.alive else (
+                                     "awaited" if w in self.policy.awaiting else "dead")),
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
@@ -437,8 +600,12 @@ class Server:
         }
 
     def state_dict(self) -> dict:
+        workers = {str(w): {"session": s.session.hex(), "key": s.key, "last_seq": s.last_seq,
+                            "last_reply": [bytes(f).hex() for f in s.last_reply or []],
+                            "state": "left" if s.left else ("live" if s.alive or w in self.policy.awaiting else "dead")}
+                   for w, s in self.workers.items()}
         return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
-                "config": dataclasses.asdict(self.cfg), "job": self.job}
+                "config": dataclasses.asdict(self.cfg), "job": self.job, "workers": workers}
 
     def write_checkpoint(self) -> None:
         if not self.cfg.checkpoint or not self.store.initialized:
@@ -455,11 +622,30 @@ class Server:
         if state.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
             raise ConfigError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
                               f"resume with the same optimizer")
+        saved = state.get("config", {})
+        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(self.cfg, k)})" for k in RESUME_MUST_MATCH
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed and not self.cfg.resume_override:
+            raise ConfigError(f"checkpoint {path} was written with {', '.join(changed)}; resume with the same "
+                              "flags, or add --resume-override to continue under the new ones")
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
+        now = time.monotonic()
+        for w, info in state.get("workers", {}).items():
+            # the dedup record survives the restart: a request applied before the crash is not applied again
+            self.workers[int(w)] = WorkerState(
+                b"", now, session=bytes.fromhex(info["session"]), key=info.get("key", ""),
+                last_seq=int(info["last_seq"]), last_reply=[bytes.fromhex(f) for f in info["last_reply"]] or None,
+                alive=False, left=info["state"] == "left")
+        back = sorted(int(w) for w, info in state.get("workers", {}).items() if info["state"] == "live")
+        self.policy.await_workers(back)
+        self._resumed_at = now
         log.info("resumed from %s at version %d (step %d), theta crc32 %s", path, self.store.version,
                  self.policy.step, self.store.checksum())
+        if back:
+            log.info("holding pulls until workers %s re-register (or each has been silent for --worker-timeout "
+                     "%gs)", ", ".join(map(str, back)), self.cfg.worker_timeout)
 
     def metrics(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}

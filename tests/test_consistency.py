@@ -146,3 +146,48 @@ def test_uneven_workers_do_not_hang_the_barrier(start_server):
     assert srv.server.policy.step == 20
     counters = srv.server.policy.counters
     assert counters["received"] == counters["applied"] == 45
+
+
+# -- determinism: sync sums in worker-id order -----------------------------------------------------
+
+def test_sync_sum_is_bit_identical_whatever_the_arrival_order():
+    """float32 addition is not associative: 1e8 + 1 - 1e8 + 1 depends on the order. The step's sum is
+    taken in worker-id order, so every arrival order of 4 workers gives the same theta bit for bit."""
+    import itertools
+    values = [1e8, 1.0, -1e8, 1.0, 3.0]
+    thetas = set()
+    for order in itertools.permutations(range(4)):
+        store, policy, _ = _policy("sync", n=4, aggregate="sum")
+        for w in range(4):
+            policy.join(w)
+        for w in order:
+            policy.push(w, 0, g(values[w]), base_version=0)
+        assert policy.step == 1
+        thetas.add(store.theta["w"].tobytes())
+    expected = np.float32(0)
+    for v in values[:4]:
+        expected = np.float32(expected + np.float32(v))
+    assert thetas == {np.array([-expected], np.float32).tobytes()}
+
+
+def test_sync_order_holds_when_a_lower_worker_dies_mid_step():
+    store, policy, _ = _policy("sync", n=4, aggregate="sum")
+    for w in range(4):
+        policy.join(w)
+    for w, v in ((3, 1.0), (2, -1e8), (1, 1e8)):   # arrival order would give (1 - 1e8) + 1e8 = 0
+        policy.push(w, 0, g(v), base_version=0)
+    policy.leave(0)                               # the step completes with 1, 2, 3, summed in that order
+    assert policy.step == 1
+    assert store.theta["w"][0] == -1.0
+
+
+def test_a_worker_that_rejoins_a_step_it_pushed_for_waits_for_the_next_step():
+    store, policy, _ = _policy("sync", n=2, aggregate="sum")
+    policy.join(0)
+    policy.join(1)
+    policy.push(0, 0, g(1.0), base_version=0)
+    assert policy.join(0) == 1                    # its gradient is in step 0: it continues at step 1
+    assert not policy.pull_ready(0)               # so it waits, instead of spinning on `dropped:twice`
+    policy.push(1, 0, g(2.0), base_version=0)
+    assert policy.step == 1 and policy.pull_ready(0)
+    assert policy.counters["dropped:twice"] == 0 and store.theta["w"][0] == -3.0

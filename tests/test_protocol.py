@@ -58,6 +58,8 @@ def _header(**kw):
     ([_header(ts=[["x", "float32", [-1]]]), b""], "bad shape"),
     ([_header(ts=[["x", "float32"]]), b""], "bad tensor spec"),
     ([_header(seq="one")], "must be an integer"),
+    ([_header(ts=[["x", "float32", [0, 2**62, 2**62]]]), b""], "absurdly large"),   # 0 bytes, numpy chokes
+    ([_header(ts=[["x", "float32", [0, 2**39, 2**39]]]), b""], "absurdly large"),
 ])
 def test_decode_rejects(frames, needle):
     with pytest.raises(ProtocolError, match=None) as info:

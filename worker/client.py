@@ -5,7 +5,10 @@ is sent again with exponential backoff (the server answers each sequence number 
 resend never applies a gradient twice). The client gives up only when the server has been
 silent, heartbeats included, for `server_timeout`. When the server says it does not know this
 worker (it restarted, or declared this worker dead) the client registers again on its own and
-retries the request, so training continues where it was.
+retries the request under its original sequence number, so the server recognises a request it
+has already applied (its answer is kept across the re-registration) and training continues where
+it was. Both sockets of a client carry one random session id in their routing ids: the server
+binds the worker id to it, and refuses that worker id from any other connection.
 
 Usage::
 
@@ -25,7 +28,8 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import Message, MsgType, decode, encode
+from common.protocol import (ROLE_HEARTBEAT, ROLE_REQUESTS, Message, MsgType, decode, encode, new_session,
+                             routing_id)
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
@@ -51,7 +55,8 @@ class PSClient:
         self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
-        self.sock = self._connect()
+        self.session = new_session()
+        self.sock = self._connect(ROLE_REQUESTS)
         self.seq = 0
         self.last_heard = time.monotonic()
         self.registered = False
@@ -64,9 +69,10 @@ class PSClient:
         if heartbeat > 0:
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, args=(heartbeat,), daemon=True)
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self, role: bytes) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id(self.session, role))
         if self.curve:
             client_curve(sock, *self.curve)
         sock.connect(self.server)
@@ -92,8 +98,20 @@ class PSClient:
     def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None) -> Message:
         """Say hello (with this worker's initial parameters); returns the WELCOME reply."""
         self._register_args = (init, job)
-        reply = self._request(Message(MsgType.REGISTER, tensors=dict(init or {}), meta={"job": job or {}}),
-                              reregister=False)
+        msg = Message(MsgType.REGISTER, tensors=dict(init or {}), meta={"job": job or {}})
+        waited_since = time.monotonic()
+        while True:
+            try:
+                reply = self._request(msg, reregister=False)
+                break
+            except ServerError as exc:
+                # the id is still bound to a live connection (this worker restarted before the server noticed
+                # the old one died): the server frees it after --worker-timeout of silence
+                if exc.code != "worker_live" or time.monotonic() - waited_since > self.server_timeout:
+                    raise
+                log.warning("%s; retrying", exc)
+                time.sleep(min(2.0, self.request_timeout))
+                msg.seq = 0
         self.worker = reply.worker
         self.registered = True
         if self._hb_thread is not None and not self._hb_thread.is_alive():
@@ -133,8 +151,10 @@ class PSClient:
                 pass  # queue full while the server is away: the resend will try again
 
     def _request(self, msg: Message, reregister: bool = True) -> Message:
-        self.seq += 1
-        msg.seq, msg.worker = self.seq, self.worker
+        if not msg.seq:   # a retry keeps the sequence number it was first sent with
+            self.seq += 1
+            msg.seq = self.seq
+        msg.worker = self.worker
         frames = encode(msg)
         self.stats["requests"] += 1
         self._send(frames)
@@ -155,6 +175,8 @@ class PSClient:
                         self.stats["reregistrations"] += 1
                         log.warning("server does not know worker %d (restarted?): registering again", self.worker)
                         self.register(*self._register_args)
+                        # the same seq: if the server had applied this request before forgetting the worker,
+                        # it answers from its record instead of applying it again
                         return self._request(msg, reregister=False)
                     raise ServerError(code, reply.meta.get("error", ""))
                 return reply
@@ -169,7 +191,7 @@ class PSClient:
                 timeout = min(timeout * 2, 8 * self.request_timeout)
 
     def _heartbeat_loop(self, interval: float) -> None:
-        sock = self._connect()
+        sock = self._connect(ROLE_HEARTBEAT)
         try:
             while not self._hb_stop.wait(interval):
                 if not self.registered:

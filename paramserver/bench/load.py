@@ -44,8 +44,8 @@ def run_load(cfg: LoadConfig) -> dict:
     from paramserver.cluster import shutdown, start_server
     from worker.client import PSClient
     out = cfg.out or tempfile.mkdtemp(prefix="ps-load-")
-    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, mode="async", optimizer="sgd", lr=1.0,
-                        aggregate="sum", log_level="warning", worker_timeout=60)
+    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, max_workers=max(1, cfg.workers), mode="async",
+                        optimizer="sgd", lr=1.0, aggregate="sum", log_level="warning", worker_timeout=60)
     server, address = start_server(scfg, out)
     applied = [0] * cfg.workers
     pushes = [0] * cfg.workers

@@ -1,0 +1,372 @@
+"""paramserver/server.py: who may act as a worker, exactly-once across eviction and restarts, the
+resume barrier, --step-timeout, and bounded memory. Each test runs against a live server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from common.checkpoint import load_checkpoint
+from common.config import ConfigError, ServerConfig
+from common.protocol import Message, MsgType, decode, encode
+from paramserver.server import Server
+from tests.conftest import ROOT, RunningServer
+from worker.client import PSClient, ServerError
+
+THETA = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
+GRAD = {"w": np.full((2, 3), 0.5, np.float32), "b": np.full(2, 0.25, np.float32)}
+
+
+def _wait_for(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _raw_socket(address: str, routing_id: bytes = b"") -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if routing_id:
+        s.setsockopt(zmq.ROUTING_ID, routing_id)
+    s.connect(address)
+    return s
+
+
+def _ask(sock: zmq.Socket, msg: Message) -> Message:
+    sock.send_multipart(encode(msg))
+    assert sock.poll(5000), "no answer"
+    return decode(sock.recv_multipart())
+
+
+def _theta(srv) -> dict:
+    return {n: t.copy() for n, t in srv.server.store.theta.items()}
+
+
+# -- exactly once, also across eviction and re-registration --------------------------------------
+
+class LosesFirstPushAck(PSClient):
+    """A client whose network loses the reply to its first PUSH (the request itself arrives)."""
+
+    lost = False
+
+    def _request(self, msg, reregister=True):
+        if msg.type == MsgType.PUSH and not self.lost:
+            self.lost = True
+            self._drop_next_reply = True
+        return super()._request(msg, reregister)
+
+    def _send(self, frames):
+        super()._send(frames)
+        if getattr(self, "_drop_next_reply", False):
+            # the server applies the push and answers; the answer is lost before we read it
+            assert self.sock.poll(5000)
+            self.sock.recv_multipart()
+            self._drop_next_reply = False
+
+
+def test_lost_ack_and_eviction_before_the_resend_apply_the_push_once(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, aggregate="sum", worker_timeout=0.4)
+    # request_timeout > worker_timeout and no heartbeats: the server declares the worker dead before the resend
+    with LosesFirstPushAck(srv.address, worker=0, request_timeout=1.5, server_timeout=20) as ps:
+        ps.register(init=THETA)
+        ack = ps.push(GRAD, version=0, clock=0)
+        assert ack.meta["status"] == "applied"
+        assert srv.server.policy.counters["dead"] == 1          # it really was evicted before the resend
+        assert srv.server.store.version == 1                   # one logical push, one update
+        for name in THETA:
+            np.testing.assert_array_equal(srv.server.store.theta[name], THETA[name] - np.float32(0.1) * GRAD[name])
+        # the worker goes on: its next request finds it unknown, it registers again and is served
+        assert ps.pull().version == 1
+        assert ps.stats["reregistrations"] == 1
+    assert srv.server.policy.counters["duplicates"] == 1
+
+
+def test_a_retry_after_reregistration_keeps_its_sequence_number(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, worker_timeout=0.3)
+    seen = []
+    handler = srv.server.handlers[MsgType.PUSH]
+    srv.server.handlers[MsgType.PUSH] = lambda identity, msg: (seen.append(msg.seq), handler(identity, msg))[1]
+    with PSClient(srv.address, worker=0, request_timeout=0.5, server_timeout=20) as ps:
+        ps.register(init=THETA)
+        _wait_for(lambda: not srv.server.workers[0].alive, what="the worker to be declared dead")
+        ps.push(GRAD, version=0, clock=0)          # refused (unknown worker), registered again, retried
+    assert len(seen) == 2 and seen[0] == seen[1]    # the retry is the same request, not a new one
+    assert srv.server.store.version == 1
+
+
+def test_dedup_record_survives_a_server_restart(tmp_path):
+    """A push applied and checkpointed whose ACK was lost is answered from the record after a resume."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    first = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1, checkpoint=ckpt)
+    sock = _raw_socket(first.address, b"s" * 15 + b"R")
+    assert _ask(sock, Message(MsgType.REGISTER, worker=0, seq=1, tensors=THETA)).type == MsgType.WELCOME
+    push = Message(MsgType.PUSH, worker=0, seq=2, tensors=GRAD)
+    assert _ask(sock, push).meta["status"] == "applied"        # pretend this ACK was lost
+    first.stop()                                               # writes the checkpoint
+    sock.close()
+    assert load_checkpoint(ckpt)["workers"]["0"]["last_seq"] == 2
+    second = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1, resume=ckpt, worker_timeout=5)
+    try:
+        sock = _raw_socket(second.address, b"s" * 15 + b"R")
+        reply = _ask(sock, push)                               # the resend, same session, same seq
+        assert reply.type == MsgType.ACK and reply.meta["status"] == "applied"
+        assert second.server.store.version == 1                # not applied a second time
+        sock.close()
+    finally:
+        second.stop()
+
+
+# -- resume keeps the barrier ---------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pull_in_thread(ps: PSClient) -> tuple[threading.Thread, dict]:
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("reply", ps.pull()), daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("second_returns", [True, False])
+def test_resume_holds_pulls_until_the_checkpoints_workers_are_back(tmp_path, second_returns):
+    ckpt = str(tmp_path / "ckpt.pt")
+    cfg = dict(num_workers=2, mode="sync", optimizer="sgd", lr=0.1, aggregate="sum")
+    first = RunningServer(checkpoint=ckpt, **cfg)
+    clients = [PSClient(first.address, worker=r, server_timeout=20) for r in range(2)]
+    for ps in clients:
+        ps.register(init=THETA)
+    for _ in range(2):                                   # two full steps with both workers
+        for ps in clients:
+            p = ps.pull()
+        for ps in clients:
+            ps.push(GRAD, version=p.version, clock=p.clock)
+    first.server.write_checkpoint()                      # the periodic checkpoint, then the server is killed
+    first.server.cfg.checkpoint = ""
+    first.stop()
+    for ps in clients:
+        ps.close()
+    assert load_checkpoint(ckpt)["step"] == 2
+
+    second = RunningServer(resume=ckpt, worker_timeout=1.5, **cfg)
+    try:
+        back = PSClient(second.address, worker=0, request_timeout=0.3, server_timeout=20, heartbeat=0.2)
+        back.register(init=THETA)
+        t, out = _pull_in_thread(back)
+        time.sleep(0.8)                                  # well inside --worker-timeout: nothing may move
+        assert "reply" not in out and second.server.store.version == 2
+        assert second.server.status()["workers"]["1"]["state"] == "awaited"
+        if second_returns:
+            other = PSClient(second.address, worker=1, request_timeout=0.3, server_timeout=20, heartbeat=0.2)
+            other.register(init=THETA)
+            t.join(timeout=10)
+            p1 = other.pull()
+            p0 = out["reply"]
+            assert p0.clock == p1.clock == 2
+            back.push(GRAD, version=p0.version, clock=p0.clock)
+            assert second.server.store.version == 2      # one gradient is not a step: the barrier holds
+            other.push(GRAD, version=p1.version, clock=p1.clock)
+            assert second.server.store.version == 3
+            other.close()
+        else:
+            t.join(timeout=15)                           # the silent worker is given up after --worker-timeout
+            assert out["reply"].clock == 2
+            back.push(GRAD, version=out["reply"].version, clock=2)
+            assert second.server.store.version == 3
+        back.close()
+    finally:
+        second.stop()
+
+
+def test_resume_with_other_flags_is_refused_unless_overridden(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=2, mode="sync", lr=0.01, checkpoint=ckpt))
+    srv.store.init(THETA)
+    srv.write_checkpoint()
+    with pytest.raises(ConfigError) as info:
+        Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=3, mode="async", lr=0.01, resume=ckpt))
+    assert "--mode sync (now async)" in str(info.value) and "--num-workers 2 (now 3)" in str(info.value)
+    assert "--resume-override" in str(info.value)
+    resumed = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=3, mode="async", lr=0.01, resume=ckpt,
+                                  resume_override=True))
+    assert resumed.store.initialized
+
+
+def test_resume_with_a_changed_flag_fails_with_one_line_from_the_cli(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, lr=0.01, checkpoint=ckpt))
+    srv.store.init(THETA)
+    srv.write_checkpoint()
+    r = subprocess.run([sys.executable, "-m", "paramserver", "server", "--resume", ckpt, "--lr", "0.02",
+                        "--bind", "tcp://127.0.0.1:*"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "--lr 0.01 (now 0.02)" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- one connection, one worker -------------------------------------------------------------------
+
+def _train(address: str, rank: int, n: int, steps: int, results: dict):
+    from common.config import WorkerConfig
+    from tests.conftest import run_worker_thread
+    cfg = WorkerConfig(server=address, rank=rank, num_workers=n, job="linear", batch_size=8, steps=steps,
+                       eval_every=0, log_every=0, threads=1, heartbeat=0.2, request_timeout=0.3, log_level="error")
+    return run_worker_thread(cfg, results)
+
+
+def test_another_connection_cannot_act_as_a_live_worker(start_server):
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05, worker_timeout=30)
+    results = {}
+    threads = [_train(srv.address, r, 2, 150, results) for r in range(2)]
+    _wait_for(lambda: srv.server.store.version >= 5, what="training to start")
+    intruder = _raw_socket(srv.address)
+    # a PULL as worker 0 with a huge seq used to poison worker 0's dedup record (it then died: stale_request)
+    reply = _ask(intruder, Message(MsgType.PULL, worker=0, seq=2**62))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "identity"
+    # a fake REGISTER for live worker 1 used to reset it and stall the sync job for --worker-timeout
+    reply = _ask(intruder, Message(MsgType.REGISTER, worker=1, seq=1))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "worker_live"
+    # nor a push, a heartbeat or a goodbye in its name
+    for mtype in (MsgType.PUSH, MsgType.HEARTBEAT, MsgType.LEAVE):
+        reply = _ask(intruder, Message(mtype, worker=0, seq=10**6, tensors=GRAD if mtype == MsgType.PUSH else {}))
+        assert reply.meta["code"] == "identity", mtype
+    intruder.close()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(r, dict) and len(r["steps"]) == 150 for r in results.values()), results
+    assert srv.server.policy.step == 150                   # every step had both real workers
+    assert srv.server.policy.counters["refused:identity"] == 4
+    assert srv.server.policy.counters["refused:worker_live"] == 1
+
+
+def test_a_far_sequence_jump_is_refused_not_adopted(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)
+        ps.pull()
+        ps.seq += 2**40
+        with pytest.raises(ServerError) as info:
+            ps.pull()
+        assert info.value.code == "bad_seq"
+        ps.seq -= 2**40                                   # the worker's own numbering still works
+        assert ps.pull().version == 0
+    assert srv.server.workers[0].last_seq < 100
+
+
+def test_registrations_are_capped_and_auto_ids_reuse_free_ranks(start_server):
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_workers=4)
+    socks, ids = [], []
+    for i in range(6):
+        s = _raw_socket(srv.address)
+        socks.append(s)
+        reply = _ask(s, Message(MsgType.REGISTER, worker=-1, seq=1, tensors=THETA if i == 0 else {}))
+        ids.append(reply.worker if reply.type == MsgType.WELCOME else reply.meta["code"])
+    assert ids == [0, 1, 2, 3, "too_many_workers", "too_many_workers"]
+    assert len(srv.server.workers) == 4
+    # a worker that leaves frees its rank for the next automatic registration
+    assert _ask(socks[1], Message(MsgType.LEAVE, worker=1, seq=2)).type == MsgType.ACK
+    assert _ask(socks[4], Message(MsgType.REGISTER, worker=-1, seq=1)).worker == 1
+    for s in socks:
+        s.close()
+
+
+def test_auth_binds_workers_to_keys_and_shutdown_to_admin_keys(start_server, tmp_path):
+    from common.security import make_keys
+    keys = make_keys(str(tmp_path / "keys"), ("server", "alice", "bob", "ops"))
+    os.makedirs(tmp_path / "keys" / "admins")
+    import shutil
+    shutil.copy(keys["ops"][0], tmp_path / "keys" / "admins")
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, curve_secret=keys["server"][1],
+                       auth=str(tmp_path / "keys" / "clients"))
+
+    def client(name, worker=-1):
+        return PSClient(srv.address, worker=worker, request_timeout=0.3, server_timeout=10,
+                        curve_server=keys["server"][0], curve_secret=keys[name][1])
+
+    with client("alice", 0) as alice, client("bob", 0) as bob, client("ops") as ops:
+        alice.register(init=THETA)
+        with pytest.raises(ServerError) as info:       # bob holds an admitted key, but not alice's
+            bob.register()
+        assert info.value.code == "identity"
+        alice.push(GRAD, version=0, clock=0)
+        with pytest.raises(ServerError) as info:
+            bob.shutdown()
+        assert info.value.code == "not_admin"
+        assert srv.thread.is_alive()
+        alice.leave()
+        with pytest.raises(ServerError):                # a left worker is taken over only with its own key
+            bob.register()
+        ops.shutdown()
+    _wait_for(lambda: not srv.thread.is_alive(), what="the admin's shutdown")
+
+
+# -- --step-timeout ---------------------------------------------------------------------------------
+
+def test_a_hung_worker_with_live_heartbeats_is_dropped_by_step_timeout(start_server):
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.1, worker_timeout=60, step_timeout=1.0)
+    results = {}
+    t = _train(srv.address, 0, 2, 20, results)
+    _wait_for(lambda: srv.server.store.initialized, what="worker 0 to register")
+    with PSClient(srv.address, worker=1, heartbeat=0.1, server_timeout=30) as hung:
+        hung.register()
+        hung.pull()                                    # it gets theta, then hangs: heartbeats only
+        t.join(timeout=60)
+        assert isinstance(results[0], dict) and len(results[0]["steps"]) == 20, results
+        assert srv.server.policy.counters["step_timeouts"] == 1
+        assert srv.server.status()["workers"]["1"]["state"] == "dead"
+
+
+# -- memory stays bounded ---------------------------------------------------------------------------
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_path):
+    """200 pulls of a 2 MiB theta that changes between pulls, never read: the server used to queue one
+    snapshot per pull (400 MB); now at most one PARAMS per worker is in ZeroMQ's queue. Bound: 64 MB."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "paramserver", "server", "--bind", address, "--num-workers",
+                               "1", "--mode", "async", "--optimizer", "sgd", "--no-track-divergence",
+                               "--log-level", "warning"], env=dict(os.environ, PYTHONPATH=ROOT),
+                              stderr=open(tmp_path / "server.log", "w"))
+    theta = {"w": np.zeros(2**19, np.float32)}            # 2 MiB
+    try:
+        with PSClient(address, worker=0, server_timeout=30) as writer:
+            writer.register(init=theta)
+            ps_reader = zmq.Context.instance().socket(zmq.DEALER)
+            ps_reader.setsockopt(zmq.LINGER, 0)
+            ps_reader.setsockopt(zmq.RCVHWM, 1)
+            ps_reader.setsockopt(zmq.RCVBUF, 4096)
+            ps_reader.connect(address)
+            assert _ask(ps_reader, Message(MsgType.REGISTER, worker=1, seq=1)).type == MsgType.WELCOME
+            base = _rss_mb(server.pid)
+            grad = {"w": np.full(2**19, 1e-3, np.float32)}
+            for i in range(200):
+                ps_reader.send_multipart(encode(Message(MsgType.PULL, worker=1, seq=2 + i)))
+                writer.push(grad, version=i, clock=i)        # theta changes: every pull would be a new snapshot
+            writer.pull()
+            grown = _rss_mb(server.pid) - base
+            ps_reader.close()
+        print(f"\nserver RSS grew {grown:.1f} MB over 200 unread pulls of a 2 MiB theta")
+        assert grown < 64, grown
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
