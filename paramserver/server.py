@@ -171,6 +171,24 @@ class Server:
             limit = int(STARTUP_MAX_MESSAGE_MB * 2**20)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
 
+    def _tighten_max_message(self) -> None:
+        """theta is now known: lower the automatic frame limit. ZeroMQ's listener copies its options when it
+        binds, so the endpoint is bound again (connections already made keep theirs; a client connecting in
+        that instant is refused and reconnects by itself)."""
+        if self.cfg.max_message_mb > 0 or self.sock is None:
+            return
+        self._set_max_message()
+        self.sock.unbind(self.address)
+        deadline = time.monotonic() + 5.0
+        while True:   # the unbind completes in ZeroMQ's I/O thread: bind again as soon as the port is free
+            try:
+                self.sock.bind(self.address)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+
     def stop(self) -> None:
         """Ask the loop to finish (safe from another thread or a signal handler)."""
         self._stop = True
@@ -353,7 +371,7 @@ class Server:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
                 self.job = dict(msg.meta.get("job", {}))
-                self._set_max_message()
+                self._tighten_max_message()
                 log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
                          sum(t.size for t in msg.tensors.values()))
             elif {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != self.store.layout():

@@ -370,3 +370,15 @@ def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_pa
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_message_limit_follows_the_layout_once_theta_is_known(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)     # --max-message-mb 0: auto
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)                                                  # 24-byte largest tensor
+    with _raw_socket(srv.address) as s:                  # a connection made after theta is known
+        big = {"w": np.zeros(2**19, np.float32)}         # 2 MiB frame: over the layout + 1 MiB header limit
+        s.send_multipart(encode(Message(MsgType.PUSH, worker=5, seq=1, tensors=big)))
+        assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
+    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
+    assert srv.server.store.version == 0
