@@ -161,8 +161,9 @@ class Server:
         return self.address
 
     def _set_max_message(self) -> None:
-        """ZMQ_MAXMSGSIZE: the flag's value, or (automatic) what theta's largest tensor needs once it is known.
-        ZeroMQ applies it to connections made after it is set; every message is checked against theta anyway."""
+        """ZMQ_MAXMSGSIZE (per frame): the flag's value, or (automatic) what theta's largest tensor needs when
+        theta is known at bind time (a resumed server), else the start-up limit. ZeroMQ's listener copies its
+        options when it binds, so the limit is set once; every message is checked against theta anyway."""
         if self.cfg.max_message_mb > 0:
             limit = int(self.cfg.max_message_mb * 2**20)
         elif self.store.initialized:
@@ -170,24 +171,6 @@ class Server:
         else:
             limit = int(STARTUP_MAX_MESSAGE_MB * 2**20)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
-
-    def _tighten_max_message(self) -> None:
-        """theta is now known: lower the automatic frame limit. ZeroMQ's listener copies its options when it
-        binds, so the endpoint is bound again (connections already made keep theirs; a client connecting in
-        that instant is refused and reconnects by itself)."""
-        if self.cfg.max_message_mb > 0 or self.sock is None:
-            return
-        self._set_max_message()
-        self.sock.unbind(self.address)
-        deadline = time.monotonic() + 5.0
-        while True:   # the unbind completes in ZeroMQ's I/O thread: bind again as soon as the port is free
-            try:
-                self.sock.bind(self.address)
-                return
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from another thread or a signal handler)."""
@@ -215,7 +198,14 @@ class Server:
         if self.cfg.checkpoint_every > 0:
             next_ckpt += self.cfg.checkpoint_every
         while not self._stop:
-            ready = dict(poller.poll(100))
+            # a pull held only because the worker's previous PARAMS is not yet released by ZeroMQ (pyzmq reports
+            # that from its own thread, a moment after the send) is retried within a millisecond or two
+            deferred = self._deferred_since()
+            if deferred is not None:
+                ready = dict(poller.poll(1 if time.monotonic() - deferred < 0.2 else 50))
+                self._serve_pending()
+            else:
+                ready = dict(poller.poll(100))
             if self._monitor in ready:
                 self._connection_events()
             if self.sock in ready:
@@ -255,8 +245,12 @@ class Server:
     def _send(self, identity: bytes, msg: Message | list, track: bool = False) -> zmq.MessageTracker | None:
         frames = msg if isinstance(msg, list) else encode(msg)
         try:
-            if track:   # the tracker says when ZeroMQ no longer needs the frames (the reply has been sent)
-                return self.sock.send_multipart([identity] + frames, copy=False, track=True)
+            if track:   # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent).
+                # One tracker per frame: pyzmq's send_multipart(track=True) tracks only the last frame, and a
+                # small last frame is copied and reported done at once.
+                parts = [zmq.Frame(f, track=True) for f in frames]
+                self.sock.send_multipart([identity] + parts, copy=False)
+                return zmq.MessageTracker(*parts)
             self.sock.send_multipart([identity] + frames, copy=False)
         except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
             log.warning("reply to %r not sent: %s", identity, exc)
@@ -371,7 +365,6 @@ class Server:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
                 self.job = dict(msg.meta.get("job", {}))
-                self._tighten_max_message()
                 log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
                          sum(t.size for t in msg.tensors.values()))
             elif {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != self.store.layout():
@@ -477,6 +470,12 @@ class Server:
             self.held[msg.worker] = (version, theta)
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
                        tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
+
+    def _deferred_since(self) -> float | None:
+        """When the oldest pull that is ready but held for an in-flight PARAMS arrived (None: there is none)."""
+        times = [since for w, (_, _, since) in self.pending.items()
+                 if self.workers[w].params_in_flight() and self.policy.pull_ready(w)]
+        return min(times) if times else None
 
     def _send_params(self, worker: int, identity: bytes, reply: Message) -> None:
         """Send a PARAMS reply and remember it until ZeroMQ has sent it (see _on_pull)."""

@@ -347,7 +347,7 @@ def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_pa
                                "1", "--mode", "async", "--optimizer", "sgd", "--no-track-divergence",
                                "--log-level", "warning"], env=dict(os.environ, PYTHONPATH=ROOT),
                               stderr=open(tmp_path / "server.log", "w"))
-    theta = {"w": np.zeros(2**19, np.float32)}            # 2 MiB
+    theta = {"w": np.zeros(2**19, np.float32), "b": np.zeros(4, np.float32)}   # 2 MiB; a small last frame
     try:
         with PSClient(address, worker=0, server_timeout=30) as writer:
             writer.register(init=theta)
@@ -358,7 +358,7 @@ def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_pa
             ps_reader.connect(address)
             assert _ask(ps_reader, Message(MsgType.REGISTER, worker=1, seq=1)).type == MsgType.WELCOME
             base = _rss_mb(server.pid)
-            grad = {"w": np.full(2**19, 1e-3, np.float32)}
+            grad = {"w": np.full(2**19, 1e-3, np.float32), "b": np.ones(4, np.float32)}
             for i in range(200):
                 ps_reader.send_multipart(encode(Message(MsgType.PULL, worker=1, seq=2 + i)))
                 writer.push(grad, version=i, clock=i)        # theta changes: every pull would be a new snapshot
@@ -372,12 +372,14 @@ def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_pa
         server.wait(timeout=30)
 
 
-def test_the_message_limit_follows_the_layout_once_theta_is_known(start_server):
-    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)     # --max-message-mb 0: auto
-    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
-        ps.register(init=THETA)                                                  # 24-byte largest tensor
-    with _raw_socket(srv.address) as s:                  # a connection made after theta is known
-        big = {"w": np.zeros(2**19, np.float32)}         # 2 MiB frame: over the layout + 1 MiB header limit
+def test_a_resumed_server_limits_frames_to_what_its_layout_needs(start_server, tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, mode="async", optimizer="sgd", checkpoint=ckpt))
+    srv.store.init(THETA)
+    srv.write_checkpoint()
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", resume=ckpt)   # --max-message-mb 0: auto
+    with _raw_socket(srv.address) as s:
+        big = {"w": np.zeros(2**19, np.float32)}         # a 2 MiB frame: over 24 bytes + the 1 MiB header limit
         s.send_multipart(encode(Message(MsgType.PUSH, worker=5, seq=1, tensors=big)))
         assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
     _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
