@@ -95,8 +95,8 @@ def test_cluster_stops_cleanly_on_ctrl_c(tmp_path):
                          env=ENV, cwd=ROOT)
     try:
         for line in p.stdout:
-            if "live 2/2" in line:
-                break
+            if "live 2/2" in line and int(line.split("version")[1].split("|")[0]) > 0:
+                break                                    # both workers train and an update has been applied
         p.send_signal(signal.SIGINT)
         rest = p.communicate(timeout=120)[0]
     finally:
