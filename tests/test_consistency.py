@@ -1,10 +1,13 @@
 """paramserver/consistency.py: the barrier, the staleness bound and async, as a unit and end to end."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from common.config import WorkerConfig
+from common.protocol import Message, MsgType, ProtocolError, decode
 from paramserver.consistency import Consistency
 from paramserver.store import ParamStore
 from tests.conftest import run_worker_thread
@@ -82,6 +85,60 @@ def test_async_applies_every_push_and_measures_staleness():
     policy.push(0, 0, g(1.0), base_version=0)
     policy.push(1, 0, g(1.0), base_version=0)     # computed on version 0, applied at version 1
     assert store.version == 2 and [c[0].staleness for _, c in log] == [0, 1]
+
+
+@pytest.mark.parametrize("mode", ["ssp", "async"])
+def test_mean_scales_the_learning_rate_by_the_live_workers(mode):
+    """--aggregate mean in ssp/async: each push moves theta lr/N (N live workers) times its gradient,
+    so N pushes move it as far as one sync step; closed form with SGD, lr 1."""
+    store, policy, _ = _policy(mode, n=4, staleness=100, aggregate="mean")
+    for w in range(4):
+        policy.join(w)
+    policy.push(0, 0, g(2.0), base_version=0)        # 4 live: -2/4
+    assert store.theta["w"][0] == -0.5
+    policy.leave(3)
+    policy.push(1, 0, g(3.0), base_version=1)        # 3 live: -3/3
+    assert store.theta["w"][0] == pytest.approx(-1.5, rel=1e-6)
+    policy.leave(2)
+    policy.leave(1)
+    policy.push(0, 1, g(1.0), base_version=2)        # 1 live: -1
+    assert store.theta["w"][0] == pytest.approx(-2.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ssp", "async"])
+def test_sum_does_not_scale_the_learning_rate(mode):
+    store, policy, _ = _policy(mode, n=4, staleness=100, aggregate="sum")
+    for w in range(4):
+        policy.join(w)
+    policy.push(0, 0, g(2.0), base_version=0)
+    assert store.theta["w"][0] == -2.0
+
+
+def test_mean_scales_the_learning_rate_not_the_gradient():
+    """Adam ignores the gradient's scale: only a smaller learning rate makes its step 1/N as long.
+    Adam's first step is lr * g / (|g| + eps), so with N = 4 live workers theta moves lr/4."""
+    store = ParamStore("adam", lr=0.1)
+    store.init({"w": np.zeros(1, np.float32)})
+    policy = Consistency(store, mode="async", num_workers=4, aggregate="mean")
+    for w in range(4):
+        policy.join(w)
+    policy.push(0, 0, g(5.0), base_version=0)
+    assert store.theta["w"][0] == pytest.approx(-0.1 / 4, rel=1e-5)
+
+
+def test_mean_lr_scaling_end_to_end(start_server):
+    """The same through a live server: 2 registered async workers, SGD lr 0.5, one push of ones."""
+    from worker.client import PSClient
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.5, aggregate="mean")
+    init = {"w": np.zeros(3, np.float32)}
+    with PSClient(srv.address, worker=0, server_timeout=10) as a, PSClient(srv.address, worker=1,
+                                                                          server_timeout=10) as b:
+        a.register(init=init)
+        b.register(init=init)
+        ack = a.push({"w": np.ones(3, np.float32)}, version=0, clock=0)
+        assert ack.meta["status"] == "applied"
+        theta = b.pull().tensors["w"]
+    np.testing.assert_array_equal(theta, np.full(3, -0.25, np.float32))     # -lr/2 * 1
 
 
 # -- end to end, worker threads against a live server -------------------------------------------
