@@ -209,10 +209,11 @@ def test_min_workers_holds_sync_and_says_so(start_server, caplog):
     _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
     procs[1].send_signal(signal.SIGKILL)
     _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker")
-    time.sleep(0.5)
+    # the survivor's next pull is held (no sleep-and-hope: once it is held, nothing can move)
+    _wait_for(lambda: len(srv.server.pending) == 1, timeout=30, what="the survivor's pull to be held")
     held_at = srv.server.store.version
-    time.sleep(1.0)
-    assert srv.server.store.version == held_at            # below --min-workers nothing moves
+    time.sleep(0.5)                                        # a chance for a wrong server to move on
+    assert srv.server.store.version == held_at and len(srv.server.pending) == 1   # below --min-workers
     assert any("below --min-workers 2" in r.getMessage() for r in caplog.records)
     # a replacement worker with the same rank restores the quorum and training goes on
     replacement = worker_process(_workers(srv.address, 2, 50)[1])
