@@ -66,3 +66,10 @@ def run_worker_thread(cfg: WorkerConfig, results: dict) -> threading.Thread:
     t = threading.Thread(target=target, daemon=True)
     t.start()
     return t
+
+
+def counts_add_up(status: dict) -> None:
+    """Every gradient the server received was applied, dropped (with a reason) or is pending."""
+    c = status["counters"]
+    dropped = sum(v for k, v in c.items() if k.startswith("dropped:"))
+    assert c.get("received", 0) == c.get("applied", 0) + dropped + status["pending_gradients"], c

@@ -1,4 +1,6 @@
-"""Faults: dead workers, a killed server, lost and duplicated messages, fuzzed frames, auth, load."""
+"""Faults: dead workers, a killed server, lost and duplicated messages, auth, load.
+
+Nothing here needs an optional package: the protocol fuzzer (hypothesis) is in test_fuzz.py."""
 from __future__ import annotations
 
 import os
@@ -17,16 +19,10 @@ from common.config import WorkerConfig
 from common.protocol import Message, MsgType, decode, encode
 from common.checkpoint import load_checkpoint
 from paramserver.store import theta_crc32
-from tests.conftest import ROOT, worker_process
+from tests.conftest import ROOT, counts_add_up, worker_process
 from worker.client import PSClient, ServerUnavailable
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
-
-
-def counts_add_up(status: dict) -> None:
-    c = status["counters"]
-    dropped = sum(v for k, v in c.items() if k.startswith("dropped:"))
-    assert c.get("received", 0) == c.get("applied", 0) + dropped + status["pending_gradients"], c
 
 
 def _wait_for(pred, timeout=60.0, what="condition"):
@@ -62,7 +58,6 @@ def test_kill_one_of_three_workers(start_server, mode):
     assert st["workers"]["2"]["state"] == "dead"
     assert st["workers"]["0"]["state"] == st["workers"]["1"]["state"] == "left"
     counts_add_up(st)
-    assert detected < 5.0
     if mode == "sync":
         assert srv.server.policy.step == 400       # every survivor's 400 pushes became steps
     print(f"\n{mode}: dead worker detected after {detected:.2f}s")
@@ -176,128 +171,6 @@ def test_curve_auth_admits_only_listed_keys(start_server, tmp_path):
     counts_add_up(srv.server.status())
 
 
-# -- protocol fuzzing ----------------------------------------------------------------------------
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-import msgpack  # noqa: E402
-
-_values = st.one_of(st.integers(-2**40, 2**40), st.none(), st.booleans(), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.binary(max_size=8), st.lists(st.integers(-2**63, 2**63 - 1), max_size=2))
-# Mutations of a valid PUSH from the registered worker 1: they reach every check behind the decoder.
-_LEGIT_ADMIN = (int(MsgType.REGISTER), int(MsgType.SHUTDOWN), int(MsgType.LEAVE))
-_type_ids = [int(t) for t in MsgType if int(t) not in _LEGIT_ADMIN]
-_mutation = st.one_of(
-    st.tuples(st.just("field"), st.sampled_from(["v", "t", "w", "seq", "clk", "ver", "ts", "m"]), _values),
-    st.tuples(st.just("type"), st.sampled_from(_type_ids + [0, 8, 99]), st.none()),
-    st.tuples(st.just("name"), st.integers(0, 1), st.sampled_from(["zz", "", "w", "b", "w.x"])),
-    st.tuples(st.just("dtype"), st.integers(0, 1), st.sampled_from(["float64", "float16", "int32", "uint8", "?"])),
-    st.tuples(st.just("shape"), st.integers(0, 1), st.lists(st.integers(-1, 7), max_size=3)),
-    st.tuples(st.just("spec"), st.integers(0, 2), _values),
-    st.tuples(st.just("drop_spec"), st.integers(0, 1), st.none()),
-    st.tuples(st.just("frame"), st.integers(0, 2), st.binary(max_size=40)),
-    st.tuples(st.just("drop_frame"), st.integers(0, 1), st.none()),
-    st.tuples(st.just("nan"), st.integers(0, 1), st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f"])),
-    st.tuples(st.just("flip"), st.integers(0, 200), st.integers(1, 255)),
-    st.tuples(st.just("cut"), st.integers(0, 200), st.none()),
-)
-_fuzz_case = st.one_of(
-    st.lists(_mutation, min_size=1, max_size=3),
-    st.lists(st.binary(max_size=64), min_size=1, max_size=4),   # raw garbage frames
-)
-
-
-def _build(case, seq: int, rng_bytes: bytes) -> list[bytes]:
-    """Apply a list of mutations to a valid PUSH (or pass garbage frames through)."""
-    if case and isinstance(case[0], bytes):
-        return list(case)
-    h = {"v": 1, "t": int(MsgType.PUSH), "w": 1, "seq": seq, "clk": 0, "ver": 0,
-         "ts": [["w", "float32", [2, 3]], ["b", "float32", [2]]], "m": {"loss": 1.0}}
-    frames = [bytearray(rng_bytes[:24]), bytearray(rng_bytes[24:32])]
-    post = []
-    for kind, a, b in case:
-        if kind == "field":
-            h[a] = b
-        elif kind == "type":
-            h["t"] = a
-        elif kind in ("name", "dtype", "shape") and isinstance(h["ts"], list) and a < len(h["ts"]) \
-                and isinstance(h["ts"][a], list) and len(h["ts"][a]) == 3:
-            h["ts"][a][{"name": 0, "dtype": 1, "shape": 2}[kind]] = b
-        elif kind == "spec" and isinstance(h["ts"], list):
-            h["ts"][a:a + 1] = [b]
-        elif kind == "drop_spec" and isinstance(h["ts"], list):
-            del h["ts"][a:a + 1]
-        elif kind == "frame":
-            frames[a:a + 1] = [bytearray(b)]
-        elif kind == "drop_frame":
-            del frames[a:a + 1]
-        elif kind == "nan" and a < len(frames) and len(frames[a]) >= 4:
-            frames[a][:4] = b
-        else:
-            post.append((kind, a, b))
-    if h.get("t") in _LEGIT_ADMIN:   # valid administrative requests are not fuzz: make them unknown types
-        h["t"] = 99
-    header = bytearray(msgpack.packb(h, use_bin_type=True))
-    for kind, a, b in post:
-        if kind == "flip" and header:
-            header[a % len(header)] ^= b
-        elif kind == "cut":
-            header = header[:a % (len(header) + 1)]
-    return [bytes(header)] + [bytes(f) for f in frames]
-
-
-@pytest.fixture(scope="module")
-def fuzz_target():
-    from tests.conftest import RunningServer
-    srv = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
-    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
-        ps.register(init={"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)})
-        ps.push({"w": np.ones((2, 3), np.float32), "b": np.ones(2, np.float32)}, version=0, clock=0)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(srv.address)
-    sock.send_multipart(encode(Message(MsgType.REGISTER, worker=1, seq=1)))   # the fuzzer is worker 1
-    assert decode(sock.recv_multipart()).type == MsgType.WELCOME
-    state = {"theta": theta_crc32(srv.server.store.theta), "version": srv.server.store.version, "count": 0,
-             "valid_pushes": 0}
-    yield srv, sock, state
-    sock.close()
-    srv.stop()
-
-
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-          database=None)   # the same 3000 cases on every run: CI is reproducible
-@given(case=_fuzz_case, payload=st.binary(min_size=32, max_size=32))
-def test_fuzzed_messages_get_answers_and_leave_theta_alone(fuzz_target, case, payload):
-    srv, sock, state = fuzz_target
-    state["seq"] = state.get("seq", 10) + 1
-    frames = _build(case, state["seq"], payload)
-    sock.send_multipart(frames)
-    assert sock.poll(5000), f"no answer to {frames!r}"
-    reply = decode(sock.recv_multipart())
-    assert reply.type in (MsgType.ERROR, MsgType.ACK, MsgType.PARAMS)
-    state["count"] += 1
-    assert srv.thread.is_alive()
-    if reply.type == MsgType.ACK and reply.meta.get("status") == "applied":
-        # a push that happens to be entirely valid (names, shapes, dtypes, finite values) is not malformed
-        state["valid_pushes"] += 1
-        state["theta"], state["version"] = theta_crc32(srv.server.store.theta), srv.server.store.version
-    assert (theta_crc32(srv.server.store.theta), srv.server.store.version) == (state["theta"], state["version"])
-
-
-def test_fuzz_server_still_serves(fuzz_target):
-    srv, sock, state = fuzz_target
-    with PSClient(srv.address, server_timeout=5) as ps:
-        st_ = ps.status()
-    assert st_["version"] == state["version"] and st_["theta_crc32"] == state["theta"]
-    assert st_["counters"].get("internal_errors", 0) == 0
-    counts_add_up(st_)
-    assert state["count"] >= 3000
-    print(f"\nfuzz: {state['count']} messages answered ({state['valid_pushes']} happened to be valid pushes); "
-          f"counters {st_['counters']}")
-
-
 # -- load ------------------------------------------------------------------------------------------
 
 def test_load_32_workers_no_update_lost_or_doubled():
@@ -336,10 +209,11 @@ def test_min_workers_holds_sync_and_says_so(start_server, caplog):
     _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
     procs[1].send_signal(signal.SIGKILL)
     _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker")
-    time.sleep(0.5)
+    # the survivor's next pull is held (no sleep-and-hope: once it is held, nothing can move)
+    _wait_for(lambda: len(srv.server.pending) == 1, timeout=30, what="the survivor's pull to be held")
     held_at = srv.server.store.version
-    time.sleep(1.0)
-    assert srv.server.store.version == held_at            # below --min-workers nothing moves
+    time.sleep(0.5)                                        # a chance for a wrong server to move on
+    assert srv.server.store.version == held_at and len(srv.server.pending) == 1   # below --min-workers
     assert any("below --min-workers 2" in r.getMessage() for r in caplog.records)
     # a replacement worker with the same rank restores the quorum and training goes on
     replacement = worker_process(_workers(srv.address, 2, 50)[1])

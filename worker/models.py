@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -88,12 +89,20 @@ class GPT(nn.Module):
         return bytes(idx[0].tolist())
 
 
+_INIT_LOCK = threading.Lock()
+
+
 class Job:
     """A model with its data: `batch(indices)`, `loss(x, y)`, held-out `eval_loss()`."""
 
     def __init__(self, cfg: JobConfig, device: str = "cpu"):
         self.cfg, self.device = cfg, torch.device(device)
-        torch.manual_seed(cfg.seed)   # every worker builds the same initial model
+        with _INIT_LOCK:   # workers run as threads of one process (tests) must not interleave their draws
+            self._build(cfg)
+        self.model.to(self.device)
+
+    def _build(self, cfg: JobConfig) -> None:
+        torch.manual_seed(cfg.seed)   # every worker builds the same initial model (torch's global RNG)
         if cfg.job == "gpt":
             self.train, self.val, self.description = load_corpus(cfg.data, cfg.max_bytes)
             self.model = GPT(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.context)
@@ -112,7 +121,6 @@ class Job:
                                            nn.Linear(cfg.hidden, 1))
             else:
                 self.model = nn.Linear(cfg.n_features, 1)
-        self.model.to(self.device)
 
     def _windows(self, data: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.cfg.context
