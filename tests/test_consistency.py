@@ -178,9 +178,9 @@ class ServerObserver:
             elif msg.type == MsgType.LEAVE:
                 self.left.add(msg.worker)
 
-        def observed_send(identity, reply):
+        def observed_send(identity, reply, **kw):
             self._note(reply if isinstance(reply, Message) else decode(reply))
-            return send(identity, reply)
+            return send(identity, reply, **kw)
 
         server._handle, server._send = observed_handle, observed_send
 
