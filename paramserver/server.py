@@ -101,6 +101,7 @@ class WorkerState:
     seq_base: int = 0                 # the seq of its last REGISTER (a far jump past both is refused)
     alive: bool = True
     left: bool = False
+    registered_at: float = 0.0        # when it last registered (--step-timeout counts from here at the latest)
     params_tracker: zmq.MessageTracker | None = None   # the last PARAMS sent, until ZeroMQ has sent it
 
     def params_in_flight(self) -> bool:
@@ -151,6 +152,9 @@ class Server:
             self.sock = self._ctx.socket(zmq.ROUTER)
             self.sock.setsockopt(zmq.LINGER, 1000)
             self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            # a client reconnecting with its routing id (after a network blip) replaces its old, possibly half-open
+            # connection instead of being ignored while its heartbeats (other socket) keep it "live"
+            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._set_max_message()
             if self.cfg.curve_secret:
                 self._auth = server_curve(self.sock, self.cfg.curve_secret, self.cfg.auth, self._ctx)
@@ -269,7 +273,9 @@ class Server:
 
     def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> None:
         self.policy.counters[f"refused:{code}"] += 1
-        log.warning("refused %r from %r: %s", msg, identity[:16], text)
+        # the heartbeats of a client whose worker id was taken over keep coming: not worth a line each
+        log.log(logging.DEBUG if msg.type == MsgType.HEARTBEAT else logging.WARNING, "refused %r from %r: %s",
+                msg, identity[:16], text)
         self._send(identity, error_reply(msg, code, text))
 
     def _dispatch(self, frames) -> None:
@@ -295,12 +301,15 @@ class Server:
                 self._refuse(identity, msg, "identity", f"worker {msg.worker} is bound to another connection; "
                              "only the connection that registered it may act as it (register your own worker)")
                 return
-            state.last_seen = time.monotonic()
             if msg.type in SEQUENCED:
-                if msg.seq > max(state.last_seq, state.seq_base) + MAX_SEQ_JUMP:
+                # (a worker that is not live is told `unknown_worker` by the handler and registers again, which
+                # resets the base: after a resume from an old checkpoint its seq may be far past the record)
+                if state.alive and msg.seq > max(state.last_seq, state.seq_base) + MAX_SEQ_JUMP:
                     self._refuse(identity, msg, "bad_seq", f"seq {msg.seq} jumps more than {MAX_SEQ_JUMP} past "
                                  f"worker {msg.worker}'s last request ({state.last_seq}); refused")
                     return
+            state.last_seen = time.monotonic()
+            if msg.type in SEQUENCED:
                 state.identity = identity
                 # a resend of a request already handled (answered from the record, also across re-registration)
                 if msg.seq <= state.last_seq and self._duplicate(identity, msg, state):
@@ -384,12 +393,13 @@ class Server:
                 log.info("worker %d registered again", worker)
             state.identity, state.alive, state.left = identity, True, False
             state.last_seen, state.seq_base = time.monotonic(), msg.seq
+            state.registered_at = state.last_seen
         else:
             if state is not None:
                 log.info("worker %d taken over by a new connection (the old one is %s)", worker,
                          "left" if state.left else ("live" if state.alive else "dead"))
             self.workers[worker] = WorkerState(identity, time.monotonic(), session=session, key=key,
-                                               seq_base=msg.seq)
+                                               seq_base=msg.seq, registered_at=time.monotonic())
         self.pending.pop(worker, None)
         clock = self.policy.join(worker)
         log.info("worker %d %s at clock %d, version %d (%d live)", worker, "rejoined" if rejoin else "joined",
@@ -403,20 +413,22 @@ class Server:
         """The worker id a REGISTER gets, or RequestError: identity binding and the --max-workers cap."""
         session, key = self._peer
         worker = msg.worker
-        if worker < 0:   # automatic: the lowest id of the job that is not live, else a new one
-            free = [w for w in range(self.cfg.num_workers) if w not in self.workers or not self.workers[w].alive]
-            worker = free[0] if free else max(self.workers, default=-1) + 1
+        if worker < 0:
+            # automatic: the lowest rank of the job never used, else the lowest id whose worker is dead or left
+            # (not one a resumed server is waiting for), else a new id
+            unused = [w for w in range(self.cfg.num_workers) if w not in self.workers]
+            free = sorted(w for w, s in self.workers.items() if not s.alive and w not in self.policy.awaiting)
+            worker = (unused or free or [max(self.workers, default=-1) + 1])[0]
         state = self.workers.get(worker)
         if state is None:
             if len(self.workers) >= self.cfg.max_workers:
                 raise RequestError("too_many_workers", f"the server already knows {len(self.workers)} worker ids "
                                    f"(--max-workers {self.cfg.max_workers}); refused worker {worker}")
         elif state.session != session:
-            if self.cfg.auth:
-                if key != state.key:
-                    raise RequestError("identity", f"worker {worker} was registered with another key; only the "
-                                       "same key may take it over")
-            elif state.alive:
+            if self.cfg.auth and key != state.key:
+                raise RequestError("identity", f"worker {worker} was registered with another key; only the "
+                                   "same key may take it over")
+            if state.alive:
                 raise RequestError("worker_live", f"worker {worker} is live on another connection; it can be taken "
                                    f"over once it leaves or is declared dead (--worker-timeout "
                                    f"{self.cfg.worker_timeout:g}s)")
@@ -587,13 +599,14 @@ class Server:
             return
         if now - self._timed_step[1] <= self.cfg.step_timeout:
             return
-        for worker in [w for w, clock in self.policy.clocks.items() if clock <= step]:
+        late = [w for w, clock in self.policy.clocks.items()
+                if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout]
+        for worker in late:
             self._remove(worker)
             self.policy.counters["dead"] += 1
             self.policy.counters["step_timeouts"] += 1
             log.warning("worker %d has not pushed for step %d within --step-timeout %gs: treated as dead; %d live",
                         worker, step, self.cfg.step_timeout, len(self.policy.clocks))
-        self._timed_step = (self.policy.step, now)
 
     # -- metrics, status, checkpoints ---------------------------------------------------------
 

@@ -161,13 +161,13 @@ def test_resume_holds_pulls_until_the_checkpoints_workers_are_back(tmp_path, sec
         ps.close()
     assert load_checkpoint(ckpt)["step"] == 2
 
-    second = RunningServer(resume=ckpt, worker_timeout=1.5, **cfg)
+    second = RunningServer(resume=ckpt, worker_timeout=1.5 if not second_returns else 20, **cfg)
     try:
         back = PSClient(second.address, worker=0, request_timeout=0.3, server_timeout=20, heartbeat=0.2)
         back.register(init=THETA)
         t, out = _pull_in_thread(back)
-        time.sleep(0.8)                                  # well inside --worker-timeout: nothing may move
-        assert "reply" not in out and second.server.store.version == 2
+        _wait_for(lambda: 0 in second.server.pending, what="the pull to reach the server")
+        assert "reply" not in out and second.server.store.version == 2      # held: worker 1 is awaited
         assert second.server.status()["workers"]["1"]["state"] == "awaited"
         if second_returns:
             other = PSClient(second.address, worker=1, request_timeout=0.3, server_timeout=20, heartbeat=0.2)
@@ -339,48 +339,91 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_a_client_that_never_reads_pins_a_bounded_amount_of_server_memory(tmp_path):
-    """200 pulls of a 2 MiB theta that changes between pulls, never read: the server used to queue one
-    snapshot per pull (400 MB); now at most one PARAMS per worker is in ZeroMQ's queue. Bound: 64 MB."""
+    """60 pulls of an 8 MiB theta that changes between pulls, never read: the server used to queue one
+    snapshot per pull (480 MB); a send high-water mark alone would still queue 8 (64 MB). Now at most one
+    PARAMS per worker is in ZeroMQ's queue and the next pull waits for it. Bound: 40 MB."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "paramserver", "server", "--bind", address, "--num-workers",
                                "1", "--mode", "async", "--optimizer", "sgd", "--no-track-divergence",
                                "--log-level", "warning"], env=dict(os.environ, PYTHONPATH=ROOT),
                               stderr=open(tmp_path / "server.log", "w"))
-    theta = {"w": np.zeros(2**19, np.float32), "b": np.zeros(4, np.float32)}   # 2 MiB; a small last frame
+    size = 2**21                                                      # 8 MiB of float32
+    theta = {"w": np.zeros(size, np.float32), "b": np.zeros(4, np.float32)}   # a small last frame too
     try:
         with PSClient(address, worker=0, server_timeout=30) as writer:
             writer.register(init=theta)
-            ps_reader = zmq.Context.instance().socket(zmq.DEALER)
-            ps_reader.setsockopt(zmq.LINGER, 0)
-            ps_reader.setsockopt(zmq.RCVHWM, 1)
-            ps_reader.setsockopt(zmq.RCVBUF, 4096)
-            ps_reader.connect(address)
-            assert _ask(ps_reader, Message(MsgType.REGISTER, worker=1, seq=1)).type == MsgType.WELCOME
+            reader = zmq.Context.instance().socket(zmq.DEALER)
+            reader.setsockopt(zmq.LINGER, 0)
+            reader.setsockopt(zmq.RCVHWM, 1)
+            reader.setsockopt(zmq.RCVBUF, 4096)
+            reader.connect(address)
+            assert _ask(reader, Message(MsgType.REGISTER, worker=1, seq=1)).type == MsgType.WELCOME
             base = _rss_mb(server.pid)
-            grad = {"w": np.full(2**19, 1e-3, np.float32), "b": np.ones(4, np.float32)}
-            for i in range(200):
-                ps_reader.send_multipart(encode(Message(MsgType.PULL, worker=1, seq=2 + i)))
+            grad = {"w": np.full(size, 1e-3, np.float32), "b": np.ones(4, np.float32)}
+            for i in range(60):
+                reader.send_multipart(encode(Message(MsgType.PULL, worker=1, seq=2 + i)))
                 writer.push(grad, version=i, clock=i)        # theta changes: every pull would be a new snapshot
             writer.pull()
             grown = _rss_mb(server.pid) - base
-            ps_reader.close()
-        print(f"\nserver RSS grew {grown:.1f} MB over 200 unread pulls of a 2 MiB theta")
-        assert grown < 64, grown
+            status = writer.status()
+            reader.close()
+        print(f"\nserver RSS grew {grown:.1f} MB over 60 unread pulls of an 8 MiB theta")
+        assert status["waiting_pulls"] == 1                 # the unread client's next pull waits for its first
+        assert grown < 40, grown
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def test_a_resumed_server_limits_frames_to_what_its_layout_needs(start_server, tmp_path):
+def test_resume_from_an_old_checkpoint_does_not_refuse_a_worker_whose_seq_moved_on(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
-    srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, mode="async", optimizer="sgd", checkpoint=ckpt))
-    srv.store.init(THETA)
-    srv.write_checkpoint()
-    srv = start_server(num_workers=1, mode="async", optimizer="sgd", resume=ckpt)   # --max-message-mb 0: auto
-    with _raw_socket(srv.address) as s:
-        big = {"w": np.zeros(2**19, np.float32)}         # a 2 MiB frame: over 24 bytes + the 1 MiB header limit
-        s.send_multipart(encode(Message(MsgType.PUSH, worker=5, seq=1, tensors=big)))
-        assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
-    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
-    assert srv.server.store.version == 0
+    first = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1, checkpoint=ckpt)
+    ps = PSClient(first.address, worker=0, server_timeout=20, request_timeout=0.3)
+    ps.register(init=THETA)
+    ps.pull()
+    first.server.write_checkpoint()               # the last periodic checkpoint...
+    first.server.cfg.checkpoint = ""
+    first.stop()
+    ps.seq += 50_000                              # the worker made many requests between that checkpoint and the crash
+    ps.close()
+    second = RunningServer(num_workers=1, mode="async", optimizer="sgd", lr=0.1, resume=ckpt)
+    try:
+        again = PSClient(second.address, worker=0, server_timeout=20, request_timeout=0.3)
+        again.session, again.seq = ps.session, ps.seq             # the same client, reconnected
+        again.sock.close()
+        again.sock = again._connect(b"R")
+        again._register_args = (THETA, None)
+        assert again.pull().version == 0          # unknown_worker -> registers again -> served, not bad_seq
+        assert again.stats["reregistrations"] == 1
+        again.close()
+    finally:
+        second.stop()
+
+
+def test_auto_ids_reuse_dead_ids_beyond_the_job_and_never_an_awaited_one(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, max_workers=3, worker_timeout=30)
+    socks = [_raw_socket(srv.address) for _ in range(4)]
+    ids = [_ask(s, Message(MsgType.REGISTER, worker=-1, seq=1, tensors=THETA if i == 0 else {})).worker
+           for i, s in enumerate(socks[:3])]
+    assert ids == [0, 1, 2]
+    assert _ask(socks[2], Message(MsgType.LEAVE, worker=2, seq=2)).type == MsgType.ACK
+    assert _ask(socks[3], Message(MsgType.REGISTER, worker=-1, seq=1)).worker == 2    # id 2 reused
+    for s in socks:
+        s.close()
+
+
+def test_under_auth_the_same_key_does_not_take_over_a_live_worker(start_server, tmp_path):
+    from common.security import make_keys
+    keys = make_keys(str(tmp_path / "keys"), ("server", "alice"))
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, curve_secret=keys["server"][1],
+                       auth=str(tmp_path / "keys" / "clients"), worker_timeout=30)
+    kw = dict(request_timeout=0.3, curve_server=keys["server"][0], curve_secret=keys["alice"][1])
+    with PSClient(srv.address, worker=0, server_timeout=10, **kw) as first, \
+            PSClient(srv.address, worker=0, server_timeout=1, **kw) as second:
+        first.register(init=THETA)
+        with pytest.raises(ServerError) as info:     # waits for the id to be freed, then gives up
+            second.register()
+        assert info.value.code == "worker_live"
+        first.push(GRAD, version=0, clock=0)         # the first one trains on
+    assert srv.server.store.version == 1
