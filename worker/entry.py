@@ -17,6 +17,7 @@ Usage (a module `mymodel.py` in the current folder or on PYTHONPATH)::
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -73,7 +74,14 @@ def load_entry(spec: str) -> Callable[[], UserJob]:
         raise ConfigError(f"--entry {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
                           f"attribute {func_name!r}")
     if not callable(func):
-        raise ConfigError(f"--entry {spec!r}: {func_name!r} is a {type(func).__name__}, not a function")
+        raise ConfigError(f"--entry {spec!r}: {func_name!r} is not a function (it is {type(func).__name__})")
+    try:
+        inspect.signature(func).bind()
+    except TypeError:
+        raise ConfigError(f"--entry {spec!r}: {func_name}{inspect.signature(func)} needs arguments; an entry "
+                          "function takes none") from None
+    except ValueError:   # no signature to inspect (some builtins): let the call decide
+        pass
     return func
 
 
