@@ -53,3 +53,47 @@ def test_interrupted_worker_leaves_the_job(start_server, sig):
     assert p.returncode != 0, out
     state = srv.server.workers[0]
     assert state.left, f"the worker did not leave; output:\n{out}"
+
+
+def _readme_diff() -> list[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### An existing PyTorch script: five lines", 1)[1]
+    return section.split("```diff\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def _code(line: str) -> str:
+    return line.split("# ps")[0].rstrip()
+
+
+def test_readme_diff_is_the_whole_change(tmp_path):
+    """The README's diff adds at most five lines, its context and added lines are examples/cnn_api.py's in order,
+    and undoing it gives a single-process script that trains where paramserver cannot be imported."""
+    diff = [d for d in _readme_diff() if not d.startswith("@@")]
+    assert 0 < sum(d.startswith("+") for d in diff) <= 5 and sum(d.startswith("-") for d in diff) <= 5
+    with open(EXAMPLE) as f:
+        raw = f.read().splitlines()
+    code = [_code(line) for line in raw]
+    single, i = [], 0
+    for d in diff:
+        tag, text = d[:1], d[1:].rstrip()
+        if tag == "-":
+            single.append(text)
+            continue
+        j = code.index(text, i)              # ValueError: the README's line is not in the example (in this order)
+        single += raw[i:j] + ([raw[j]] if tag == " " else [])
+        i = j + 1
+    single += raw[i:]
+    assert all(_code(line) in code for line in raw if line.endswith("# ps"))   # every marked line is in the diff
+    assert sum(line.endswith("# ps") for line in raw) == sum(d.startswith("+") for d in diff)
+    script = "\n".join(single) + "\n"
+    assert "paramserver as ps" not in script and "ps." not in script.split('"""', 2)[2]
+    (tmp_path / "single.py").write_text(script)
+    blocker = tmp_path / "blocker" / "paramserver"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('paramserver is blocked in this process')\n")
+    r = subprocess.run([sys.executable, str(tmp_path / "single.py"), "--epochs", "1"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "blocker"), OMP_NUM_THREADS="1"), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", r.stdout)
+    assert m and float(m.group(2)) < 0.7 * float(m.group(1)), r.stdout
+    assert "(64 steps)" in r.stdout            # one process, the whole data set: 2048 / 32 batches
