@@ -212,3 +212,21 @@ def test_numpy_worker_and_torch_worker_train_in_one_job(start_server, tmp_path):
     worst = max(float(np.abs(theta[n] - p.detach().numpy()).max()) for n, p in ref.named_parameters())
     assert worst <= 1e-5, f"max |theta_ps - theta_single_process| = {worst}"
     assert float(np.abs(theta["weight"] - init_params(3)["weight"]).max()) > 1e-2
+
+
+def test_settings_from_flags_env_and_keywords(monkeypatch):
+    """Defaults < PS_* environment < the user's argparse flags (ps.add_arguments) < keyword arguments; the
+    user's own flags (here a --device the worker config would refuse) are left alone."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda:1")
+    ps.add_arguments(parser)
+    monkeypatch.setenv("PS_SERVER", "tcp://10.0.0.5:5555")
+    monkeypatch.setenv("PS_RANK", "1")
+    monkeypatch.setenv("PS_NUM_WORKERS", "4")
+    cfg = ps.worker_config(parser.parse_args([]))
+    assert (cfg.server, cfg.rank, cfg.num_workers, cfg.accum) == ("tcp://10.0.0.5:5555", 1, 4, 1)
+    cfg = ps.worker_config(parser.parse_args(["--rank", "2", "--accum", "4", "--shard", "hash"]), rank=3)
+    assert (cfg.server, cfg.rank, cfg.num_workers, cfg.accum, cfg.shard) == ("tcp://10.0.0.5:5555", 3, 4, 4, "hash")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shard", "striped"])      # choices come from the worker's config

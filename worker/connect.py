@@ -44,7 +44,9 @@ def worker_config(args: argparse.Namespace | None = None, **overrides) -> Worker
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown worker option {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
-    return from_args(WorkerConfig, args or argparse.Namespace(), **overrides)
+    # only the worker's own flags: the user's parser may have a --device or --batch-size of its own
+    ns = argparse.Namespace(**{k: v for k, v in vars(args or argparse.Namespace()).items() if k in allowed})
+    return from_args(WorkerConfig, ns, **overrides)
 
 
 def client_options(cfg: WorkerConfig) -> dict:
