@@ -95,6 +95,7 @@ def test_api_sync_equals_single_process_training(start_server, accum):
         t.join(timeout=120)
     assert out == {0: steps, 1: steps}, out
     assert srv.server.store.version == steps
+    assert all(isinstance(u[4], float) for u in srv.server.record.updates)   # step(loss=...) labels each push
 
     ref = SmallCNN()
     ref.load_state_dict(init)
@@ -230,3 +231,35 @@ def test_settings_from_flags_env_and_keywords(monkeypatch):
     assert (cfg.server, cfg.rank, cfg.num_workers, cfg.accum, cfg.shard) == ("tcp://10.0.0.5:5555", 3, 4, 4, "hash")
     with pytest.raises(SystemExit):
         parser.parse_args(["--shard", "striped"])      # choices come from the worker's config
+
+
+def test_should_stop_when_the_server_ends_the_job(start_server):
+    """With --max-gradients the server ends the job: should_stop turns true and later steps push nothing."""
+    srv = start_server(num_workers=1, mode="sync", optimizer="sgd", lr=LR, max_gradients=3)
+    model = torch.nn.Linear(3, 1)
+    with ps.DistributedOptimizer(model, server=srv.address) as opt:
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.ones(2, 3)).sum().backward()
+            opt.step()
+        assert opt.should_stop and opt.steps == 3
+    assert srv.server.policy.counters["applied"] == 3 and srv.server.policy.counters["received"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_goes_through_pinned_buffers():
+    """On CUDA, theta and gradients are staged in pinned host buffers and arrive exactly."""
+    from worker.api import ParamIO
+    model = torch.nn.Linear(5, 3).cuda()
+    io = ParamIO(model.named_parameters())
+    assert io.cuda and all(t.is_pinned() for t in io.theta_host.values()) and all(
+        t.is_pinned() for t in io.grad_host.values())
+    theta = {n: np.random.default_rng(i).standard_normal(p.shape).astype(np.float32)
+             for i, (n, p) in enumerate(model.named_parameters())}
+    for _ in range(2):   # the second load reuses the buffers after the first's copies are done
+        io.load(theta)
+        assert all(np.array_equal(p.detach().cpu().numpy(), theta[n]) for n, p in model.named_parameters())
+        theta = {n: v + 1 for n, v in theta.items()}
+    model(torch.ones(4, 5, device="cuda")).sum().backward()
+    grads = io.grads({n: p.grad for n, p in model.named_parameters()})
+    assert all(np.array_equal(grads[n], p.grad.cpu().numpy()) for n, p in model.named_parameters())
