@@ -165,3 +165,19 @@ def test_entry_job_through_the_local_cluster(tmp_path):
         metrics = json.load(f)
     assert metrics["server"]["status"]["version"] == 40
     assert metrics["workers"]["0"]["data"].startswith("SmallCNN")
+
+
+def test_entry_job_through_the_consistency_benchmark(tmp_path):
+    """`paramserver bench consistency --entry` trains the user's model (one short sync run)."""
+    r = subprocess.run([sys.executable, "-m", "paramserver", "bench", "consistency", "--entry",
+                        "examples.cnn_entry:make_job", "--workers", "2", "--steps", "10", "--modes", "sync",
+                        "--scenarios", "none", "--lr", "0.01", "--eval-every", "5", "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "job examples.cnn_entry:make_job (SmallCNN" in r.stdout
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    (run,) = results["runs"]
+    assert run["counters"]["applied"] == 20
+    evals = run["summary"]
+    assert evals["final_eval_loss"] < evals["initial_eval_loss"], evals
