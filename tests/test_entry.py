@@ -75,7 +75,7 @@ def test_bad_entry_is_one_clear_line(tmp_path, monkeypatch, capsys, spec, says):
     _one_error_line(capsys.readouterr().err, "worker", says)
 
 
-@pytest.mark.parametrize("command, spec, says", [("worker", *BAD[4]), ("cluster", *BAD[0]), ("cluster", *BAD[4])])
+@pytest.mark.parametrize("command, spec, says", [("worker", *BAD[4]), ("cluster", *BAD[4])])
 def test_bad_entry_from_the_command_line(tmp_path, command, spec, says):
     """The same through the installed command; `cluster` refuses before it starts any process."""
     (tmp_path / "bad_entry.py").write_text(BAD_MODULE)
