@@ -32,10 +32,13 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, WorkerConfig
+from worker.client import ServerError, ServerUnavailable
 from worker.connect import connect, worker_config
 from worker.sampler import ShardSampler
 
 log = logging.getLogger("worker.api")
+
+LEAVE_TIMEOUT = 5.0   # seconds close() waits for the server to acknowledge LEAVE
 
 
 class ParamIO:
@@ -224,10 +227,16 @@ class DistributedOptimizer:
             return
         self.closed = True
         atexit.unregister(self._at_exit)
-        if self._sigterm_installed and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+        if self._sigterm_installed and threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # LEAVE is a courtesy (the server would declare this worker dead after --worker-timeout anyway):
+        # never wait the full --server-timeout for it
+        self.client.server_timeout = min(self.client.server_timeout, LEAVE_TIMEOUT)
         try:
             self.client.leave(reason)
+        except (ServerError, ServerUnavailable) as exc:
+            log.warning("could not say goodbye to the server: %s", exc)
         finally:
             if self._own_client:
                 self.client.close()
@@ -243,16 +252,11 @@ class DistributedOptimizer:
                         f"error: {exc_type.__name__}")
 
     def _abort(self, reason: str) -> None:
-        """Leave without waiting long for a server that may be gone; never raises."""
-        if self.closed:
-            return
-        self.client.server_timeout = min(self.client.server_timeout, 3.0)
+        """Leave on the way out of an error or interrupt; never raises."""
         try:
             self.close(reason)
-        except Exception as exc:   # the server may be gone: nothing left to tell it
-            log.warning("could not say goodbye to the server (%s)", exc)
-        finally:
-            self.closed = True
+        except Exception as exc:
+            log.warning("could not say goodbye to the server: %s", exc)
 
     def _at_exit(self) -> None:
         self._abort("exit")
