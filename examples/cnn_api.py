@@ -1,8 +1,9 @@
-"""A user's own PyTorch training script, trained through paramserver with five changed lines.
+"""A user's own PyTorch training script, trained through paramserver with four changed lines.
 
 A small CNN learns to tell four kinds of 12x12 synthetic images apart (a horizontal bar, a
 vertical bar, a diagonal, a square), none of which the built-in jobs know. The lines marked
-`# ps` are the whole change from the single-process script (see the README, "Your own model").
+`# ps` are the whole change from the single-process script: two lines added, two changed (the
+README's "Your own model" shows the diff).
 
     paramserver server --num-workers 2 --lr 0.01 &
     PS_RANK=0 PS_NUM_WORKERS=2 python examples/cnn_api.py &

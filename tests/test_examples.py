@@ -57,7 +57,7 @@ def test_interrupted_worker_leaves_the_job(start_server, sig):
 
 def _readme_diff() -> list[str]:
     with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("### An existing PyTorch script: five lines", 1)[1]
+        section = f.read().split("### An existing PyTorch script: four lines", 1)[1]
     return section.split("```diff\n", 1)[1].split("```", 1)[0].splitlines()
 
 
