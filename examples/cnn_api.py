@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
 
     x, y = make_images(2560)
     data = TensorDataset(torch.from_numpy(x[:2048]), torch.from_numpy(y[:2048]))

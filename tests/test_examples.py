@@ -25,7 +25,7 @@ def test_cnn_api_example_trains_with_two_workers(start_server):
     """examples/cnn_api.py (a user's script with the README's five changed lines), two processes, identity from
     PS_SERVER / PS_RANK / PS_NUM_WORKERS: both finish, and the held-out loss falls."""
     srv = start_server(num_workers=2, mode="sync", lr=0.01)
-    procs = [subprocess.Popen([sys.executable, EXAMPLE, "--epochs", "1"], env=_worker_env(srv.address, r, 2),
+    procs = [subprocess.Popen([sys.executable, EXAMPLE, "--epochs", "2"], env=_worker_env(srv.address, r, 2),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -33,7 +33,7 @@ def test_cnn_api_example_trains_with_two_workers(start_server):
         m = re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", out)
         assert m, out
         assert float(m.group(2)) < 0.7 * float(m.group(1)), out
-    assert srv.server.store.version == 32                       # 1024 samples per shard / batch 32
+    assert srv.server.store.version == 64                       # 2 epochs x 1024 samples per shard / batch 32
     assert all(srv.server.workers[r].left for r in range(2))    # opt.close() said LEAVE
 
 
