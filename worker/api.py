@@ -97,7 +97,7 @@ class ParamIO:
     def grads(self, grads: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
         """Gradients by name as numpy arrays (zeros for a parameter without a gradient)."""
         if not self.cuda:
-            return {n: (g.detach() if g is not None else torch.zeros_like(p)).contiguous().numpy()
+            return {n: (g.detach() if g is not None else torch.zeros_like(p)).cpu().contiguous().numpy()
                     for (n, p), g in ((item, grads.get(item[0])) for item in self.params.items())}
         out = {}
         for n, p in self.params.items():
