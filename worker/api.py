@@ -178,11 +178,11 @@ class DistributedOptimizer:
         `closure` (as torch.optim) recomputes and returns the loss; `loss` (a number or a scalar
         tensor) only labels the push in the server's metrics. Returns the closure's loss.
         """
+        if self.closed:
+            raise RuntimeError("step() after close(): this worker has left the job")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.closed:
-            raise RuntimeError("step() after close(): this worker has left the job")
         if self.should_stop:
             return loss
         if loss is not None:
