@@ -59,7 +59,8 @@ def _one_error_line(stderr: str, command: str, says: str) -> None:
 def test_bad_entry_is_one_clear_line(tmp_path, monkeypatch, capsys, spec, says):
     """A missing module, a missing function, something that is not a function or a wrong return type:
     `paramserver worker` exits 2 with one error line naming --entry and what is wrong, no traceback."""
-    from paramserver.cli import main
+    from paramserver import cli
+    monkeypatch.setattr(cli, "_setup_logging", lambda level: None)   # leave this process's logging alone
     (tmp_path / "bad_entry.py").write_text(BAD_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -67,7 +68,7 @@ def test_bad_entry_is_one_clear_line(tmp_path, monkeypatch, capsys, spec, says):
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as exc:
-            main(["worker", "--entry", spec, "--steps", "1", "--log-level", "error"])
+            cli.main(["worker", "--entry", spec, "--steps", "1"])
     finally:
         signal.signal(signal.SIGTERM, sigterm)
         sys.modules.pop("bad_entry", None)
