@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, JobConfig, WorkerConfig, subset
-from tests.conftest import ROOT, run_worker_thread
+from tests.conftest import ROOT, worker_process
 from worker.entry import EntryJob
 from worker.models import build_job
 from worker.train import batch_stream
@@ -122,19 +122,18 @@ def test_entry_job_batches_from_a_dataset_or_a_function(tmp_path, monkeypatch):
         EntryJob(JobConfig(entry="neither:f"))
 
 
-def test_entry_job_in_sync_equals_single_process_sgd(start_server, monkeypatch):
-    """The worker loop trains an --entry job exactly: 2 workers in sync mode = SGD on the union of their batches."""
-    monkeypatch.chdir(ROOT)
+def test_entry_job_in_sync_equals_single_process_sgd(start_server):
+    """`paramserver worker --entry` trains the user's job exactly: 2 worker processes in sync mode end at the θ of
+    single-process SGD on the union of their batches."""
     steps, lr = 4, 0.05
     srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=lr, aggregate="mean")
     cfgs = [WorkerConfig(server=srv.address, rank=r, num_workers=2, entry="examples.cnn_entry:make_job",
-                         batch_size=8, steps=steps, eval_every=0, log_every=0, shard="hash", seed=3, device="cpu")
-            for r in range(2)]
-    results: dict = {}
-    threads = [run_worker_thread(c, results) for c in cfgs]
-    for t in threads:
-        t.join(timeout=120)
-    assert all(isinstance(results.get(r), dict) for r in range(2)), results
+                         batch_size=8, steps=steps, eval_every=0, log_every=0, shard="hash", seed=3, device="cpu",
+                         threads=1) for r in range(2)]
+    procs = [worker_process(c, cwd=ROOT) for c in cfgs]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert srv.server.store.version == steps
     job = build_job(subset(cfgs[0], JobConfig))
     init = job.params_numpy()
     streams = [batch_stream(c, job.n_samples)[1] for c in cfgs]

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +29,8 @@ import torch
 
 from common.config import ConfigError, JobConfig
 from worker.api import ParamIO
+
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -88,8 +91,9 @@ def load_entry(spec: str) -> Callable[[], UserJob]:
 def make_user_job(cfg: JobConfig) -> UserJob:
     """Call the --entry function (after seeding torch with --seed) and check what it returns."""
     func = load_entry(cfg.entry)
-    torch.manual_seed(cfg.seed)
-    job = func()
+    with _BUILD_LOCK:   # workers in threads of one process: each builds from the seeded generator in turn
+        torch.manual_seed(cfg.seed)
+        job = func()
     if not isinstance(job, UserJob):
         raise ConfigError(f"--entry {cfg.entry!r} returned {type(job).__name__}; it must return "
                           "paramserver.UserJob(model=..., loss=..., batch=... or dataset=..., n_samples=...)")
