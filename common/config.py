@@ -129,6 +129,8 @@ class JobConfig:
 
     job: str = opt("gpt", "model and data: gpt (byte-level transformer on text), mlp (synthetic regression), "
                           "linear (convex least squares)", JOBS)
+    entry: str = opt("", "your own model instead of --job: package.module:function returning a UserJob (see the "
+                         "README, 'Your own model')")
     data: str = opt("", "gpt: a text file or folder of text files; empty: the Python standard library's .py sources")
     max_bytes: int = opt(8_000_000, "gpt: read at most this many bytes of the corpus (0: all)")
     n_layer: int = opt(2, "gpt: transformer blocks")
@@ -144,6 +146,8 @@ class JobConfig:
         _validate_choices(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        if self.entry and (self.entry.count(":") != 1 or not all(self.entry.split(":"))):
+            raise ValueError(f"--entry {self.entry!r} must be package.module:function")
 
 
 @dataclass

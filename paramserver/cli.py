@@ -53,6 +53,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0")
     wcfg = from_args(WorkerConfig, args, num_workers=ccfg.workers, rank=0)
     _setup_logging(scfg.log_level)
+    if wcfg.entry:   # a bad --entry is one clear line here rather than a failure in every worker's log
+        from worker.entry import make_user_job
+        make_user_job(wcfg)
     # Ctrl-C and SIGTERM both stop the cluster cleanly, even where SIGINT arrives ignored (background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)

@@ -114,7 +114,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     scfg.metrics = os.path.join(out, "server_metrics.json")
     scfg.bind = "tcp://127.0.0.1:*"
     threads = max(1, (os.cpu_count() or 1) // ccfg.workers)
-    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.job}, mode {scfg.mode}, "
+    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {scfg.mode}, "
           f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}, output in {out}/", flush=True)
     t0 = time.time()
     server, address = start_server(scfg, out)

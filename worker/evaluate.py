@@ -24,7 +24,7 @@ def evaluate_checkpoint(path: str, wcfg: WorkerConfig, sample_bytes: int = 0, ou
     job.load_params(state["theta"])
     summary["final_eval_loss"] = job.eval_loss(wcfg.eval_batches, wcfg.batch_size)
     summary["version"] = int(state["version"])
-    if jcfg.job == "gpt":
+    if jcfg.job == "gpt" and not jcfg.entry:
         summary["initial_bits_per_byte"] = summary["initial_eval_loss"] / math.log(2)
         summary["final_bits_per_byte"] = summary["final_eval_loss"] / math.log(2)
         if sample_bytes:

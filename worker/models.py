@@ -168,6 +168,10 @@ class Job:
 
 
 def build_job(cfg: JobConfig, device: str = "cpu") -> Job:
+    """The built-in job `cfg.job`, or with `cfg.entry` the user's own (worker/entry.py)."""
+    if cfg.entry:
+        from worker.entry import EntryJob
+        return EntryJob(cfg, device)
     return Job(cfg, device)
 
 

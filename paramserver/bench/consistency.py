@@ -257,7 +257,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     job = build_job(subset(cfg, JobConfig), "cpu")
     initial_eval = job.eval_loss(cfg.eval_batches, cfg.batch_size)
     runs = planned_runs(cfg)
-    print(f"paramserver bench consistency: {len(runs)} runs, {cfg.workers} workers each, job {cfg.job} "
+    print(f"paramserver bench consistency: {len(runs)} runs, {cfg.workers} workers each, job {cfg.entry or cfg.job} "
           f"({job.description}), budget {cfg.budget} gradients/run, straggler x{cfg.straggler}, "
           f"{os.cpu_count()} CPU cores (the {cfg.workers} workers and the server share them)", flush=True)
     results = []

@@ -67,7 +67,8 @@ def write_plots(report: dict, out: str) -> list[str]:
             ax.axhline(report["target_eval_loss"], color="grey", ls="--", lw=0.8, label="target")
             ax.set_title(f"held-out loss, {TITLES[sc]}")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("held-out loss (nats/byte)" if report["config"]["job"] == "gpt" else "held-out loss")
+            ax.set_ylabel("held-out loss (nats/byte)" if report["config"]["job"] == "gpt"
+                          and not report["config"].get("entry") else "held-out loss")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
         fig.tight_layout()
