@@ -39,12 +39,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.train import run_worker, summarize
     cfg = from_args(WorkerConfig, args)
     _setup_logging(cfg.log_level)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _exit_once)
     m = run_worker(cfg)
     s = summarize(m)
     print(f"worker {cfg.rank} done: {s['steps']} steps in {s['wall_s']:.1f}s "
           f"(compute {s['compute_s']:.1f}s, wait {s['wait_s']:.1f}s, comm {s['comm_s']:.1f}s)", flush=True)
     return 0
+
+
+def _exit_once(signum, frame):
+    """SIGTERM: leave (say goodbye, write metrics) once; a second SIGTERM does not cut that short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(143)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

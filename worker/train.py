@@ -61,6 +61,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)
     t_start = time.time()
+    m["exit"] = "done"
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
@@ -120,23 +121,34 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                          params.clock, params.version, loss_sum)
         client.leave("done")
     except (KeyboardInterrupt, SystemExit):
+        m["exit"] = "interrupted"
         client.server_timeout = min(client.server_timeout, 3.0)
         try:
             client.leave("interrupted")
         except Exception:
             pass
         raise
-    finally:
+    except BaseException as exc:
+        m["exit"] = f"error: {type(exc).__name__}: {exc}"
+        raise
+    finally:   # every way out (done, SIGINT, SIGTERM, an error) leaves this worker's metrics behind
         m["client"] = dict(client.stats)
         if own:
             client.close()
-    m["wall_s"] = round(time.time() - t_start, 3)
-    m["t0_epoch"] = t_start
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, f"worker{cfg.rank}.json"), "w") as f:
-            json.dump(m, f)
+        m["wall_s"] = round(time.time() - t_start, 3)
+        m["t0_epoch"] = t_start
+        if cfg.out:
+            write_metrics(m, cfg)
     return m
+
+
+def write_metrics(m: dict, cfg: WorkerConfig) -> None:
+    """Write workerN.json atomically (a signal during the write leaves the previous file or none)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"worker{cfg.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(m, f)
+    os.replace(path + ".tmp", path)
 
 
 def _job_meta(cfg: WorkerConfig) -> dict:

@@ -1,0 +1,90 @@
+"""paramserver/cluster.py: nothing orphaned, nothing lost, every failure one line (subprocess runs)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+TINY = ["--job", "mlp", "--eval-every", "0", "--sample-bytes", "0", "--progress-every", "0.5"]
+
+
+def ps(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "paramserver", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _start(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "paramserver", "cluster", "--workers", "2", "--steps", "100000",
+                             *TINY, "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=ROOT)
+
+
+def _wait_live(p, n=2):
+    for line in p.stdout:
+        if f"live {n}/{n}" in line:
+            return
+    raise AssertionError("the cluster never reported its workers live")
+
+
+def _leftovers(out) -> list[str]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return []
+        time.sleep(0.2)
+    return left
+
+
+def test_a_second_ctrl_c_still_stops_every_child_and_the_server_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out)
+    try:
+        _wait_live(p)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "interrupted" in rest, rest
+    assert _leftovers(out) == [], "processes of the cluster are still running"
+    assert torch.load(out / "checkpoint.pt")["version"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for r in ("0", "1"):    # workers stopped by a signal still wrote their metrics
+        assert metrics["workers"][r]["steps"] and metrics["workers"][r]["exit"] == "interrupted"
+
+
+def test_kill_9_of_the_cluster_still_stops_the_server_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out)
+    try:
+        _wait_live(p)
+        p.kill()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert _leftovers(out) == [], "the server or a worker outlived the cluster"
+    assert torch.load(out / "checkpoint.pt")["version"] > 0
+    assert json.loads((out / "worker0.json").read_text())["exit"] == "interrupted"
+
+
+def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--workers", "2", "--steps", "6", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert torch.load(out / "checkpoint.pt")["version"] == 6
+    r = ps("cluster", "--workers", "2", "--steps", "4", *TINY, "--out", str(out),
+           "--resume", str(out / "checkpoint.pt"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert torch.load(out / "checkpoint.pt")["version"] > 6
