@@ -48,6 +48,20 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"unknown --{name.replace('_', '-')} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
+TRANSPORTS = ("tcp", "ipc", "inproc")
+
+
+def check_address(flag: str, value: str) -> None:
+    """Raise ValueError unless every comma-separated address in `value` names a ZeroMQ transport."""
+    for addr in value.split(","):
+        addr = addr.strip()
+        scheme, sep, rest = addr.partition("://")
+        if not sep:
+            raise ValueError(f"{flag} {addr!r} has no transport: write tcp://{addr}")
+        if scheme not in TRANSPORTS or not rest:
+            raise ValueError(f"{flag} {addr!r}: use tcp://HOST:PORT (or ipc://PATH)")
+
+
 def _validate_choices(cfg) -> None:
     for f in dataclasses.fields(cfg):
         if f.metadata.get("choices"):
@@ -104,6 +118,13 @@ class ServerConfig:
             raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
+        check_address("--bind", self.bind)
+        if self.staleness != 3 and self.mode != "ssp":   # 3 is the default: only a value the user gave
+            raise ValueError("--staleness only applies to --mode ssp")
+        if self.resume and os.path.isdir(self.resume):
+            raise ValueError(f"--resume {self.resume!r} is a folder; give the checkpoint file")
+        if self.resume and not os.path.exists(self.resume):
+            raise ValueError(f"--resume {self.resume!r}: no such file")
 
 
 @dataclass
@@ -174,6 +195,7 @@ class WorkerConfig(JobConfig):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
+        check_address("--server", self.server)
 
 
 @dataclass

@@ -6,13 +6,15 @@ allowed values, an unknown flag is rejected by name.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import signal
 import sys
 
-from common.config import ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments, from_args
+from common.config import (ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments,
+                           check_address, from_args)
 
 log = logging.getLogger("paramserver.cli")
 
@@ -22,11 +24,54 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown flag gets this (sub)command's name and a "did you mean"; errors print a short usage."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("-")]
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for a in unknown:
+                close = difflib.get_close_matches(a.split("=")[0], flags, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{a.split('=')[0]}: did you mean {close[0]}?")
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return ns, extras
+
+    def error(self, message):
+        usage = self.format_usage()
+        if usage.count("\n") > 3:    # the full usage of a command with 40 flags buries the error line
+            usage = f"usage: {self.prog} [flags]   (every flag: {self.prog} --help)\n"
+        self.exit(2, usage + f"{self.prog}: error: {message}\n")
+
+
+def _check_resolves(flag: str, addresses: str) -> None:
+    """A host name that does not resolve is silent in ZeroMQ (it keeps retrying): say so at once."""
+    import socket
+    for addr in addresses.split(","):
+        scheme, _, rest = addr.strip().partition("://")
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        if scheme == "tcp" and host and host != "*":
+            try:
+                socket.getaddrinfo(host, None)
+            except socket.gaierror as exc:
+                raise ConfigError(f"{flag} {addr.strip()!r}: host {host!r} does not resolve ({exc.strerror})") from None
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    import zmq
     from paramserver.server import Server
     cfg = from_args(ServerConfig, args)
     _setup_logging(cfg.log_level)
     server = Server(cfg)
+    try:
+        server.bind()
+    except zmq.ZMQError as exc:
+        hint = ("another process holds this port: pick another port, or port * for a free one"
+                if exc.errno == zmq.EADDRINUSE else "check the host and port")
+        raise ConfigError(f"--bind {cfg.bind}: {exc.strerror}; {hint}") from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     with server:
@@ -37,10 +82,16 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.train import run_worker, summarize
+    from worker.client import ServerError, ServerUnavailable
     cfg = from_args(WorkerConfig, args)
     _setup_logging(cfg.log_level)
+    _check_resolves("--server", cfg.server)
     signal.signal(signal.SIGTERM, _exit_once)
-    m = run_worker(cfg)
+    try:
+        m = run_worker(cfg)
+    except (ServerUnavailable, ServerError) as exc:
+        print(f"paramserver worker {cfg.rank}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     s = summarize(m)
     print(f"worker {cfg.rank} done: {s['steps']} steps in {s['wall_s']:.1f}s "
           f"(compute {s['compute_s']:.1f}s, wait {s['wait_s']:.1f}s, comm {s['comm_s']:.1f}s)", flush=True)
@@ -55,7 +106,7 @@ def _exit_once(signum, frame):
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from paramserver.cluster import run_cluster
+    from paramserver.cluster import ClusterError, preflight, run_cluster
     ccfg = from_args(ClusterConfig, args)
     scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0")
     wcfg = from_args(WorkerConfig, args, num_workers=ccfg.workers, rank=0)
@@ -63,7 +114,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM both stop the cluster cleanly, even where SIGINT arrives ignored (background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    return run_cluster(ccfg, scfg, wcfg)
+    preflight(scfg, wcfg)
+    try:
+        return run_cluster(ccfg, scfg, wcfg)
+    except ClusterError as exc:
+        print(f"paramserver cluster: error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _interrupt(signum, frame):
@@ -95,10 +151,20 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from worker.client import PSClient, ServerUnavailable
+def _check_client_args(args: argparse.Namespace) -> None:
+    """The address and keys of a tool that talks to a server (status, stop)."""
     if bool(args.curve_server) != bool(args.curve_secret):
         raise ConfigError("--curve-server and --curve-secret go together")
+    try:
+        check_address("ADDRESS", args.address)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_resolves("ADDRESS", args.address)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.client import PSClient, ServerUnavailable
+    _check_client_args(args)
     with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
                   curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
         try:
@@ -122,10 +188,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     env_help = "environment: " + "; ".join(f"{k} ({v[1]})" for k, v in ENV_VARS.items())
-    parser = argparse.ArgumentParser(prog="paramserver", allow_abbrev=False, epilog=env_help,
-                                     description="A parameter server for data-parallel training "
-                                                 "(sync, bounded staleness, async).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="paramserver", allow_abbrev=False, epilog=env_help,
+                     description="A parameter server for data-parallel training (sync, bounded staleness, async).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("server", help="run the parameter server", allow_abbrev=False)
     add_arguments(p, ServerConfig)

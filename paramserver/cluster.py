@@ -176,6 +176,21 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def preflight(scfg: ServerConfig, wcfg: WorkerConfig) -> None:
+    """Check, before any process starts, what would make the server or every worker fail at once (the
+    resumed checkpoint, the data folder); raises ConfigError / FileNotFoundError with one line."""
+    from common.checkpoint import load_checkpoint
+    from common.config import ConfigError
+    from worker.data import text_files
+    if wcfg.job == "gpt" and wcfg.data and not text_files(wcfg.data):
+        raise ConfigError(f"--data {wcfg.data!r}: no text files found")
+    if scfg.resume:
+        state = load_checkpoint(scfg.resume)
+        if state.get("optimizer", scfg.optimizer) != scfg.optimizer:
+            raise ConfigError(f"--resume {scfg.resume}: the checkpoint was written with --optimizer "
+                              f"{state['optimizer']}; resume with the same optimizer")
+
+
 def _prepare_out(out: str, resume: str) -> None:
     """Remove the outputs of an earlier run in `out`, except the checkpoint being resumed."""
     os.makedirs(out, exist_ok=True)
@@ -266,7 +281,8 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         print(failure, flush=True)
     failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
     for r in failed:
-        print(f"worker {r} {exit_text(workers[r].returncode)}; see {out}/worker{r}.log", flush=True)
+        if not failure.startswith(f"worker {r} "):
+            print(f"worker {r} {exit_text(workers[r].returncode)}; see {out}/worker{r}.log", flush=True)
     wall = time.time() - t0
     summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed,
                "failure": failure}

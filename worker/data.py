@@ -23,6 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
+from common.config import ConfigError
+
 VAL_EVERY = 20  # one file in 20 (by path hash) is held out
 
 
@@ -51,7 +53,8 @@ def load_corpus(path: str = "", max_bytes: int = 0) -> tuple[np.ndarray, np.ndar
     """(train bytes, held-out bytes, description) as uint8 arrays."""
     files = text_files(path) if path else stdlib_files()
     if not files:
-        raise ValueError(f"no text files found in {path or 'the standard library'}")
+        raise ConfigError(f"--data {path!r}: no text files found" if path else "no .py files found in the Python "
+                          "standard library; pass --data PATH")
     base = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
     train, val, total = [], [], 0
     for f in files:
@@ -116,7 +119,7 @@ def batches(shard: np.ndarray, batch_size: int, seed: int, epochs: int = 0) -> I
     """(epoch, indices) for consecutive batches: each epoch a seeded shuffle of the shard, cut into full
     batches (a remainder smaller than batch_size is skipped). epochs=0 means forever."""
     if len(shard) < batch_size:
-        raise ValueError(f"a shard of {len(shard)} samples cannot fill one batch of {batch_size}; "
+        raise ConfigError(f"a shard of {len(shard)} samples cannot fill one batch of {batch_size}; "
                          "use fewer workers or a smaller --batch-size")
     epoch = 0
     while not epochs or epoch < epochs:
