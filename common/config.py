@@ -207,6 +207,10 @@ class ClusterConfig:
     straggler: float = opt(1.0, "slow down the last worker by this factor (1.0: no straggler)")
     sample_bytes: int = opt(300, "bytes of text to generate from the trained model at the end (gpt)")
     progress_every: float = opt(2.0, "seconds between progress lines")
+    curve: bool = opt(False, "encrypt with CurveZMQ and admit only this run's keys: creates OUT/keys (a server "
+                             "key, one key per worker, an admin key for the cluster's own monitor and SHUTDOWN)")
+    keys: str = opt("", "like --curve, with the keys in this folder: server, worker0..N-1 and cluster (admin) "
+                        "key files are used where they exist and created where they do not")
 
     def __post_init__(self):
         if self.workers < 1:

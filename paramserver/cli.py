@@ -136,10 +136,15 @@ def cmd_bench_consistency(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from common.security import make_keys
-    keys = make_keys(args.folder, tuple(["server"] + args.clients))
+    names = (() if args.no_server else ("server",)) + tuple(args.clients or ())
+    if not names and not args.admin:
+        raise ConfigError("nothing to create: give --clients or --admin NAME, or drop --no-server")
+    keys = make_keys(args.folder, names, admins=tuple(args.admin or ()), force=args.force)
     for name, (public, secret) in keys.items():
-        print(f"{name}: public {public}  secret {secret}")
+        print(f"{name}: public {public}  secret {secret} (0600)")
     print(f"admitted client keys (for the server's --auth): {os.path.join(args.folder, 'clients')}")
+    if args.admin:
+        print(f"admin keys (may send SHUTDOWN under --auth): {os.path.join(args.folder, 'admins')}")
     return 0
 
 
@@ -202,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
     add_arguments(p, ClusterConfig)
-    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint"))
-    add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown"))
+    # keys: the cluster makes its own (--curve / --keys): one per worker, an admin key for itself
+    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth"))
+    add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown", "curve_server",
+                                         "curve_secret"))
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("bench", help="benchmarks that print figures", allow_abbrev=False)
@@ -231,7 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="create CurveZMQ key pairs for the server and clients", allow_abbrev=False)
     p.add_argument("folder", help="where to write NAME.key (public) and NAME.key_secret files")
-    p.add_argument("--clients", nargs="+", default=["client"], help="client key names (default: client)")
+    p.add_argument("--clients", nargs="*", default=["client"], help="client key names (default: client)")
+    p.add_argument("--admin", nargs="+", default=[], metavar="NAME",
+                   help="administrator key names: admitted like clients and copied into FOLDER/admins (the "
+                        "server's admin keys under --auth: only they may send SHUTDOWN, e.g. `paramserver stop`)")
+    p.add_argument("--no-server", action="store_true", help="do not create a server key pair (add keys to a "
+                                                           "folder that has one)")
+    p.add_argument("--force", action="store_true", help="replace key files that exist already")
     p.set_defaults(func=cmd_keys)
     return parser
 

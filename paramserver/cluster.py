@@ -104,13 +104,19 @@ def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0,
 
 
 def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: dict[int, float] | None = None,
-                  threads: int = 0, slowdown_prob: float = 1.0, procs: list | None = None) -> list[subprocess.Popen]:
+                  threads: int = 0, slowdown_prob: float = 1.0, procs: list | None = None,
+                  keys: str = "") -> list[subprocess.Popen]:
     """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor. `procs`, when
-    given, is the list the processes are appended to as they start (and is returned)."""
+    given, is the list the processes are appended to as they start (and is returned). With `keys` (a
+    folder from cluster_keys) worker r talks CurveZMQ with its own key workerR.key_secret."""
     procs = [] if procs is None else procs
     for rank in range(n):
-        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads"))
+        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads",
+                                   "curve_server", "curve_secret"))
         argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
+        if keys:
+            argv += ["--curve-server", os.path.join(keys, "server.key"),
+                     "--curve-secret", os.path.join(keys, f"worker{rank}.key_secret")]
         if slowdown and slowdown.get(rank, 1.0) > 1.0:
             argv += ["--slowdown", str(slowdown[rank]), "--slowdown-prob", str(slowdown_prob)]
         if threads:
@@ -191,6 +197,20 @@ def preflight(scfg: ServerConfig, wcfg: WorkerConfig) -> None:
                               f"{state['optimizer']}; resume with the same optimizer")
 
 
+def cluster_keys(folder: str, n: int) -> dict:
+    """The CurveZMQ keys of a cluster run in `folder`: server, worker0..n-1 and an admin key `cluster` for
+    the cluster's own monitor and SHUTDOWN; those missing are created. Returns the client kwargs of the
+    cluster's own connections."""
+    from common.security import make_keys
+    have = lambda name: os.path.exists(os.path.join(folder, name + ".key_secret"))   # noqa: E731
+    missing = [name for name in ["server"] + [f"worker{r}" for r in range(n)] if not have(name)]
+    admins = () if have("cluster") else ("cluster",)
+    if missing or admins:
+        make_keys(folder, tuple(missing), admins=admins)
+    return {"curve_server": os.path.join(folder, "server.key"),
+            "curve_secret": os.path.join(folder, "cluster.key_secret")}
+
+
 def _prepare_out(out: str, resume: str) -> None:
     """Remove the outputs of an earlier run in `out`, except the checkpoint being resumed."""
     os.makedirs(out, exist_ok=True)
@@ -237,9 +257,21 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     scfg.checkpoint = os.path.join(out, "checkpoint.pt")
     scfg.metrics = os.path.join(out, "server_metrics.json")
     scfg.bind = "tcp://127.0.0.1:*"
+    keys = ccfg.keys or (os.path.join(out, "keys") if ccfg.curve else "")
+    curve: dict = {}
+    if keys:
+        curve = cluster_keys(keys, ccfg.workers)
+        scfg.curve_secret = os.path.join(keys, "server.key_secret")
+        scfg.auth = os.path.join(keys, "clients")
     threads = wcfg.threads or max(1, (os.cpu_count() or 1) // ccfg.workers)
-    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.job}, mode {scfg.mode}, "
-          f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}, output in {out}/", flush=True)
+    mode = scfg.mode + (f" (staleness bound {scfg.staleness})" if scfg.mode == "ssp" else "") + \
+        (f" ({scfg.backup_workers} backup workers)" if scfg.backup_workers else "")
+    straggler = (f", straggler: worker {ccfg.workers - 1} x{ccfg.straggler:g}"
+                 + (f" on {wcfg.slowdown_prob:.0%} of its steps" if wcfg.slowdown_prob < 1 else "")
+                 if ccfg.straggler > 1.0 else "")
+    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.job}, mode {mode}, "
+          f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}{straggler}"
+          f"{', CurveZMQ keys in ' + keys if keys else ''}, output in {out}/", flush=True)
     t0 = time.time()
     children: list[subprocess.Popen] = []     # the server first, then the workers
     server, address, workers = None, "", []
@@ -247,9 +279,10 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     try:
         server, address = start_server(scfg, out, procs=children)
         slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
-        start_workers(wcfg, ccfg.workers, address, out, slow, threads, wcfg.slowdown_prob, procs=workers)
+        start_workers(wcfg, ccfg.workers, address, out, slow, threads, wcfg.slowdown_prob, procs=workers,
+                      keys=keys)
         next_tick = time.time() + ccfg.progress_every
-        with PSClient(address, server_timeout=2.0, request_timeout=1.0) as monitor:   # one connection for status
+        with PSClient(address, server_timeout=2.0, request_timeout=1.0, **curve) as monitor:   # one connection for status
             while any(p.poll() is None for p in workers):
                 time.sleep(0.2)
                 if time.time() >= next_tick:
@@ -274,7 +307,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         with _Signals() as sigs:
             if server is None and children:
                 server = children[0]
-            stop_all(workers, server, address)
+            stop_all(workers, server, address, curve, worker_wait=3.0 if sigs.again else 10.0)
             if sigs.again:
                 interrupted = True
     if failure:

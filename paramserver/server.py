@@ -261,6 +261,7 @@ class Server:
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._check_job(msg.meta.get("job") or {})
         if msg.tensors:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
@@ -290,6 +291,23 @@ class Server:
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+
+    def _check_job(self, job: dict) -> None:
+        """Refuse a worker whose job description (the flags every worker of a job shares) differs from the
+        job's (the first worker's, or the resumed checkpoint's), naming each differing flag; and one that
+        was started for another number of workers (it would train on the wrong share of the data)."""
+        if not isinstance(job, dict):
+            return
+        diffs = []
+        n = job.get("num_workers")
+        if isinstance(n, int) and n != self.cfg.num_workers:
+            diffs.append(f"--num-workers {n} (the server has --num-workers {self.cfg.num_workers})")
+        for key, value in sorted(job.items()):
+            if key != "num_workers" and key in self.job and self.job[key] != value:
+                diffs.append(f"--{key.replace('_', '-')} {value!r} (the job has {self.job[key]!r})")
+        if diffs:
+            raise RequestError("job_mismatch", "this worker was started with other job flags than the job it "
+                               "joins: " + "; ".join(diffs) + ". Start it with the job's flags")
 
     @property
     def finished(self) -> bool:
@@ -431,6 +449,8 @@ class Server:
                                  "state": "left" if s.left else ("live" if s.alive else "dead"),
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
+            "started": self.policy.started, "registered": len(self.policy.last_clock),
+            "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             **self.record.summary(),

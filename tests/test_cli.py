@@ -175,3 +175,44 @@ def test_cluster_prints_the_failing_workers_own_error_line(tmp_path):
     assert "corpus too small for --context 64" in r.stdout and "worker" in r.stdout, r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert "checkpoint: none written" in r.stdout
+
+
+# -- mismatches are caught, not trained through -------------------------------------------------
+
+def _worker(address, *flags, timeout=120):
+    return ps("worker", "--server", address, "--job", "mlp", "--steps", "3", "--eval-every", "0", "--log-every", "0",
+              "--server-timeout", "20", *flags, timeout=timeout)
+
+
+def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_server):
+    srv = start_server(num_workers=2, mode="sync")
+    r = _worker(srv.address, "--num-workers", "3")
+    _one_line(r, "--num-workers 3 (the server has --num-workers 2)")
+    assert not srv.server.store.initialized or srv.server.store.version == 0
+
+
+def test_a_worker_with_other_job_flags_is_refused_naming_each_flag(start_server):
+    srv = start_server(num_workers=1, mode="async")
+    assert _worker(srv.address).returncode == 0          # the job: mlp, seed 0, hidden 32
+    version = srv.server.store.version
+    r = _worker(srv.address, "--seed", "1", "--hidden", "16")
+    _one_line(r, "--hidden 16 (the job has 32)")
+    assert "--seed 1 (the job has 0)" in r.stderr
+    assert srv.server.store.version == version           # nothing trained through
+
+
+def test_a_waiting_worker_says_what_it_waits_for(start_server):
+    import subprocess as sp
+    srv = start_server(num_workers=2, mode="sync")
+    p = sp.Popen([sys.executable, "-m", "paramserver", "worker", "--server", srv.address, "--job", "mlp",
+                  "--num-workers", "2", "--steps", "3", "--eval-every", "0"], stdout=sp.PIPE, stderr=sp.STDOUT,
+                 text=True, env=ENV, cwd=ROOT)
+    try:
+        for line in p.stdout:
+            if "waiting for the other workers to register: 1 of 2 workers registered" in line:
+                break
+        else:
+            raise AssertionError("the waiting worker never said what it waits for")
+    finally:
+        p.kill()
+        p.wait()

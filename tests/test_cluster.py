@@ -88,3 +88,31 @@ def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path):
            "--resume", str(out / "checkpoint.pt"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert torch.load(out / "checkpoint.pt")["version"] > 6
+
+
+def test_cluster_with_curve_keys_trains_monitors_and_shuts_down(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--curve", "--workers", "2", "--steps", "8", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "live 2/2" in r.stdout or "live 0/2" in r.stdout    # the monitor is answered (it has a key)
+    assert "server not answering" not in r.stdout
+    st = json.loads((out / "metrics.json").read_text())["server"]["status"]
+    assert st["version"] == 8 and st["counters"].get("handshake_failures", 0) == 0
+    assert "shutdown requested" in (out / "server.log").read_text()     # the cluster's admin key stopped it
+    for name in ("server", "worker0", "worker1", "cluster"):
+        assert (out / "keys" / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+    assert (out / "keys" / "admins" / "cluster.key").exists()
+    assert not (out / "keys" / "clients" / "server.key").exists()
+
+
+def test_cluster_passes_slowdown_prob_and_threads_to_the_workers(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--workers", "2", "--steps", "30", *TINY, "--out", str(out), "--straggler", "3",
+           "--slowdown-prob", "0.5", "--threads", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "straggler: worker 1 x3 on 50% of its steps" in r.stdout
+    workers = json.loads((out / "metrics.json").read_text())["workers"]
+    assert workers["0"]["threads"] == workers["1"]["threads"] == 2
+    slept = [s[7] for s in workers["1"]["steps"]]
+    assert 0 < sum(x > 0 for x in slept) < len(slept)      # some steps slowed, not all
+    assert all(s[7] == 0 for s in workers["0"]["steps"])

@@ -57,7 +57,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
                                 curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
-    m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
+    m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description, "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)
     t_start = time.time()
@@ -66,6 +66,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
+        _wait_for_start(client, cfg.rank)
         if cfg.rank == 0 and cfg.eval_every:
             job.load_params(welcome.tensors)
             m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
@@ -152,8 +153,24 @@ def write_metrics(m: dict, cfg: WorkerConfig) -> None:
 
 
 def _job_meta(cfg: WorkerConfig) -> dict:
-    """The job description the server stores in its checkpoint (enough to rebuild the model)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)}
+    """The job description: the server stores it in its checkpoint (enough to rebuild the model) and
+    refuses a worker whose description differs from the job's, naming the flags."""
+    return {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)},
+            "num_workers": cfg.num_workers, "shard": cfg.shard}
+
+
+def _wait_for_start(client: PSClient, rank: int, every: float = 1.0) -> None:
+    """Say what this worker waits for at the start gate ("2 of 3 workers registered"), instead of silence."""
+    said, said_at = "", 0.0
+    while True:
+        st = client.status()
+        if st.get("started", True) or "registered" not in st:
+            return
+        what = f"{st['registered']} of {st['num_workers']} workers registered"
+        if what != said or time.monotonic() - said_at > 15:
+            log.info("worker %d waiting for the other workers to register: %s", rank, what)
+            said, said_at = what, time.monotonic()
+        time.sleep(every)
 
 
 def summarize(m: dict) -> dict:
