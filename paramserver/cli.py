@@ -180,15 +180,66 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"version {st['version']}  mode {st['mode']}  step {st['step']}  live {st['live']}  "
-          f"min clock {st['min_clock']}  max gap {st['max_gap']}  {st['updates_per_s']} updates/s  "
-          f"uptime {st['uptime_s']}s")
-    for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
-        print(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
-    print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())))
-    ck = st.get("checkpoint") or {}
-    print(f"  checkpoint: {ck.get('path', 'none')}" + (f" at version {ck['version']}" if ck else ""))
+    print(format_status(st))
     return 0
+
+
+def format_status(st: dict) -> str:
+    """The text of `paramserver status`: position, workers, rates, theta's CRC32, counters, checkpoint."""
+    mode = st["mode"]
+    if mode == "sync":
+        where = f"step {st['step']}"
+    else:
+        clocks = ([w["clock"] for w in st["workers"].values() if w["state"] == "live"]
+                  or [w["clock"] for w in st["workers"].values()] or [st["min_clock"]])
+        where = f"clocks {min(clocks)}..{max(clocks)}  max gap {st['max_gap']}"
+        if st.get("staleness_bound") is not None:
+            where += f" (bound {st['staleness_bound']})"
+    gate = ""
+    if st.get("started") is False:
+        gate = f"  waiting at the start gate: {st['registered']} of {st['num_workers']} workers registered"
+    lines = [f"version {st['version']}  mode {mode}  {where}  live {st['live']}{gate}"]
+    loss = f"{st['loss']:.4f}" if isinstance(st.get("loss"), (int, float)) else "-"
+    handle = st.get("handle_ms") or {}
+    lines.append(f"  {st['updates_per_s']} updates/s  train loss {loss}  theta crc32 {st.get('theta_crc32', '-')}  "
+                 f"uptime {st['uptime_s']}s")
+    if handle:
+        lines.append("  handling ms per message: " + "  ".join(f"{q} {v}" for q, v in handle.items()))
+    for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
+    lines.append("  counters: " + (", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())) or "none"))
+    ck, res = st.get("checkpoint") or {}, st.get("resumed_from") or {}
+    if ck:
+        lines.append(f"  checkpoint: {ck['path']} at version {ck['version']}")
+    else:
+        lines.append("  checkpoint: none written yet" + (f" (resumed from {res['path']} at version {res['version']})"
+                                                          if res else ""))
+    if ck and res:
+        lines.append(f"  resumed from {res['path']} at version {res['version']}")
+    return "\n".join(lines)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from worker.client import PSClient, ServerError, ServerUnavailable
+    _check_client_args(args)
+    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
+        try:
+            ps.shutdown()
+        except (ServerUnavailable, ServerError) as exc:
+            print(f"paramserver stop: error: {exc}", file=sys.stderr)
+            return 1
+    print(f"paramserver stop: {args.address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")
+    return 0
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
+                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
+    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
+    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ; for stop under "
+                                                      "--auth: an admin key, `paramserver keys DIR --admin NAME`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,13 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_load)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
-    p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
-                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+    _client_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
-    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
-    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stop", help="stop a running server (SHUTDOWN: it checkpoints and exits)", allow_abbrev=False)
+    _client_arguments(p)
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("keys", help="create CurveZMQ key pairs for the server and clients", allow_abbrev=False)
     p.add_argument("folder", help="where to write NAME.key (public) and NAME.key_secret files")

@@ -252,7 +252,10 @@ class _Signals:
 def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
     from worker.client import PSClient
     from worker.evaluate import evaluate_checkpoint
+    from common.checkpoint import load_checkpoint
     out = ccfg.out
+    start_state = load_checkpoint(scfg.resume) if scfg.resume else None   # read before it is overwritten
+    start_version = int(start_state["version"]) if start_state is not None else 0
     _prepare_out(out, scfg.resume)
     scfg.checkpoint = os.path.join(out, "checkpoint.pt")
     scfg.metrics = os.path.join(out, "server_metrics.json")
@@ -320,20 +323,28 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed,
                "failure": failure}
     written = _written_since(scfg.checkpoint, t0)
-    if written:
-        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out))
     server_metrics = _read_json(scfg.metrics)
+    st = server_metrics.get("status", {})
+    end_version = int(st.get("version", start_version))
+    summary.update(start_version=start_version, end_version=end_version, updates=end_version - start_version)
+    if written and end_version > start_version:   # a run that trained nothing has no "after" to report
+        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out, start_state=start_state))
     workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({"summary": summary, "server": server_metrics, "workers": workers_m}, f)
-    st = server_metrics.get("status", {})
-    print(f"done in {wall:.1f}s: {st.get('version', 0)} updates applied, counters {st.get('counters', {})}")
+    resumed = f" (version {start_version} -> {end_version}, resumed from {scfg.resume})" if scfg.resume else ""
+    print(f"done in {wall:.1f}s: {end_version - start_version} updates applied in this run{resumed}, "
+          f"counters {st.get('counters', {})}")
     if "final_eval_loss" in summary:
         first = summary.get("initial_eval_loss")
         print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
-              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else ""))
+              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else "")
+              + (" (before: the resumed model)" if start_state is not None else ""))
+    else:
+        print("held-out loss: not measured (no update was applied in this run)")
     if summary.get("sample"):
-        print("sample from the trained model:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
+        print(f"sample from the trained model (prompt {summary['prompt']!r} from the held-out text):\n"
+              + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
     print(f"checkpoint: {scfg.checkpoint if written else 'none written'}   "
           f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
     return 1 if failed or interrupted or failure else 0

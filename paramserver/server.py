@@ -79,6 +79,9 @@ class Server:
         self._ctx = context or zmq.Context.instance()
         self._auth = None        # the ZAP authenticator thread when --auth is on
         self._last_why = ""      # the last reason logged for holding pulls
+        self.resumed_from: dict = {}     # {path, version} of the checkpoint this server resumed
+        self._tools: set[bytes] = set()  # connections of tools (status, stop): their disconnects are routine
+        self._said_all_left = False
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None   # connection events of self.sock
         self.address = ""
@@ -166,12 +169,32 @@ class Server:
             what, endpoint = event["event"], event["endpoint"].decode(errors="replace")
             if what == zmq.EVENT_DISCONNECTED:
                 self.policy.counters["disconnects"] += 1
-                log.info("a peer on %s disconnected (it closed, or sent a message over --max-message-mb %g)",
-                          endpoint, self.cfg.max_message_mb)
+                self._log_disconnect(endpoint)
             else:
                 self.policy.counters["handshake_failures"] += 1
                 log.warning("refused a connection on %s: CurveZMQ handshake failed (%s); the client has no "
                             "admitted key or speaks plain text", endpoint, _EVENT_NAMES.get(what, what))
+
+    def _log_disconnect(self, endpoint: str) -> None:
+        """A worker that left, a refused worker or a status tool closing its connection is routine (debug);
+        a disconnect beyond those (a crash, or a message over --max-message-mb) is worth a warning."""
+        gone = sum(1 for s in self.workers.values() if not s.alive)
+        expected = 2 * gone + len(self._tools) + self.policy.counters["rejected"]   # a worker has 2 connections
+        if self.policy.counters["disconnects"] <= expected:
+            log.debug("a peer on %s disconnected", endpoint)
+        else:
+            log.warning("a peer on %s disconnected without saying goodbye (it crashed, or sent a message over "
+                        "--max-message-mb %g)", endpoint, self.cfg.max_message_mb)
+
+    def _note_all_left(self) -> None:
+        """A hand-started server does not idle silently once every worker has gone."""
+        if self.policy.clocks or not self.workers:
+            self._said_all_left = False
+        elif not self._said_all_left:
+            self._said_all_left = True
+            log.info("all %d workers have left or died; the server keeps serving (a worker may still join). "
+                     "Stop it with `paramserver stop %s` or Ctrl-C: it writes its checkpoint", len(self.workers),
+                     self.address)
 
     # -- receive and dispatch -----------------------------------------------------------------
 
@@ -407,6 +430,8 @@ class Server:
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
 
     def _on_status(self, identity: bytes, msg: Message) -> Message:
+        if msg.worker < 0 and len(self._tools) < 100_000:
+            self._tools.add(identity)
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version, meta=self.status())
 
     def _on_shutdown(self, identity: bytes, msg: Message) -> Message:
@@ -433,6 +458,7 @@ class Server:
         self._serve_pending()
         if self.pending:
             self._say_why_waiting()
+        self._note_all_left()
 
     # -- metrics, status, checkpoints ---------------------------------------------------------
 
@@ -453,6 +479,7 @@ class Server:
             "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
+            "resumed_from": self.resumed_from,
             **self.record.summary(),
         }
 
@@ -478,6 +505,7 @@ class Server:
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
+        self.resumed_from = {"path": path, "version": self.store.version}
         log.info("resumed from %s at version %d (step %d), theta crc32 %s", path, self.store.version,
                  self.policy.step, self.store.checksum())
 

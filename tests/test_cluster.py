@@ -28,8 +28,9 @@ def _start(out, *extra):
 
 
 def _wait_live(p, n=2):
+    """Until both workers are live and training (a progress line with version >= 3)."""
     for line in p.stdout:
-        if f"live {n}/{n}" in line:
+        if f"live {n}/{n}" in line and int(line.split("version")[1].split("|")[0]) >= 3:
             return
     raise AssertionError("the cluster never reported its workers live")
 
@@ -61,7 +62,7 @@ def test_a_second_ctrl_c_still_stops_every_child_and_the_server_checkpoints(tmp_
     assert torch.load(out / "checkpoint.pt")["version"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
     for r in ("0", "1"):    # workers stopped by a signal still wrote their metrics
-        assert metrics["workers"][r]["steps"] and metrics["workers"][r]["exit"] == "interrupted"
+        assert metrics["workers"][r]["exit"] == "interrupted" and metrics["workers"][r]["steps"]
 
 
 def test_kill_9_of_the_cluster_still_stops_the_server_with_a_checkpoint(tmp_path):
@@ -84,10 +85,29 @@ def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path):
     r = ps("cluster", "--workers", "2", "--steps", "6", *TINY, "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert torch.load(out / "checkpoint.pt")["version"] == 6
+    first = json.loads((out / "metrics.json").read_text())["summary"]
     r = ps("cluster", "--workers", "2", "--steps", "4", *TINY, "--out", str(out),
            "--resume", str(out / "checkpoint.pt"))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert torch.load(out / "checkpoint.pt")["version"] > 6
+    end = torch.load(out / "checkpoint.pt")["version"]
+    assert end > 6
+    # the summary reports this run's updates, and "before" is the resumed model, not a fresh one
+    assert f"{end - 6} updates applied in this run (version 6 -> {end}" in r.stdout
+    second = json.loads((out / "metrics.json").read_text())["summary"]
+    assert second["updates"] == end - 6 and second["start_version"] == 6
+    assert abs(second["initial_eval_loss"] - first["final_eval_loss"]) < 1e-9
+    assert "before: the resumed model" in r.stdout
+
+
+def test_a_run_whose_workers_are_all_refused_reports_no_held_out_loss(tmp_path):
+    out = tmp_path / "run"
+    assert ps("cluster", "--workers", "2", "--steps", "3", *TINY, "--out", str(out)).returncode == 0
+    r = ps("cluster", "--workers", "2", "--steps", "3", *TINY, "--out", str(out), "--hidden", "16",
+           "--resume", str(out / "checkpoint.pt"))
+    assert r.returncode == 1
+    assert "--hidden 16 (the job has 32)" in r.stdout           # the refused worker's own line
+    assert "held-out loss: not measured" in r.stdout and "->" not in r.stdout.split("held-out loss")[1][:40]
+    assert "0 updates applied in this run" in r.stdout
 
 
 def test_cluster_with_curve_keys_trains_monitors_and_shuts_down(tmp_path):
