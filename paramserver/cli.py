@@ -233,6 +233,31 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from worker.evaluate import evaluate_path
+    if args.eval_batches < 1 or args.batch_size < 1:
+        raise ConfigError("--eval-batches and --batch-size must be >= 1")
+    r = evaluate_path(args.checkpoint, data=args.data, eval_batches=args.eval_batches, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    bits = f"  ({r['bits_per_byte']:.3f} bits/byte)" if "bits_per_byte" in r else ""
+    print(f"{r['checkpoint']}: version {r['version']}, job {r['job']}\n  data: {r['data']}\n"
+          f"  held-out loss {r['eval_loss']:.4f}{bits}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from worker.evaluate import load_job, sample_text
+    if args.bytes < 1:
+        raise ConfigError("--bytes must be >= 1")
+    job, _ = load_job(args.checkpoint, data=args.data)
+    prompt = args.prompt.encode() if args.prompt is not None else None
+    text = sample_text(job, args.bytes, prompt=prompt, seed=args.seed, temperature=args.temperature)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
 def _client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
                    help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
@@ -286,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="stop a running server (SHUTDOWN: it checkpoints and exits)", allow_abbrev=False)
     _client_arguments(p)
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("eval", help="held-out loss (and bits per byte) of a checkpoint", allow_abbrev=False)
+    p.add_argument("checkpoint", help="a checkpoint written by the server (--checkpoint, or the cluster's)")
+    p.add_argument("--data", default="", help="evaluate on this text file or folder instead of the job's data")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches (default: 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: 16)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a gpt checkpoint", allow_abbrev=False)
+    p.add_argument("checkpoint", help="a checkpoint of a gpt job")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a line from the held-out data)")
+    p.add_argument("--bytes", type=int, default=300, help="bytes to generate (default: 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--data", default="", help="where the default prompt comes from, instead of the job's data")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("keys", help="create CurveZMQ key pairs for the server and clients", allow_abbrev=False)
     p.add_argument("folder", help="where to write NAME.key (public) and NAME.key_secret files")
