@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 
 import numpy as np
@@ -62,11 +63,12 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     slow_rng = straggler_rng(cfg)
     t_start = time.time()
     m["exit"] = "done"
+    gate = None
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
-        _wait_for_start(client, cfg.rank)
+        gate = _GateReporter(cfg, client)
         if cfg.rank == 0 and cfg.eval_every:
             job.load_params(welcome.tensors)
             m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
@@ -83,6 +85,11 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             t0 = time.perf_counter()
             params = client.pull()
             t1 = time.perf_counter()
+            gated = 0.0
+            if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
+                gate.stop()
+                gated = float(params.meta.get("wait_s", 0.0))
+                m["start_gate_s"] = round(gated, 5)
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
@@ -106,8 +113,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             t3 = time.perf_counter()
             ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
             t4 = time.perf_counter()
-            wait = float(params.meta.get("wait_s", 0.0))
-            comm = max(0.0, (t1 - t0) - wait) + (t4 - t3)
+            wait = float(params.meta.get("wait_s", 0.0)) - gated
+            comm = max(0.0, (t1 - t0) - wait - gated) + (t4 - t3)
             m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
                                round(t2 - t1, 5), round(wait, 5), round(comm, 5), round(slept, 5),
                                ack.meta.get("status", "")])
@@ -133,6 +140,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         m["exit"] = f"error: {type(exc).__name__}: {exc}"
         raise
     finally:   # every way out (done, SIGINT, SIGTERM, an error) leaves this worker's metrics behind
+        if gate is not None:
+            gate.stop()
         m["client"] = dict(client.stats)
         if own:
             client.close()
@@ -159,18 +168,43 @@ def _job_meta(cfg: WorkerConfig) -> dict:
             "num_workers": cfg.num_workers, "shard": cfg.shard}
 
 
-def _wait_for_start(client: PSClient, rank: int, every: float = 1.0) -> None:
-    """Say what this worker waits for at the start gate ("2 of 3 workers registered"), instead of silence."""
-    said, said_at = "", 0.0
-    while True:
-        st = client.status()
+def _gate_text(st: dict) -> str:
+    return f"{st['registered']} of {st['num_workers']} workers registered"
+
+
+class _GateReporter:
+    """While the first pull is held at the start gate, say what this worker waits for ("2 of 3 workers
+    registered") now and every few seconds, from a thread with its own status connection, so that the
+    pull itself is answered the moment the gate opens."""
+
+    def __init__(self, cfg: WorkerConfig, client: PSClient, every: float = 5.0):
+        self.cfg, self.every = cfg, every
+        self.done = threading.Event()
+        self.thread = None
+        try:
+            st = client.status()
+        except Exception:   # only a message; never in the way of training
+            return
         if st.get("started", True) or "registered" not in st:
             return
-        what = f"{st['registered']} of {st['num_workers']} workers registered"
-        if what != said or time.monotonic() - said_at > 15:
-            log.info("worker %d waiting for the other workers to register: %s", rank, what)
-            said, said_at = what, time.monotonic()
-        time.sleep(every)
+        log.info("worker %d waiting for the other workers to register: %s", cfg.rank, _gate_text(st))
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            with PSClient(self.cfg.server.split(",")[0], server_timeout=self.every, request_timeout=1.0,
+                          curve_server=self.cfg.curve_server, curve_secret=self.cfg.curve_secret) as tool:
+                while not self.done.wait(self.every):
+                    st = tool.status()
+                    if st.get("started", True):
+                        return
+                    log.info("worker %d still waiting at the start gate: %s", self.cfg.rank, _gate_text(st))
+        except Exception:
+            pass
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def summarize(m: dict) -> dict:
