@@ -192,16 +192,20 @@ class _GateReporter:
         self.thread.start()
 
     def _loop(self) -> None:
+        tool = None    # connected only when needed: a connection that never says anything looks like a crash
         try:
-            with PSClient(self.cfg.server.split(",")[0], server_timeout=self.every, request_timeout=1.0,
-                          curve_server=self.cfg.curve_server, curve_secret=self.cfg.curve_secret) as tool:
-                while not self.done.wait(self.every):
-                    st = tool.status()
-                    if st.get("started", True):
-                        return
-                    log.info("worker %d still waiting at the start gate: %s", self.cfg.rank, _gate_text(st))
+            while not self.done.wait(self.every):
+                tool = tool or PSClient(self.cfg.server.split(",")[0], server_timeout=self.every, request_timeout=1.0,
+                                        curve_server=self.cfg.curve_server, curve_secret=self.cfg.curve_secret)
+                st = tool.status()
+                if st.get("started", True):
+                    return
+                log.info("worker %d still waiting at the start gate: %s", self.cfg.rank, _gate_text(st))
         except Exception:
             pass
+        finally:
+            if tool is not None:
+                tool.close()
 
     def stop(self) -> None:
         self.done.set()

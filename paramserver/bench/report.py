@@ -184,7 +184,7 @@ def write_plots(report: dict, out: str) -> list[str]:
     ax.set_ylabel("share of worker time")
     ax.set_title("where the workers' time went (bars in the same order and colours as on the left)", fontsize=9)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(facecolor="lightgrey", hatch=h, edgecolor="white", label=lbl) for _, lbl, h in parts]
+    ax.legend(handles=[Patch(facecolor="grey", hatch=h, edgecolor="white", label=lbl) for _, lbl, h in parts]
               + [Patch(facecolor="none", edgecolor="none", label="DDP: waiting is inside communication")],
               fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
