@@ -41,7 +41,8 @@ def make_keys(folder: str, names: tuple[str, ...] = ("server", "client"), admins
     for name in names:
         if not name or os.sep in name or name.startswith(".") or name in ("clients", "admins"):
             raise ConfigError(f"key name {name!r}: use a plain file name (letters, digits, -, _)")
-    existing = [n for n in names if any(os.path.exists(os.path.join(folder, n + ext)) for ext in (".key", ".key_secret"))]
+    existing = [n for n in names
+                if any(os.path.exists(os.path.join(folder, n + ext)) for ext in (".key", ".key_secret"))]
     if existing and not force:
         raise ConfigError(f"{folder}: key files for {', '.join(existing)} exist already; pass --force to replace "
                           "them (clients and servers holding the old keys will then be refused)")

@@ -285,7 +285,8 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         start_workers(wcfg, ccfg.workers, address, out, slow, threads, wcfg.slowdown_prob, procs=workers,
                       keys=keys)
         next_tick = time.time() + ccfg.progress_every
-        with PSClient(address, server_timeout=2.0, request_timeout=1.0, **curve) as monitor:   # one connection for status
+        # one connection for all status calls
+        with PSClient(address, server_timeout=2.0, request_timeout=1.0, **curve) as monitor:
             while any(p.poll() is None for p in workers):
                 time.sleep(0.2)
                 if time.time() >= next_tick:

@@ -38,3 +38,23 @@ def test_existing_keys_are_not_overwritten_without_force(tmp_path):
     assert (d / "server.key_secret").read_text() == before
     assert keys(str(d), "--force").returncode == 0
     assert (d / "server.key_secret").read_text() != before
+
+
+def test_a_refused_client_hears_that_the_server_may_be_refusing_its_key(tmp_path):
+    import numpy as np
+    import pytest
+
+    from common.security import make_keys
+    from tests.conftest import RunningServer
+    from worker.client import PSClient, ServerUnavailable
+    keys = make_keys(str(tmp_path / "keys"), ("server", "client"))
+    rogue = make_keys(str(tmp_path / "rogue"), ("client",))
+    srv = RunningServer(num_workers=1, mode="async", curve_secret=keys["server"][1],
+                        auth=str(tmp_path / "keys" / "clients"))
+    try:
+        with PSClient(srv.address, worker=0, request_timeout=0.2, server_timeout=1.0, curve_server=keys["server"][0],
+                      curve_secret=rogue["client"][1]) as bad:
+            with pytest.raises(ServerUnavailable, match="the server may be refusing this key"):
+                bad.register(init={"w": np.ones(3, np.float32)})
+    finally:
+        srv.stop()

@@ -58,7 +58,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
                                 curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
-    m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description, "shard_size": int(len(shard)),
+    m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
+         "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)
     t_start = time.time()

@@ -5,8 +5,8 @@ when the same number of gradients (the budget) has been applied, so wall-clock t
 throughput compare like with like. Backup workers compute more gradients than they apply (the late
 ones are dropped), so the runs are also compared at an equal number of *computed* gradients (samples
 processed, dropped ones included). `--repeats R` runs everything R times with seeds seed..seed+R-1
-and reports the median and range of every figure; a ranking is stated only where ranges do not overlap. Everything reported is recorded by the server and the
-workers while they run (paramserver/server.py `updates`, worker step timings, rank-0 held-out
+and reports the median and range of every figure; a ranking is stated only where ranges do not
+overlap. Everything reported is recorded by the server and the workers while they run (paramserver/server.py `updates`, worker step timings, rank-0 held-out
 evaluations); nothing is estimated afterwards.
 
 Usage::
