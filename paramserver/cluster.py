@@ -228,7 +228,7 @@ def _written_since(path: str, t0: float) -> bool:
 
 class _Signals:
     """While the children are stopped, a second Ctrl-C or SIGTERM does not abort the cleanup: it is
-    noted, and the workers are given less time."""
+    noted (the waits are bounded anyway: 10 s per worker, 30 s for the server's checkpoint)."""
 
     def __init__(self):
         self.again = 0
@@ -311,7 +311,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         with _Signals() as sigs:
             if server is None and children:
                 server = children[0]
-            stop_all(workers, server, address, curve, worker_wait=3.0 if sigs.again else 10.0)
+            stop_all(workers, server, address, curve)
             if sigs.again:
                 interrupted = True
     if failure:

@@ -131,6 +131,9 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         client.leave("done")
     except (KeyboardInterrupt, SystemExit):
         m["exit"] = "interrupted"
+        if cfg.out:   # first, in case saying goodbye takes longer than whoever stops us waits
+            m["wall_s"], m["t0_epoch"] = round(time.time() - t_start, 3), t_start
+            write_metrics(m, cfg)
         client.server_timeout = min(client.server_timeout, 3.0)
         try:
             client.leave("interrupted")
