@@ -16,6 +16,8 @@ import tempfile
 import numpy as np
 import torch
 
+from common.config import ConfigError
+
 
 def _to_torch(tree):
     if isinstance(tree, np.ndarray):
@@ -51,7 +53,23 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by `save_checkpoint`; tensors come back as numpy arrays."""
+    """Read a checkpoint written by `save_checkpoint`; tensors come back as numpy arrays.
+
+    A missing file, a folder, a truncated file or a file that is not a paramserver checkpoint raises
+    ConfigError with one line that says which."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (check --resume)")
-    return _to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path!r} is a folder; give the checkpoint file (e.g. {path}/checkpoint.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # torch's own text suggests weights_only=False: bad advice for a file we did not write
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+            why = "it is truncated or damaged (an interrupted copy?)"
+        else:
+            why = "it is not a checkpoint written by paramserver"
+        raise ConfigError(f"checkpoint {path!r} cannot be read: {why} ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "theta" not in state or "version" not in state:
+        raise ConfigError(f"checkpoint {path!r} is a torch file but not a paramserver checkpoint (no theta/version)")
+    return _to_numpy(state)

@@ -48,6 +48,20 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"unknown --{name.replace('_', '-')} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
+TRANSPORTS = ("tcp", "ipc", "inproc")
+
+
+def check_address(flag: str, value: str) -> None:
+    """Raise ValueError unless every comma-separated address in `value` names a ZeroMQ transport."""
+    for addr in value.split(","):
+        addr = addr.strip()
+        scheme, sep, rest = addr.partition("://")
+        if not sep:
+            raise ValueError(f"{flag} {addr!r} has no transport: write tcp://{addr}")
+        if scheme not in TRANSPORTS or not rest:
+            raise ValueError(f"{flag} {addr!r}: use tcp://HOST:PORT (or ipc://PATH)")
+
+
 def _validate_choices(cfg) -> None:
     for f in dataclasses.fields(cfg):
         if f.metadata.get("choices"):
@@ -121,6 +135,13 @@ class ServerConfig:
             raise ValueError("--step-timeout and --max-message-mb must be >= 0")
         if self.admins and not self.auth:
             raise ValueError("--admins needs --auth (without --auth every client may send SHUTDOWN)")
+        check_address("--bind", self.bind)
+        if self.staleness != 3 and self.mode != "ssp":   # 3 is the default: only a value the user gave
+            raise ValueError("--staleness only applies to --mode ssp")
+        if self.resume and os.path.isdir(self.resume):
+            raise ValueError(f"--resume {self.resume!r} is a folder; give the checkpoint file")
+        if self.resume and not os.path.exists(self.resume):
+            raise ValueError(f"--resume {self.resume!r}: no such file")
 
 
 @dataclass
@@ -195,6 +216,7 @@ class WorkerConfig(JobConfig):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
+        check_address("--server", self.server)
 
 
 @dataclass
@@ -206,6 +228,10 @@ class ClusterConfig:
     straggler: float = opt(1.0, "slow down the last worker by this factor (1.0: no straggler)")
     sample_bytes: int = opt(300, "bytes of text to generate from the trained model at the end (gpt)")
     progress_every: float = opt(2.0, "seconds between progress lines")
+    curve: bool = opt(False, "encrypt with CurveZMQ and admit only this run's keys: creates OUT/keys (a server "
+                             "key, one key per worker, an admin key for the cluster's own monitor and SHUTDOWN)")
+    keys: str = opt("", "like --curve, with the keys in this folder: server, worker0..N-1 and cluster (admin) "
+                        "key files are used where they exist and created where they do not")
 
     def __post_init__(self):
         if self.workers < 1:

@@ -7,6 +7,10 @@ connection; a client with another key never gets a reply). Clients load their ow
 the server's public file. Without keys, traffic is plain TCP: keep the server on loopback or a
 private network.
 
+`paramserver keys DIR --admin NAME` also makes NAME an administrator: its public key goes into
+DIR/clients (admitted) and DIR/admins (allowed to send SHUTDOWN under --auth). Secret key files are
+written 0600, and existing key files are never overwritten unless asked (`force`).
+
 Usage::
 
     make_keys("keys")                                   # server + client pairs
@@ -23,19 +27,44 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 
-def make_keys(folder: str, names: tuple[str, ...] = ("server", "client")) -> dict[str, tuple[str, str]]:
-    """Create a key pair per name in `folder`; returns {name: (public file, secret file)}."""
+def make_keys(folder: str, names: tuple[str, ...] = ("server", "client"), admins: tuple[str, ...] = (),
+              force: bool = False) -> dict[str, tuple[str, str]]:
+    """Create a key pair per name (and per admin name) in `folder`; returns {name: (public, secret file)}.
+
+    Every name but "server" is admitted (its public key is copied into folder/clients); admins are also
+    copied into folder/admins. Secret files are 0600. Raises ConfigError, touching nothing, when a key
+    file of one of these names exists and `force` is not set."""
+    from common.config import ConfigError
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq has no CURVE support; install pyzmq from its wheels (they bundle libsodium)")
+    names = tuple(dict.fromkeys(tuple(names) + tuple(admins)))
+    for name in names:
+        if not name or os.sep in name or name.startswith(".") or name in ("clients", "admins"):
+            raise ConfigError(f"key name {name!r}: use a plain file name (letters, digits, -, _)")
+    existing = [n for n in names
+                if any(os.path.exists(os.path.join(folder, n + ext)) for ext in (".key", ".key_secret"))]
+    if existing and not force:
+        raise ConfigError(f"{folder}: key files for {', '.join(existing)} exist already; pass --force to replace "
+                          "them (clients and servers holding the old keys will then be refused)")
     os.makedirs(folder, exist_ok=True)
     out = {}
-    for name in names:
-        out[name] = zmq.auth.create_certificates(folder, name)
-    clients = os.path.join(folder, "clients")          # the --auth folder: public keys admitted
-    os.makedirs(clients, exist_ok=True)
-    for name in names:
-        if name != "server":
-            shutil.copy(out[name][0], os.path.join(clients, os.path.basename(out[name][0])))
+    old_umask = os.umask(0o077)    # the secret files are never readable by others, not even for a moment
+    try:
+        for name in names:
+            for ext in (".key", ".key_secret"):
+                if os.path.exists(os.path.join(folder, name + ext)):
+                    os.unlink(os.path.join(folder, name + ext))
+            public, secret = zmq.auth.create_certificates(folder, name)
+            os.chmod(secret, 0o600)
+            os.chmod(public, 0o644)
+            out[name] = (public, secret)
+    finally:
+        os.umask(old_umask)
+    for sub, members in (("clients", [n for n in names if n != "server"]), ("admins", list(admins))):
+        if members:
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)   # clients: the --auth folder
+        for name in members:
+            shutil.copy(out[name][0], os.path.join(folder, sub, os.path.basename(out[name][0])))
     return out
 
 

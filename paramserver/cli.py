@@ -6,13 +6,15 @@ allowed values, an unknown flag is rejected by name.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import signal
 import sys
 
-from common.config import ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments, from_args
+from common.config import (ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments,
+                           check_address, from_args)
 
 log = logging.getLogger("paramserver.cli")
 
@@ -22,11 +24,54 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown flag gets this (sub)command's name and a "did you mean"; errors print a short usage."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        unknown = [a for a in extras if a.startswith("-")]
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for a in unknown:
+                close = difflib.get_close_matches(a.split("=")[0], flags, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{a.split('=')[0]}: did you mean {close[0]}?")
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return ns, extras
+
+    def error(self, message):
+        usage = self.format_usage()
+        if usage.count("\n") > 3:    # the full usage of a command with 40 flags buries the error line
+            usage = f"usage: {self.prog} [flags]   (every flag: {self.prog} --help)\n"
+        self.exit(2, usage + f"{self.prog}: error: {message}\n")
+
+
+def _check_resolves(flag: str, addresses: str) -> None:
+    """A host name that does not resolve is silent in ZeroMQ (it keeps retrying): say so at once."""
+    import socket
+    for addr in addresses.split(","):
+        scheme, _, rest = addr.strip().partition("://")
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        if scheme == "tcp" and host and host != "*":
+            try:
+                socket.getaddrinfo(host, None)
+            except socket.gaierror as exc:
+                raise ConfigError(f"{flag} {addr.strip()!r}: host {host!r} does not resolve ({exc.strerror})") from None
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    import zmq
     from paramserver.server import Server
     cfg = from_args(ServerConfig, args)
     _setup_logging(cfg.log_level)
     server = Server(cfg)
+    try:
+        server.bind()
+    except zmq.ZMQError as exc:
+        hint = ("another process holds this port: pick another port, or port * for a free one"
+                if exc.errno == zmq.EADDRINUSE else "check the host and port")
+        raise ConfigError(f"--bind {cfg.bind}: {exc.strerror}; {hint}") from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     with server:
@@ -37,18 +82,31 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.train import run_worker, summarize
+    from worker.client import ServerError, ServerUnavailable
     cfg = from_args(WorkerConfig, args)
     _setup_logging(cfg.log_level)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    m = run_worker(cfg)
+    _check_resolves("--server", cfg.server)
+    signal.signal(signal.SIGTERM, _exit_once)
+    try:
+        m = run_worker(cfg)
+    except (ServerUnavailable, ServerError) as exc:
+        print(f"paramserver worker {cfg.rank}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     s = summarize(m)
     print(f"worker {cfg.rank} done: {s['steps']} steps in {s['wall_s']:.1f}s "
           f"(compute {s['compute_s']:.1f}s, wait {s['wait_s']:.1f}s, comm {s['comm_s']:.1f}s)", flush=True)
     return 0
 
 
+def _exit_once(signum, frame):
+    """SIGTERM: leave (say goodbye, write metrics) once; a second SIGTERM does not cut that short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(143)
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from paramserver.cluster import run_cluster
+    from paramserver.cluster import ClusterError, preflight, run_cluster
     ccfg = from_args(ClusterConfig, args)
     scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0")
     wcfg = from_args(WorkerConfig, args, num_workers=ccfg.workers, rank=0)
@@ -59,7 +117,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM both stop the cluster cleanly, even where SIGINT arrives ignored (background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    return run_cluster(ccfg, scfg, wcfg)
+    preflight(scfg, wcfg)
+    try:
+        return run_cluster(ccfg, scfg, wcfg)
+    except ClusterError as exc:
+        print(f"paramserver cluster: error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _interrupt(signum, frame):
@@ -76,10 +139,15 @@ def cmd_bench_consistency(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from common.security import make_keys
-    keys = make_keys(args.folder, tuple(["server"] + args.clients))
+    names = (() if args.no_server else ("server",)) + tuple(args.clients or ())
+    if not names and not args.admin:
+        raise ConfigError("nothing to create: give --clients or --admin NAME, or drop --no-server")
+    keys = make_keys(args.folder, names, admins=tuple(args.admin or ()), force=args.force)
     for name, (public, secret) in keys.items():
-        print(f"{name}: public {public}  secret {secret}")
+        print(f"{name}: public {public}  secret {secret} (0600)")
     print(f"admitted client keys (for the server's --auth): {os.path.join(args.folder, 'clients')}")
+    if args.admin:
+        print(f"admin keys (may send SHUTDOWN under --auth): {os.path.join(args.folder, 'admins')}")
     return 0
 
 
@@ -91,10 +159,20 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from worker.client import PSClient, ServerUnavailable
+def _check_client_args(args: argparse.Namespace) -> None:
+    """The address and keys of a tool that talks to a server (status, stop)."""
     if bool(args.curve_server) != bool(args.curve_secret):
         raise ConfigError("--curve-server and --curve-secret go together")
+    try:
+        check_address("ADDRESS", args.address)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_resolves("ADDRESS", args.address)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.client import PSClient, ServerUnavailable
+    _check_client_args(args)
     with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
                   curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
         try:
@@ -105,23 +183,98 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"version {st['version']}  mode {st['mode']}  step {st['step']}  live {st['live']}  "
-          f"min clock {st['min_clock']}  max gap {st['max_gap']}  {st['updates_per_s']} updates/s  "
-          f"uptime {st['uptime_s']}s")
-    for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
-        print(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
-    print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())))
-    ck = st.get("checkpoint") or {}
-    print(f"  checkpoint: {ck.get('path', 'none')}" + (f" at version {ck['version']}" if ck else ""))
+    print(format_status(st))
     return 0
+
+
+def format_status(st: dict) -> str:
+    """The text of `paramserver status`: position, workers, rates, theta's CRC32, counters, checkpoint."""
+    mode = st["mode"]
+    if mode == "sync":
+        where = f"step {st['step']}"
+    else:
+        clocks = ([w["clock"] for w in st["workers"].values() if w["state"] == "live"]
+                  or [w["clock"] for w in st["workers"].values()] or [st["min_clock"]])
+        where = f"clocks {min(clocks)}..{max(clocks)}  max gap {st['max_gap']}"
+        if st.get("staleness_bound") is not None:
+            where += f" (bound {st['staleness_bound']})"
+    gate = ""
+    if st.get("started") is False:
+        gate = f"  waiting at the start gate: {st['registered']} of {st['num_workers']} workers registered"
+    lines = [f"version {st['version']}  mode {mode}  {where}  live {st['live']}{gate}"]
+    loss = f"{st['loss']:.4f}" if isinstance(st.get("loss"), (int, float)) else "-"
+    handle = st.get("handle_ms") or {}
+    lines.append(f"  {st['updates_per_s']} updates/s  train loss {loss}  theta crc32 {st.get('theta_crc32', '-')}  "
+                 f"uptime {st['uptime_s']}s")
+    if handle:
+        lines.append("  handling ms per message: " + "  ".join(f"{q} {v}" for q, v in handle.items()))
+    for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
+    lines.append("  counters: " + (", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())) or "none"))
+    ck, res = st.get("checkpoint") or {}, st.get("resumed_from") or {}
+    if ck:
+        lines.append(f"  checkpoint: {ck['path']} at version {ck['version']}")
+    else:
+        lines.append("  checkpoint: none written yet" + (f" (resumed from {res['path']} at version {res['version']})"
+                                                          if res else ""))
+    if ck and res:
+        lines.append(f"  resumed from {res['path']} at version {res['version']}")
+    return "\n".join(lines)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from worker.client import PSClient, ServerError, ServerUnavailable
+    _check_client_args(args)
+    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
+        try:
+            ps.shutdown()
+        except (ServerUnavailable, ServerError) as exc:
+            print(f"paramserver stop: error: {exc}", file=sys.stderr)
+            return 1
+    print(f"paramserver stop: {args.address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from worker.evaluate import evaluate_path
+    if args.eval_batches < 1 or args.batch_size < 1:
+        raise ConfigError("--eval-batches and --batch-size must be >= 1")
+    r = evaluate_path(args.checkpoint, data=args.data, eval_batches=args.eval_batches, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    bits = f"  ({r['bits_per_byte']:.3f} bits/byte)" if "bits_per_byte" in r else ""
+    print(f"{r['checkpoint']}: version {r['version']}, job {r['job']}\n  data: {r['data']}\n"
+          f"  held-out loss {r['eval_loss']:.4f}{bits}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from worker.evaluate import load_job, sample_text
+    if args.bytes < 1:
+        raise ConfigError("--bytes must be >= 1")
+    job, _ = load_job(args.checkpoint, data=args.data)
+    prompt = args.prompt.encode() if args.prompt is not None else None
+    text = sample_text(job, args.bytes, prompt=prompt, seed=args.seed, temperature=args.temperature)
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
+                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
+    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
+    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ; for stop under "
+                                                      "--auth: an admin key, `paramserver keys DIR --admin NAME`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     env_help = "environment: " + "; ".join(f"{k} ({v[1]})" for k, v in ENV_VARS.items())
-    parser = argparse.ArgumentParser(prog="paramserver", allow_abbrev=False, epilog=env_help,
-                                     description="A parameter server for data-parallel training "
-                                                 "(sync, bounded staleness, async).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="paramserver", allow_abbrev=False, epilog=env_help,
+                     description="A parameter server for data-parallel training (sync, bounded staleness, async).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("server", help="run the parameter server", allow_abbrev=False)
     add_arguments(p, ServerConfig)
@@ -133,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
     add_arguments(p, ClusterConfig)
-    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint"))
-    add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown"))
+    # keys: the cluster makes its own (--curve / --keys): one per worker, an admin key for itself
+    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth"))
+    add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown", "curve_server",
+                                         "curve_secret"))
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("bench", help="benchmarks that print figures", allow_abbrev=False)
@@ -152,17 +307,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_load)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
-    p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
-                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+    _client_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
-    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
-    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stop", help="stop a running server (SHUTDOWN: it checkpoints and exits)", allow_abbrev=False)
+    _client_arguments(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("eval", help="held-out loss (and bits per byte) of a checkpoint", allow_abbrev=False)
+    p.add_argument("checkpoint", help="a checkpoint written by the server (--checkpoint, or the cluster's)")
+    p.add_argument("--data", default="", help="evaluate on this text file or folder instead of the job's data")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches (default: 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default: 16)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text from a gpt checkpoint", allow_abbrev=False)
+    p.add_argument("checkpoint", help="a checkpoint of a gpt job")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a line from the held-out data)")
+    p.add_argument("--bytes", type=int, default=300, help="bytes to generate (default: 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--data", default="", help="where the default prompt comes from, instead of the job's data")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("keys", help="create CurveZMQ key pairs for the server and clients", allow_abbrev=False)
     p.add_argument("folder", help="where to write NAME.key (public) and NAME.key_secret files")
-    p.add_argument("--clients", nargs="+", default=["client"], help="client key names (default: client)")
+    p.add_argument("--clients", nargs="*", default=["client"], help="client key names (default: client)")
+    p.add_argument("--admin", nargs="+", default=[], metavar="NAME",
+                   help="administrator key names: admitted like clients and copied into FOLDER/admins (the "
+                        "server's admin keys under --auth: only they may send SHUTDOWN, e.g. `paramserver stop`)")
+    p.add_argument("--no-server", action="store_true", help="do not create a server key pair (add keys to a "
+                                                           "folder that has one)")
+    p.add_argument("--force", action="store_true", help="replace key files that exist already")
     p.set_defaults(func=cmd_keys)
     return parser
 

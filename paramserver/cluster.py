@@ -4,6 +4,10 @@ It shows progress while they train, stops them all cleanly on Ctrl-C or when the
 done (the server writes its checkpoint and metrics on the way out), then evaluates the final
 checkpoint on held-out data and, for the GPT job, prints a sample generated from it.
 
+Nothing is orphaned: on any way out of the cluster (done, Ctrl-C, a second Ctrl-C, SIGTERM, its
+own crash) the workers get SIGTERM and the server a SHUTDOWN; and every child is started with a
+parent-death signal (Linux), so even a `kill -9` of the cluster stops the server with a checkpoint.
+
 Usage::
 
     paramserver cluster --workers 4 --mode sync --steps 200
@@ -21,33 +25,98 @@ import time
 from common.config import ClusterConfig, ServerConfig, WorkerConfig, to_argv
 
 
+class ClusterError(RuntimeError):
+    """A process of the cluster failed; the message carries its own error line and exit code."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the cluster process dies, however it dies (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS"):
         env.pop(var, None)   # the cluster passes identity as flags
     with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
+        # a session of its own: a Ctrl-C in the terminal reaches the cluster only, which stops the children
+        # in order (workers first, then the server with a checkpoint)
         return subprocess.Popen([sys.executable, "-m", "paramserver"] + args, stdout=stdout or log, stderr=log,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
-def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start `paramserver server` and return (process, the address it listens on)."""
-    proc = _spawn(["server"] + to_argv(scfg), os.path.join(out, "server.log"), stdout=subprocess.PIPE)
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().decode() if ready else ""
+def last_error_line(log_path: str) -> str:
+    """The line a failed process said last (its one-line error), from its log."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read().splitlines()[-50:] if ln.strip()]
+    except OSError:
+        return ""
+    for ln in reversed(lines):    # prefer the error line over a trailing usage hint
+        if "error" in ln.lower() or "Error" in ln:
+            return ln
+    return lines[-1] if lines else ""
+
+
+def exit_text(code: int) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0,
+                 procs: list | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `paramserver server` and return (process, the address it listens on).
+
+    If it exits first, raise ClusterError with its own error line and exit code. `procs`, when given,
+    gets the process appended at once (so that whoever cleans up knows it even if this raises)."""
+    log_path = os.path.join(out, "server.log")
+    proc = _spawn(["server"] + to_argv(scfg), log_path, stdout=subprocess.PIPE)
+    if procs is not None:
+        procs.append(proc)
+    deadline = time.monotonic() + timeout
+    line = ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline().decode()
+            if "listening on" in line or not line:
+                break
+        elif proc.poll() is not None:
+            break
     if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"the server did not start within {timeout:.0f}s; see {os.path.join(out, 'server.log')}")
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise ClusterError(f"the server did not start within {timeout:.0f}s; see {log_path}") from None
+        raise ClusterError(f"the server {exit_text(proc.returncode)}: {last_error_line(log_path)}")
     return proc, line.rsplit(" ", 1)[-1].strip()
 
 
 def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: dict[int, float] | None = None,
-                  threads: int = 0, slowdown_prob: float = 1.0) -> list[subprocess.Popen]:
-    """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor."""
-    procs = []
+                  threads: int = 0, slowdown_prob: float = 1.0, procs: list | None = None,
+                  keys: str = "") -> list[subprocess.Popen]:
+    """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor. `procs`, when
+    given, is the list the processes are appended to as they start (and is returned). With `keys` (a
+    folder from cluster_keys) worker r talks CurveZMQ with its own key workerR.key_secret."""
+    procs = [] if procs is None else procs
     for rank in range(n):
-        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads"))
+        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads",
+                                   "curve_server", "curve_secret"))
         argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
+        if keys:
+            argv += ["--curve-server", os.path.join(keys, "server.key"),
+                     "--curve-secret", os.path.join(keys, f"worker{rank}.key_secret")]
         if slowdown and slowdown.get(rank, 1.0) > 1.0:
             argv += ["--slowdown", str(slowdown[rank]), "--slowdown-prob", str(slowdown_prob)]
         if threads:
@@ -56,32 +125,43 @@ def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: 
     return procs
 
 
-def stop_all(procs: list[subprocess.Popen], server: subprocess.Popen | None, address: str) -> None:
-    """Workers get SIGTERM (they say goodbye), the server a SHUTDOWN (it checkpoints)."""
+def stop_all(procs: list[subprocess.Popen], server: subprocess.Popen | None, address: str,
+             curve: dict | None = None, worker_wait: float = 10.0) -> None:
+    """Workers get SIGTERM (they say goodbye and write their metrics), the server a SHUTDOWN (it
+    checkpoints); a server that does not answer gets SIGTERM, which also makes it checkpoint."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=worker_wait)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
     if server is not None and server.poll() is None:
-        shutdown(address)
+        if address:
+            shutdown(address, **(curve or {}))
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=30 if address else 0.1)
         except subprocess.TimeoutExpired:
             server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
-def shutdown(address: str) -> None:
-    from worker.client import PSClient, ServerUnavailable
-    with PSClient(address, server_timeout=5.0, request_timeout=1.0) as ps:
+def shutdown(address: str, curve_server: str = "", curve_secret: str = "") -> bool:
+    """Send SHUTDOWN; True when the server acknowledged it."""
+    from worker.client import PSClient, ServerError, ServerUnavailable
+    with PSClient(address, server_timeout=5.0, request_timeout=1.0, curve_server=curve_server,
+                  curve_secret=curve_secret) as ps:
         try:
             ps.shutdown()
-        except ServerUnavailable:
-            pass
+            return True
+        except (ServerUnavailable, ServerError):
+            return False
 
 
 def _progress(ps, t0: float, n: int) -> str:
@@ -102,60 +182,170 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def preflight(scfg: ServerConfig, wcfg: WorkerConfig) -> None:
+    """Check, before any process starts, what would make the server or every worker fail at once (the
+    resumed checkpoint, the data folder); raises ConfigError / FileNotFoundError with one line."""
+    from common.checkpoint import load_checkpoint
+    from common.config import ConfigError
+    from worker.data import text_files
+    if wcfg.job == "gpt" and wcfg.data and not text_files(wcfg.data):
+        raise ConfigError(f"--data {wcfg.data!r}: no text files found")
+    if scfg.resume:
+        state = load_checkpoint(scfg.resume)
+        if state.get("optimizer", scfg.optimizer) != scfg.optimizer:
+            raise ConfigError(f"--resume {scfg.resume}: the checkpoint was written with --optimizer "
+                              f"{state['optimizer']}; resume with the same optimizer")
+
+
+def cluster_keys(folder: str, n: int) -> dict:
+    """The CurveZMQ keys of a cluster run in `folder`: server, worker0..n-1 and an admin key `cluster` for
+    the cluster's own monitor and SHUTDOWN; those missing are created. Returns the client kwargs of the
+    cluster's own connections."""
+    from common.security import make_keys
+    have = lambda name: os.path.exists(os.path.join(folder, name + ".key_secret"))   # noqa: E731
+    missing = [name for name in ["server"] + [f"worker{r}" for r in range(n)] if not have(name)]
+    admins = () if have("cluster") else ("cluster",)
+    if missing or admins:
+        make_keys(folder, tuple(missing), admins=admins)
+    return {"curve_server": os.path.join(folder, "server.key"),
+            "curve_secret": os.path.join(folder, "cluster.key_secret")}
+
+
+def _prepare_out(out: str, resume: str) -> None:
+    """Remove the outputs of an earlier run in `out`, except the checkpoint being resumed."""
+    os.makedirs(out, exist_ok=True)
+    keep = os.path.realpath(resume) if resume else ""
+    for stale in ["checkpoint.pt", "server_metrics.json", "metrics.json", "eval.json"] + \
+            [f for f in os.listdir(out) if f.startswith("worker") and f.endswith(".json")]:
+        path = os.path.join(out, stale)
+        if os.path.exists(path) and os.path.realpath(path) != keep:
+            os.unlink(path)
+
+
+def _written_since(path: str, t0: float) -> bool:
+    return os.path.exists(path) and os.path.getmtime(path) >= t0 - 1.0
+
+
+class _Signals:
+    """While the children are stopped, a second Ctrl-C or SIGTERM does not abort the cleanup: it is
+    noted (the waits are bounded anyway: 10 s per worker, 30 s for the server's checkpoint)."""
+
+    def __init__(self):
+        self.again = 0
+
+    def __enter__(self):
+        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.old:
+            signal.signal(s, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.again += 1
+        print(f"already stopping ({signal.Signals(signum).name} noted): the server is writing its checkpoint",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
 def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
     from worker.client import PSClient
     from worker.evaluate import evaluate_checkpoint
+    from common.checkpoint import load_checkpoint
     out = ccfg.out
-    os.makedirs(out, exist_ok=True)
-    for stale in ("checkpoint.pt", "server_metrics.json", "metrics.json"):
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
+    start_state = load_checkpoint(scfg.resume) if scfg.resume else None   # read before it is overwritten
+    start_version = int(start_state["version"]) if start_state is not None else 0
+    _prepare_out(out, scfg.resume)
     scfg.checkpoint = os.path.join(out, "checkpoint.pt")
     scfg.metrics = os.path.join(out, "server_metrics.json")
     scfg.bind = "tcp://127.0.0.1:*"
-    threads = max(1, (os.cpu_count() or 1) // ccfg.workers)
-    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {scfg.mode}, "
-          f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}, output in {out}/", flush=True)
+    keys = ccfg.keys or (os.path.join(out, "keys") if ccfg.curve else "")
+    curve: dict = {}
+    if keys:
+        curve = cluster_keys(keys, ccfg.workers)
+        scfg.curve_secret = os.path.join(keys, "server.key_secret")
+        scfg.auth = os.path.join(keys, "clients")
+    threads = wcfg.threads or max(1, (os.cpu_count() or 1) // ccfg.workers)
+    mode = scfg.mode + (f" (staleness bound {scfg.staleness})" if scfg.mode == "ssp" else "") + \
+        (f" ({scfg.backup_workers} backup workers)" if scfg.backup_workers else "")
+    straggler = (f", straggler: worker {ccfg.workers - 1} x{ccfg.straggler:g}"
+                 + (f" on {wcfg.slowdown_prob:.0%} of its steps" if wcfg.slowdown_prob < 1 else "")
+                 if ccfg.straggler > 1.0 else "")
+    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {mode}, "
+          f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}{straggler}"
+          f"{', CurveZMQ keys in ' + keys if keys else ''}, output in {out}/", flush=True)
     t0 = time.time()
-    server, address = start_server(scfg, out)
-    slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
-    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads)
-    interrupted = False
-    next_tick = time.time() + ccfg.progress_every
-    monitor = PSClient(address, server_timeout=2.0, request_timeout=1.0)   # one connection for all status calls
+    children: list[subprocess.Popen] = []     # the server first, then the workers
+    server, address, workers = None, "", []
+    interrupted, failure = False, ""
     try:
-        while any(p.poll() is None for p in workers):
-            time.sleep(0.2)
-            if time.time() >= next_tick:
-                next_tick += ccfg.progress_every
-                print(_progress(monitor, t0, ccfg.workers), flush=True)
-            if server.poll() is not None:
-                print(f"the server exited with code {server.returncode}; see {out}/server.log", flush=True)
-                break
+        server, address = start_server(scfg, out, procs=children)
+        slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
+        start_workers(wcfg, ccfg.workers, address, out, slow, threads, wcfg.slowdown_prob, procs=workers,
+                      keys=keys)
+        next_tick = time.time() + ccfg.progress_every
+        # one connection for all status calls
+        with PSClient(address, server_timeout=2.0, request_timeout=1.0, **curve) as monitor:
+            while any(p.poll() is None for p in workers):
+                time.sleep(0.2)
+                if time.time() >= next_tick:
+                    next_tick += ccfg.progress_every
+                    print(_progress(monitor, t0, ccfg.workers), flush=True)
+                if server.poll() is not None:
+                    failure = (f"the server {exit_text(server.returncode)}: "
+                               f"{last_error_line(os.path.join(out, 'server.log'))}")
+                    break
+                bad = [r for r, p in enumerate(workers) if p.poll() not in (None, 0)]
+                if bad:   # the others would wait for it (the start gate, the barrier): stop the run
+                    r = bad[0]
+                    failure = (f"worker {r} {exit_text(workers[r].returncode)}: "
+                               f"{last_error_line(os.path.join(out, f'worker{r}.log'))}")
+                    break
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping workers and server (the server writes its checkpoint)", flush=True)
+    except ClusterError as exc:
+        failure = str(exc)
     finally:
-        monitor.close()
-        stop_all(workers, server, address)
+        with _Signals() as sigs:
+            if server is None and children:
+                server = children[0]
+            stop_all(workers, server, address, curve)
+            if sigs.again:
+                interrupted = True
+    if failure:
+        print(failure, flush=True)
     failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
     for r in failed:
-        print(f"worker {r} exited with code {workers[r].returncode}; see {out}/worker{r}.log", flush=True)
+        if not failure.startswith(f"worker {r} "):
+            print(f"worker {r} {exit_text(workers[r].returncode)}; see {out}/worker{r}.log", flush=True)
     wall = time.time() - t0
-    summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed}
-    if os.path.exists(scfg.checkpoint):
-        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out))
+    summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed,
+               "failure": failure}
+    written = _written_since(scfg.checkpoint, t0)
     server_metrics = _read_json(scfg.metrics)
+    st = server_metrics.get("status", {})
+    end_version = int(st.get("version", start_version))
+    summary.update(start_version=start_version, end_version=end_version, updates=end_version - start_version)
+    if written and end_version > start_version:   # a run that trained nothing has no "after" to report
+        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out, start_state=start_state))
     workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({"summary": summary, "server": server_metrics, "workers": workers_m}, f)
-    st = server_metrics.get("status", {})
-    print(f"done in {wall:.1f}s: {st.get('version', 0)} updates applied, counters {st.get('counters', {})}")
+    resumed = f" (version {start_version} -> {end_version}, resumed from {scfg.resume})" if scfg.resume else ""
+    print(f"done in {wall:.1f}s: {end_version - start_version} updates applied in this run{resumed}, "
+          f"counters {st.get('counters', {})}")
     if "final_eval_loss" in summary:
         first = summary.get("initial_eval_loss")
         print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
-              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else ""))
+              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else "")
+              + (" (before: the resumed model)" if start_state is not None else ""))
+    else:
+        print("held-out loss: not measured (no update was applied in this run)")
     if summary.get("sample"):
-        print("sample from the trained model:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
-    print(f"checkpoint: {scfg.checkpoint}   metrics: {os.path.join(out, 'metrics.json')}", flush=True)
-    return 1 if failed or interrupted else 0
+        print(f"sample from the trained model (prompt {summary['prompt']!r} from the held-out text):\n"
+              + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
+    print(f"checkpoint: {scfg.checkpoint if written else 'none written'}   "
+          f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
+    return 1 if failed or interrupted or failure else 0

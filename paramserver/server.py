@@ -127,6 +127,9 @@ class Server:
         self._admins = load_admin_keys(cfg)   # --auth: public keys (z85) allowed to send SHUTDOWN
         self._resumed_at: float | None = None   # a resumed server holds pulls until its workers are back
         self._timed_step = (-1, 0.0)  # --step-timeout: (sync step, when it became the current one)
+        self.resumed_from: dict = {}     # {path, version} of the checkpoint this server resumed
+        self._tools: set[bytes] = set()  # connections of tools (status, stop): their disconnects are routine
+        self._said_all_left = False
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None   # connection events of self.sock
         self.address = ""
@@ -237,12 +240,32 @@ class Server:
             what, endpoint = event["event"], event["endpoint"].decode(errors="replace")
             if what == zmq.EVENT_DISCONNECTED:
                 self.policy.counters["disconnects"] += 1
-                log.info("a peer on %s disconnected (it closed, or sent a message over --max-message-mb %g)",
-                          endpoint, self.cfg.max_message_mb)
+                self._log_disconnect(endpoint)
             else:
                 self.policy.counters["handshake_failures"] += 1
                 log.warning("refused a connection on %s: CurveZMQ handshake failed (%s); the client has no "
                             "admitted key or speaks plain text", endpoint, _EVENT_NAMES.get(what, what))
+
+    def _log_disconnect(self, endpoint: str) -> None:
+        """A worker that left, a refused worker or a status tool closing its connection is routine (debug);
+        a disconnect beyond those (a crash, or a message over --max-message-mb) is worth a warning."""
+        gone = sum(1 for s in self.workers.values() if not s.alive)
+        expected = 2 * gone + len(self._tools) + self.policy.counters["rejected"]   # a worker has 2 connections
+        if self.policy.counters["disconnects"] <= expected:
+            log.debug("a peer on %s disconnected", endpoint)
+        else:
+            log.warning("a peer on %s disconnected without saying goodbye (it crashed, or sent a message over "
+                        "--max-message-mb %g)", endpoint, self.cfg.max_message_mb)
+
+    def _note_all_left(self) -> None:
+        """A hand-started server does not idle silently once every worker has gone."""
+        if self.policy.clocks or not self.workers:
+            self._said_all_left = False
+        elif not self._said_all_left:
+            self._said_all_left = True
+            log.info("all %d workers have left or died; the server keeps serving (a worker may still join). "
+                     "Stop it with `paramserver stop %s` or Ctrl-C: it writes its checkpoint", len(self.workers),
+                     self.address)
 
     # -- receive and dispatch -----------------------------------------------------------------
 
@@ -369,6 +392,7 @@ class Server:
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._check_job(msg.meta.get("job") or {})
         worker = self._worker_id_for(msg)
         if msg.tensors:
             if not self.store.initialized:
@@ -433,6 +457,23 @@ class Server:
                                    f"over once it leaves or is declared dead (--worker-timeout "
                                    f"{self.cfg.worker_timeout:g}s)")
         return worker
+
+    def _check_job(self, job: dict) -> None:
+        """Refuse a worker whose job description (the flags every worker of a job shares) differs from the
+        job's (the first worker's, or the resumed checkpoint's), naming each differing flag; and one that
+        was started for another number of workers (it would train on the wrong share of the data)."""
+        if not isinstance(job, dict):
+            return
+        diffs = []
+        n = job.get("num_workers")
+        if isinstance(n, int) and n != self.cfg.num_workers:
+            diffs.append(f"--num-workers {n} (the server has --num-workers {self.cfg.num_workers})")
+        for key, value in sorted(job.items()):
+            if key != "num_workers" and key in self.job and self.job[key] != value:
+                diffs.append(f"--{key.replace('_', '-')} {value!r} (the job has {self.job[key]!r})")
+        if diffs:
+            raise RequestError("job_mismatch", "this worker was started with other job flags than the job it "
+                               "joins: " + "; ".join(diffs) + ". Start it with the job's flags")
 
     @property
     def finished(self) -> bool:
@@ -550,6 +591,8 @@ class Server:
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version)
 
     def _on_status(self, identity: bytes, msg: Message) -> Message:
+        if msg.worker < 0 and len(self._tools) < 100_000:
+            self._tools.add(identity)
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, version=self.store.version, meta=self.status())
 
     def _on_shutdown(self, identity: bytes, msg: Message) -> Message:
@@ -589,6 +632,7 @@ class Server:
         self._serve_pending()
         if self.pending:
             self._say_why_waiting()
+        self._note_all_left()
 
     def _sweep_hung(self, now: float) -> None:
         """--step-timeout: a live worker that has not pushed for the current sync step in time is treated as
@@ -624,8 +668,11 @@ class Server:
                                      "awaited" if w in self.policy.awaiting else "dead")),
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
+            "started": self.policy.started, "registered": len(self.policy.last_clock),
+            "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
+            "resumed_from": self.resumed_from,
             **self.record.summary(),
         }
 
@@ -671,6 +718,7 @@ class Server:
         back = sorted(int(w) for w, info in state.get("workers", {}).items() if info["state"] == "live")
         self.policy.await_workers(back)
         self._resumed_at = now
+        self.resumed_from = {"path": path, "version": self.store.version}
         log.info("resumed from %s at version %d (step %d), theta crc32 %s", path, self.store.version,
                  self.policy.step, self.store.checksum())
         if back:

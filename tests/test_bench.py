@@ -80,3 +80,60 @@ def test_report_files_are_written_parse_and_are_not_constants(report):
     sync_stale = [r["summary"]["staleness_mean"] for r in _runs(data, "sync")]
     async_stale = [r["summary"]["staleness_mean"] for r in _runs(data, "async")]
     assert max(sync_stale) == 0 < max(async_stale)
+
+
+def test_bench_load_out_creates_the_folder_and_writes_the_servers_metrics(tmp_path):
+    from paramserver.bench.load import LoadConfig, run_load
+    out = tmp_path / "missing" / "load"
+    r = run_load(LoadConfig(workers=2, seconds=0.5, size=8, out=str(out)))
+    assert r["theta_exact"]
+    srv = json.loads((out / "server_metrics.json").read_text())
+    assert srv["status"]["counters"]["applied"] == r["server_applied"] and srv["updates"]
+    assert json.loads((out / "load.json").read_text())["applied_acked"] == r["applied_acked"]
+    assert "listening on" in (out / "server.log").read_text()
+
+
+def test_report_ranks_only_where_repeat_ranges_do_not_overlap():
+    from paramserver.bench.report import verdict
+    a = {"repeats": 3, "summary": {"wall_s": 10}, "range": {"wall_s": [9.0, 11.0]}}
+    b = {"repeats": 3, "summary": {"wall_s": 12}, "range": {"wall_s": [10.5, 13.0]}}
+    c = {"repeats": 3, "summary": {"wall_s": 20}, "range": {"wall_s": [19.0, 21.0]}}
+    assert verdict(a, b, "wall_s") == "within run-to-run noise (ranges overlap)"
+    assert verdict(a, c, "wall_s").startswith("lower in every repeat")
+    assert verdict(c, a, "wall_s").startswith("higher in every repeat")
+    one = {"repeats": 1, "summary": {"wall_s": 1}, "range": {"wall_s": [1.0, 1.0]}}
+    assert "no ranking" in verdict(one, c, "wall_s")
+    never = {"repeats": 3, "summary": {"t": None}, "range": {"t": [None, None]}}
+    assert verdict({"repeats": 3, "range": {"t": [1.0, 2.0]}}, never, "t").startswith("lower")
+
+
+def test_repeats_report_median_and_range_and_equal_computed_gradients(tmp_path):
+    cfg = BenchConfig(job="mlp", workers=2, steps=6, staleness="1", backup_workers=1, straggler=3.0,
+                      scenarios="straggler", modes="sync,backup", eval_every=2, optimizer="sgd", lr=0.05,
+                      out=str(tmp_path), repeats=2)
+    rep = run_bench(cfg)
+    assert rep["repeats"] == 2 and len(rep["all_runs"]) == 4 and {r["seed"] for r in rep["all_runs"]} == {0, 1}
+    for r in rep["runs"]:
+        walls = [p["wall_s"] for p in r["per_repeat"]]
+        assert r["range"]["wall_s"] == [min(walls), max(walls)]
+        assert r["summary"]["wall_s"] == pytest.approx(sorted(walls)[0] / 2 + sorted(walls)[1] / 2, abs=1e-3)
+    backup = [r for r in rep["runs"] if r["name"] == "sync+1backup"][0]
+    sync = [r for r in rep["runs"] if r["name"] == "sync"][0]
+    # backup workers compute more gradients than they apply; sync computes exactly what it applies
+    assert backup["summary"]["gradients_computed"] > backup["summary"]["gradients_applied"]
+    assert sync["per_repeat"][0]["gradients_computed"] == sync["per_repeat"][0]["gradients_applied"] == 12
+    assert backup["summary"]["loss_at_equal_computed"] is not None
+    md = (tmp_path / "report.md").read_text()
+    assert "median over 2 repeats" in md and "At equal computed gradients (12 computed" in md
+    assert "[" in md.split("At equal applied gradients")[1]      # ranges are shown
+
+
+def test_wait_counts_only_what_the_policy_imposes_not_the_start_gate(report):
+    _, out = report
+    for folder in (out / "runs").iterdir():
+        if "ddp" in folder.name:
+            continue
+        for f in folder.glob("worker*.json"):
+            w = json.loads(f.read_text())
+            if w["steps"]:
+                assert "start_gate_s" in w and w["steps"][0][5] == 0.0     # the gate is recorded apart

@@ -108,3 +108,111 @@ def test_cluster_stops_cleanly_on_ctrl_c(tmp_path):
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], "processes of the cluster are still running"
+
+
+# -- every failure is one clear line ------------------------------------------------------------
+
+def _one_line(r, needle):
+    assert r.returncode != 0
+    assert needle in r.stderr + r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "weights_only" not in r.stderr     # torch's advice to unpickle anything is not ours to give
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["cluster", "--step", "10"], "did you mean --steps?"),
+    (["server", "--workers", "2"], "did you mean --num-workers?"),
+    (["server", "--bind", "127.0.0.1:5621"], "has no transport: write tcp://127.0.0.1:5621"),
+    (["worker", "--server", "127.0.0.1:5555"], "has no transport: write tcp://127.0.0.1:5555"),
+    (["server", "--mode", "sync", "--staleness", "2"], "--staleness only applies to --mode ssp"),
+    (["server", "--resume", ROOT], "is a folder"),
+    (["server", "--resume", os.path.join(ROOT, "README.md")], "not a checkpoint written by paramserver"),
+    (["worker", "--server", "tcp://no-such-host.invalid:5555"], "does not resolve"),
+])
+def test_a_mistake_gets_one_line_naming_what_to_change(args, needle):
+    r = ps(*args, timeout=60)
+    _one_line(r, needle)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) <= 2      # no 40 lines of usage
+
+
+def test_a_subcommand_typo_gets_that_subcommands_usage():
+    r = ps("cluster", "--step", "10", timeout=60)
+    assert "usage: paramserver cluster" in r.stderr
+
+
+def test_truncated_checkpoint_and_empty_data_folder_are_one_line(tmp_path):
+    torch.save({"theta": {"w": torch.zeros(3)}, "version": 1}, tmp_path / "ok.pt")
+    blob = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    _one_line(ps("server", "--resume", str(tmp_path / "cut.pt"), timeout=60), "truncated or damaged")
+    (tmp_path / "empty").mkdir()
+    _one_line(ps("worker", "--data", str(tmp_path / "empty"), timeout=60), "no text files found")
+    # the cluster checks both before it starts any process
+    r = ps("cluster", "--resume", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "c"), timeout=60)
+    _one_line(r, "truncated or damaged")
+    assert not (tmp_path / "c" / "server.log").exists()
+
+
+def test_port_in_use_is_one_line(start_server):
+    srv = start_server(num_workers=1)
+    _one_line(ps("server", "--bind", srv.address, timeout=60), "Address already in use")
+
+
+def test_unreachable_server_is_logged_while_retrying_then_one_line():
+    r = ps("worker", "--job", "mlp", "--server", "tcp://127.0.0.1:9", "--server-timeout", "7", timeout=120)
+    assert r.returncode == 1
+    assert "still trying" in r.stderr and "tcp://127.0.0.1:9" in r.stderr
+    _one_line(r, "no answer from tcp://127.0.0.1:9")
+
+
+def test_cluster_prints_the_failing_workers_own_error_line(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("tiny corpus\n" * 3)
+    r = ps("cluster", "--workers", "2", "--data", str(small), "--context", "64", "--out", str(tmp_path / "c"),
+           "--sample-bytes", "0", timeout=120)
+    assert r.returncode == 1
+    assert "corpus too small for --context 64" in r.stdout and "worker" in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "checkpoint: none written" in r.stdout
+
+
+# -- mismatches are caught, not trained through -------------------------------------------------
+
+def _worker(address, *flags, timeout=120):
+    return ps("worker", "--server", address, "--job", "mlp", "--steps", "3", "--eval-every", "0", "--log-every", "0",
+              "--server-timeout", "20", *flags, timeout=timeout)
+
+
+def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_server):
+    srv = start_server(num_workers=2, mode="sync")
+    r = _worker(srv.address, "--num-workers", "3")
+    _one_line(r, "--num-workers 3 (the server has --num-workers 2)")
+    assert not srv.server.store.initialized or srv.server.store.version == 0
+
+
+def test_a_worker_with_other_job_flags_is_refused_naming_each_flag(start_server):
+    srv = start_server(num_workers=1, mode="async")
+    assert _worker(srv.address).returncode == 0          # the job: mlp, seed 0, hidden 32
+    version = srv.server.store.version
+    r = _worker(srv.address, "--seed", "1", "--hidden", "16")
+    _one_line(r, "--hidden 16 (the job has 32)")
+    assert "--seed 1 (the job has 0)" in r.stderr
+    assert srv.server.store.version == version           # nothing trained through
+
+
+def test_a_waiting_worker_says_what_it_waits_for(start_server):
+    import subprocess as sp
+    srv = start_server(num_workers=2, mode="sync")
+    p = sp.Popen([sys.executable, "-m", "paramserver", "worker", "--server", srv.address, "--job", "mlp",
+                  "--num-workers", "2", "--steps", "3", "--eval-every", "0"], stdout=sp.PIPE, stderr=sp.STDOUT,
+                 text=True, env=ENV, cwd=ROOT)
+    try:
+        for line in p.stdout:
+            if "waiting for the other workers to register: 1 of 2 workers registered" in line:
+                break
+        else:
+            raise AssertionError("the waiting worker never said what it waits for")
+    finally:
+        p.kill()
+        p.wait()

@@ -54,3 +54,31 @@ def test_corpus_from_a_file(tmp_path):
     assert len(train) + len(val) == 12000 and len(val) > 0
     with pytest.raises(FileNotFoundError, match="--data"):
         load_corpus(str(tmp_path / "missing"))
+
+
+def test_data_folder_reads_text_files_only_and_says_what_it_skipped(tmp_path):
+    import gzip
+
+    from worker.data import load_corpus
+    text = "def f(x):\n    return x + 1\n" * 200
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "c.dat").write_bytes(gzip.compress(text.encode()))          # compressed, by content
+    (tmp_path / "d").write_bytes(bytes(range(256)) * 20)                     # binary
+    train, val, desc = load_corpus(str(tmp_path))
+    assert bytes(train) + bytes(val) == text.encode()
+    assert "from 1 file(s)" in desc and "skipped 3 non-text files" in desc
+    assert "by name" in desc and "by content" in desc and "NUL or control bytes" in desc
+
+
+def test_a_binary_data_file_or_a_folder_without_text_is_one_clear_error(tmp_path):
+    import pytest
+
+    from common.config import ConfigError
+    from worker.data import load_corpus
+    (tmp_path / "x.bin").write_bytes(b"\0\1\2" * 100)
+    with pytest.raises(ConfigError, match="no text files found .skipped: 1 compressed or binary"):
+        load_corpus(str(tmp_path))
+    (tmp_path / "y").write_bytes(b"\0\1\2" * 100)
+    with pytest.raises(ConfigError, match="is not a text file"):
+        load_corpus(str(tmp_path / "y"))

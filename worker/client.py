@@ -182,13 +182,26 @@ class PSClient:
                 return reply
             now = time.monotonic()
             if now - max(self.last_heard, first_sent) > self.server_timeout:
-                raise ServerUnavailable(f"no answer from {self.server} for {self.server_timeout:.0f}s "
-                                        f"({msg.type.name}); is the server running?")
+                raise ServerUnavailable(self._silence_text(msg, now - max(self.last_heard, first_sent)))
             if now - sent_at >= timeout:
+                self._note_silence(msg, now - max(self.last_heard, first_sent))
                 self.stats["resends"] += 1
                 self._send(frames)
                 sent_at = now
                 timeout = min(timeout * 2, 8 * self.request_timeout)
+
+    def _silence_text(self, msg: Message, silent: float) -> str:
+        why = ("the server may be refusing this key (CurveZMQ: is its public key in the server's --auth folder?), "
+               "or it is not running" if self.curve else "is the server running, at this address?")
+        return f"no answer from {self.server} for {silent:.0f}s ({msg.type.name}): {why}"
+
+    def _note_silence(self, msg: Message, silent: float) -> None:
+        """Say every few seconds that the server is silent and that we keep trying (not 120 s of nothing)."""
+        now = time.monotonic()
+        if silent >= 3.0 and now - getattr(self, "_said_silent", 0.0) >= 5.0:
+            self._said_silent = now
+            log.warning("%s; still trying (giving up after %.0fs, --server-timeout)", self._silence_text(msg, silent),
+                        self.server_timeout)
 
     def _heartbeat_loop(self, interval: float) -> None:
         sock = self._connect(ROLE_HEARTBEAT)

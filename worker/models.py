@@ -108,7 +108,8 @@ class Job:
             self.model = GPT(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.context)
             self.n_samples = (len(self.train) - 1) // cfg.context
             if self.n_samples < 1 or len(self.val) <= cfg.context:
-                raise ValueError(f"corpus too small for --context {cfg.context}: {self.description}")
+                raise ConfigError(f"corpus too small for --context {cfg.context}: {self.description}; "
+                                  "give more text (--data, --max-bytes) or a shorter --context")
         else:
             x, y = synthetic_regression(cfg.n_samples, cfg.n_features, cfg.seed, nonlinear=cfg.job == "mlp")
             cut = int(0.9 * len(x))

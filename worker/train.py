@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 
 import numpy as np
@@ -57,14 +58,18 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
                                 curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
-    m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
+    m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
+         "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)
     t_start = time.time()
+    m["exit"] = "done"
+    gate = None
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
+        gate = _GateReporter(cfg, client)
         if cfg.rank == 0 and cfg.eval_every:
             job.load_params(welcome.tensors)
             m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
@@ -81,6 +86,11 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             t0 = time.perf_counter()
             params = client.pull()
             t1 = time.perf_counter()
+            gated = 0.0
+            if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
+                gate.stop()
+                gated = float(params.meta.get("wait_s", 0.0))
+                m["start_gate_s"] = round(gated, 5)
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
@@ -104,8 +114,8 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             t3 = time.perf_counter()
             ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
             t4 = time.perf_counter()
-            wait = float(params.meta.get("wait_s", 0.0))
-            comm = max(0.0, (t1 - t0) - wait) + (t4 - t3)
+            wait = float(params.meta.get("wait_s", 0.0)) - gated
+            comm = max(0.0, (t1 - t0) - wait - gated) + (t4 - t3)
             m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
                                round(t2 - t1, 5), round(wait, 5), round(comm, 5), round(slept, 5),
                                ack.meta.get("status", "")])
@@ -120,28 +130,89 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                          params.clock, params.version, loss_sum)
         client.leave("done")
     except (KeyboardInterrupt, SystemExit):
+        m["exit"] = "interrupted"
+        if cfg.out:   # first, in case saying goodbye takes longer than whoever stops us waits
+            m["wall_s"], m["t0_epoch"] = round(time.time() - t_start, 3), t_start
+            write_metrics(m, cfg)
         client.server_timeout = min(client.server_timeout, 3.0)
         try:
             client.leave("interrupted")
         except Exception:
             pass
         raise
-    finally:
+    except BaseException as exc:
+        m["exit"] = f"error: {type(exc).__name__}: {exc}"
+        raise
+    finally:   # every way out (done, SIGINT, SIGTERM, an error) leaves this worker's metrics behind
+        if gate is not None:
+            gate.stop()
         m["client"] = dict(client.stats)
         if own:
             client.close()
-    m["wall_s"] = round(time.time() - t_start, 3)
-    m["t0_epoch"] = t_start
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, f"worker{cfg.rank}.json"), "w") as f:
-            json.dump(m, f)
+        m["wall_s"] = round(time.time() - t_start, 3)
+        m["t0_epoch"] = t_start
+        if cfg.out:
+            write_metrics(m, cfg)
     return m
 
 
+def write_metrics(m: dict, cfg: WorkerConfig) -> None:
+    """Write workerN.json atomically (a signal during the write leaves the previous file or none)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"worker{cfg.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(m, f)
+    os.replace(path + ".tmp", path)
+
+
 def _job_meta(cfg: WorkerConfig) -> dict:
-    """The job description the server stores in its checkpoint (enough to rebuild the model)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)}
+    """The job description: the server stores it in its checkpoint (enough to rebuild the model) and
+    refuses a worker whose description differs from the job's, naming the flags."""
+    return {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)},
+            "num_workers": cfg.num_workers, "shard": cfg.shard}
+
+
+def _gate_text(st: dict) -> str:
+    return f"{st['registered']} of {st['num_workers']} workers registered"
+
+
+class _GateReporter:
+    """While the first pull is held at the start gate, say what this worker waits for ("2 of 3 workers
+    registered") now and every few seconds, from a thread with its own status connection, so that the
+    pull itself is answered the moment the gate opens."""
+
+    def __init__(self, cfg: WorkerConfig, client: PSClient, every: float = 5.0):
+        self.cfg, self.every = cfg, every
+        self.done = threading.Event()
+        self.thread = None
+        try:
+            st = client.status()
+        except Exception:   # only a message; never in the way of training
+            return
+        if st.get("started", True) or "registered" not in st:
+            return
+        log.info("worker %d waiting for the other workers to register: %s", cfg.rank, _gate_text(st))
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        tool = None    # connected only when needed: a connection that never says anything looks like a crash
+        try:
+            while not self.done.wait(self.every):
+                tool = tool or PSClient(self.cfg.server.split(",")[0], server_timeout=self.every, request_timeout=1.0,
+                                        curve_server=self.cfg.curve_server, curve_secret=self.cfg.curve_secret)
+                st = tool.status()
+                if st.get("started", True):
+                    return
+                log.info("worker %d still waiting at the start gate: %s", self.cfg.rank, _gate_text(st))
+        except Exception:
+            pass
+        finally:
+            if tool is not None:
+                tool.close()
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def summarize(m: dict) -> dict:

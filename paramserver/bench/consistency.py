@@ -2,8 +2,11 @@
 
 Every run trains the same seeded job from the same initial theta on the same shards, and ends
 when the same number of gradients (the budget) has been applied, so wall-clock time, loss and
-throughput compare like with like. Everything reported is recorded by the server and the
-workers while they run (paramserver/server.py `updates`, worker step timings, rank-0 held-out
+throughput compare like with like. Backup workers compute more gradients than they apply (the late
+ones are dropped), so the runs are also compared at an equal number of *computed* gradients (samples
+processed, dropped ones included). `--repeats R` runs everything R times with seeds seed..seed+R-1
+and reports the median and range of every figure; a ranking is stated only where ranges do not
+overlap. Everything reported is recorded by the server and the workers while they run (paramserver/server.py `updates`, worker step timings, rank-0 held-out
 evaluations); nothing is estimated afterwards.
 
 Usage::
@@ -50,9 +53,13 @@ class BenchConfig(JobConfig):
     out: str = opt("runs/bench", "output folder: results.json, summary.csv, *.png, report.md")
     quick: bool = opt(False, "a one-minute version: a smaller model and budget, and (unless --scenarios is "
                              "changed) only the none and straggler scenarios")
+    repeats: int = opt(1, "run everything this many times (seeds seed, seed+1, ...) and report the median and "
+                          "range of every figure; rankings are stated only where the ranges do not overlap")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.repeats < 1:
+            raise ValueError("--repeats must be at least 1")
         if self.quick:
             self.steps = min(self.steps, 40)
             if self.scenarios == "none,straggler,jitter":
@@ -201,12 +208,21 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         dropped = gap_max = 0
         per_version = [0] + [n] * n_updates
     wall = max(times) if times else 0.0
+    # every push a worker made is a computed gradient (applied, accumulated or dropped): when it was made
+    pushed = np.sort(np.concatenate([np.array([w["t0_epoch"] + s[0] for s in w["steps"]], dtype=float)
+                                     for w in workers] or [np.zeros(0)]))
+    origin = t0 + start
     evals = []
     r0 = workers[0]
     for t, step, version, loss in r0.get("evals", []):
-        t_rel = (r0["t0_epoch"] + t) - (t0 + start)
-        evals.append([round(max(0.0, t_rel), 3), version_to_applied.get(version, version * n), loss])
-    evals.append([round(wall, 3), len(applied), final_eval])
+        t_rel = (r0["t0_epoch"] + t) - origin
+        computed = int(np.searchsorted(pushed, r0["t0_epoch"] + t, side="right"))
+        evals.append([round(max(0.0, t_rel), 3), version_to_applied.get(version, version * n), loss, computed])
+    evals.append([round(wall, 3), len(applied), final_eval, int(len(pushed))])
+    equal = cfg.budget          # compare every run after this many computed gradients
+    ev = np.array(evals, dtype=float)
+    loss_at_equal = float(np.interp(equal, ev[:, 3], ev[:, 2])) if len(pushed) >= equal else None
+    t_equal = float(pushed[equal - 1] - origin) if len(pushed) >= equal else None
     per_worker = [summarize(w) for w in workers]
     tot = {k: sum(p[k] for p in per_worker) for k in ("compute_s", "wait_s", "comm_s", "sleep_s")}
     busy = sum(tot.values()) or 1.0
@@ -216,6 +232,9 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         "summary": {
             "wall_s": round(wall, 3), "updates": n_updates, "gradients_applied": len(applied),
             "gradients_dropped": dropped,
+            "gradients_computed": int(len(pushed)), "samples_processed": int(len(pushed)) * samples_per_grad,
+            "time_at_equal_computed_s": round(t_equal, 3) if t_equal is not None else None,
+            "loss_at_equal_computed": round(loss_at_equal, 4) if loss_at_equal is not None else None,
             "updates_per_s": round(n_updates / wall, 2) if wall else 0.0,
             "samples_per_s": round(len(applied) * samples_per_grad / wall, 1) if wall else 0.0,
             "staleness_mean": round(float(np.mean(staleness)), 3) if staleness else 0.0,
@@ -224,21 +243,24 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
             "divergence_mean": round(float(np.mean(divergence)), 5) if divergence else None,
             "divergence_max": round(float(np.max(divergence)), 5) if divergence else None,
             "initial_eval_loss": round(initial_eval, 4), "final_eval_loss": round(final_eval, 4),
-            "share_compute": round(tot["compute_s"] / busy, 3), "share_wait": round(tot["wait_s"] / busy, 3),
+            "share_compute": round(tot["compute_s"] / busy, 3),
+            # DDP cannot tell waiting from transfer: its allreduce time (waiting included) is reported as comm
+            "share_wait": None if raw["server"] is None else round(tot["wait_s"] / busy, 3),
             "share_comm": round(tot["comm_s"] / busy, 3), "share_straggler_sleep": round(tot["sleep_s"] / busy, 3),
         },
         "series": {
             "time_s": [round(t, 4) for t in times], "applied": applied, "loss": losses, "staleness": staleness,
             "staleness_hist": hist, "divergence": divergence, "evals": evals,
             "gradients_per_update": per_version[1:],
-            "eval_fields": ["time_s", "gradients_applied", "eval_loss"], "per_worker": per_worker,
+            "eval_fields": ["time_s", "gradients_applied", "eval_loss", "gradients_computed"],
+            "per_worker": per_worker,
         },
         "counters": counters,
     }
 
 
 def time_to_target(result: dict, target: float) -> float | None:
-    for t, _, loss in result["series"]["evals"]:
+    for t, _, loss, *_ in result["series"]["evals"]:
         if loss <= target:
             return t
     return None
@@ -250,43 +272,87 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
 
 
+def _median_range(values: list) -> tuple:
+    """(median, min, max) of figures where None (e.g. target not reached) counts as worst (+inf)."""
+    if all(v is None for v in values):
+        return None, None, None
+    arr = np.array([np.inf if v is None else float(v) for v in values])
+    med = float(np.median(arr))
+    return (None if np.isinf(med) else med), float(arr.min()), (None if np.isinf(arr.max()) else float(arr.max()))
+
+
+def aggregate(results: list[dict], repeats: int) -> list[dict]:
+    """One entry per (run, scenario): series and counters of the first repeat, every summary figure as
+    the median over the repeats (`summary`) and its range (`range`: [min, max]; None = not reached)."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["name"], r["scenario"]), []).append(r)
+    out = []
+    for (name, scenario), rs in groups.items():
+        first = dict(rs[0])
+        summary, rng = {}, {}
+        for key, v0 in rs[0]["summary"].items():
+            vals = [r["summary"][key] for r in rs]
+            if isinstance(v0, (int, float)) or v0 is None:
+                med, lo, hi = _median_range(vals)
+                summary[key] = (int(round(med)) if isinstance(v0, int) and med is not None and len(rs) == 1
+                                else (round(med, 4) if med is not None else None))
+                rng[key] = [lo, hi]
+            else:
+                summary[key] = v0
+        first.update(summary=summary, range=rng, repeats=len(rs),
+                     per_repeat=[{"seed": r["seed"], **r["summary"]} for r in rs])
+        out.append(first)
+    return out
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from paramserver.bench.report import print_table, write_report
     from worker.models import build_job
     os.makedirs(cfg.out, exist_ok=True)
-    job = build_job(subset(cfg, JobConfig), "cpu")
-    initial_eval = job.eval_loss(cfg.eval_batches, cfg.batch_size)
     runs = planned_runs(cfg)
-    print(f"paramserver bench consistency: {len(runs)} runs, {cfg.workers} workers each, job {cfg.entry or cfg.job} "
-          f"({job.description}), budget {cfg.budget} gradients/run, straggler x{cfg.straggler}, "
+    print(f"paramserver bench consistency: {len(runs)} runs x {cfg.repeats} repeat(s), {cfg.workers} workers "
+          f"each, job {cfg.entry or cfg.job}, budget {cfg.budget} applied gradients/run, straggler x{cfg.straggler}, "
           f"{os.cpu_count()} CPU cores (the {cfg.workers} workers and the server share them)", flush=True)
     results = []
     t_all = time.time()
-    for i, run in enumerate(runs):
-        folder = os.path.join(cfg.out, "runs", f"{i:02d}-{run['name'].replace(' ', '').replace('=', '')}"
-                              f"-{run['scenario']}")
-        os.makedirs(folder, exist_ok=True)
-        t = time.time()
-        raw = run_ddp_baseline(cfg, run, folder) if run["mode"] == "ddp" else run_ps(cfg, run, folder)
-        job.load_params(raw["theta"])
-        final_eval = job.eval_loss(cfg.eval_batches, cfg.batch_size)
-        res = analyse(cfg, run, raw, final_eval, initial_eval)
-        results.append(res)
-        s = res["summary"]
-        print(f"[{i + 1:2d}/{len(runs)}] {run['name']:14s} {run['scenario']:9s} {s['wall_s']:7.2f}s  "
-              f"{s['updates_per_s']:7.1f} upd/s  staleness mean {s['staleness_mean']:.2f} max {s['staleness_max']:3d}  "
-              f"wait {100 * s['share_wait']:4.1f}%  eval {s['final_eval_loss']:.4f}  ({time.time() - t:.0f}s incl. "
-              f"start-up)", flush=True)
-    ref = next((r for r in results if r["name"] == "sync" and r["scenario"] == "none"), results[0])
-    ref_s = ref["summary"]
-    target = round(ref_s["final_eval_loss"] + 0.05 * (ref_s["initial_eval_loss"] - ref_s["final_eval_loss"]), 4)
+    for rep in range(cfg.repeats):
+        rcfg = dataclasses.replace(cfg, seed=cfg.seed + rep)   # another init, data order and straggler draws
+        job = build_job(subset(rcfg, JobConfig), "cpu")
+        initial_eval = job.eval_loss(rcfg.eval_batches, rcfg.batch_size)
+        if rep == 0:
+            print(f"  data: {job.description}", flush=True)
+        for i, run in enumerate(runs):
+            folder = os.path.join(cfg.out, "runs", (f"r{rep}-" if cfg.repeats > 1 else "") +
+                                  f"{i:02d}-{run['name'].replace(' ', '').replace('=', '')}-{run['scenario']}")
+            os.makedirs(folder, exist_ok=True)
+            t = time.time()
+            raw = run_ddp_baseline(rcfg, run, folder) if run["mode"] == "ddp" else run_ps(rcfg, run, folder)
+            job.load_params(raw["theta"])
+            final_eval = job.eval_loss(rcfg.eval_batches, rcfg.batch_size)
+            res = analyse(rcfg, run, raw, final_eval, initial_eval)
+            res["seed"] = rcfg.seed
+            results.append(res)
+            s = res["summary"]
+            wait = "in comm" if s["share_wait"] is None else f"{100 * s['share_wait']:4.1f}%"
+            print(f"[{len(results):2d}/{len(runs) * cfg.repeats}] seed {rcfg.seed} {run['name']:14s} "
+                  f"{run['scenario']:9s} {s['wall_s']:7.2f}s  {s['updates_per_s']:7.1f} upd/s  staleness mean "
+                  f"{s['staleness_mean']:.2f} max {s['staleness_max']:3d}  wait {wait}  eval "
+                  f"{s['final_eval_loss']:.4f}  ({time.time() - t:.0f}s incl. start-up)", flush=True)
+    refs = [r for r in results if r["name"] == "sync" and r["scenario"] == "none"] or results[:1]
+    ref_final = float(np.median([r["summary"]["final_eval_loss"] for r in refs]))
+    ref_init = float(np.median([r["summary"]["initial_eval_loss"] for r in refs]))
+    target = round(ref_final + 0.05 * (ref_init - ref_final), 4)
     for r in results:
         ttt = time_to_target(r, target)
         r["summary"]["time_to_target_s"] = round(ttt, 3) if ttt is not None else None
     report = {"config": dataclasses.asdict(cfg), "machine": machine(), "target_eval_loss": target,
-              "target_rule": f"the {ref['name']} ({ref['scenario']}) run's final held-out loss plus 5% of its "
-                             "improvement from the initial loss",
-              "bench_wall_s": round(time.time() - t_all, 1), "runs": results}
+              "target_rule": f"the {refs[0]['name']} ({refs[0]['scenario']}) run's final held-out loss plus 5% of "
+                             "its improvement from the initial loss" + (" (medians over the repeats)"
+                                                                        if cfg.repeats > 1 else ""),
+              "equal_computed": cfg.budget, "repeats": cfg.repeats,
+              "bench_wall_s": round(time.time() - t_all, 1), "runs": aggregate(results, cfg.repeats),
+              "all_runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}
     write_report(report, cfg.out)
     print_table(report)
     return report

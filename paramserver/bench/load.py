@@ -13,6 +13,8 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +33,8 @@ class LoadConfig:
     size: int = opt(1024, "float32 values in the one parameter tensor")
     drop: float = opt(0.0, "fraction of requests and replies each client drops (forces resends)")
     dup: float = opt(0.0, "fraction of requests each client sends twice")
-    out: str = opt("", "folder for the server's metrics (empty: a temporary folder)")
+    out: str = opt("", "folder (created if missing) for server.log, the server's metrics (server_metrics.json: "
+                       "status, counters, handling times) and load.json (these figures); empty: a temporary folder")
 
     def __post_init__(self):
         if self.workers < 1 or self.seconds <= 0 or self.size < 1:
@@ -44,8 +47,10 @@ def run_load(cfg: LoadConfig) -> dict:
     from paramserver.cluster import shutdown, start_server
     from worker.client import PSClient
     out = cfg.out or tempfile.mkdtemp(prefix="ps-load-")
-    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, max_workers=max(1, cfg.workers), mode="async",
-                        optimizer="sgd", lr=1.0, aggregate="sum", log_level="warning", worker_timeout=60)
+    os.makedirs(out, exist_ok=True)
+    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=1, max_workers=max(1, cfg.workers), mode="async", optimizer="sgd", lr=1.0,
+                        aggregate="sum", log_level="info", worker_timeout=60,
+                        metrics=os.path.join(out, "server_metrics.json"))
     server, address = start_server(scfg, out)
     applied = [0] * cfg.workers
     pushes = [0] * cfg.workers
@@ -103,12 +108,15 @@ def run_load(cfg: LoadConfig) -> dict:
     total = sum(applied)
     pct = {k: {f"p{q}": round(float(np.percentile(v, q)) * 1e3, 3) for q in (50, 90, 99)} if v else {}
            for k, v in lat.items()}
-    return {"config": dataclasses.asdict(cfg), "wall_s": round(wall, 3), "pushes_acked": sum(pushes),
+    result = {"config": dataclasses.asdict(cfg), "wall_s": round(wall, 3), "pushes_acked": sum(pushes),
             "applied_acked": total, "server_applied": status["counters"].get("applied", 0),
             "server_version": status["version"], "duplicates": status["counters"].get("duplicates", 0),
             "theta_exact": bool(np.all(final == -float(total))), "theta_value": float(final[0]),
             "pushes_per_s": round(total / wall, 1), "client_ms": pct, "server_handle_ms": status.get("handle_ms", {}),
-            "counters": status["counters"]}
+            "counters": status["counters"], "out": out}
+    with open(os.path.join(out, "load.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def print_load(r: dict) -> None:
@@ -121,3 +129,4 @@ def print_load(r: dict) -> None:
     for k, v in r["client_ms"].items():
         print(f"  client {k} round trip ms: " + "  ".join(f"{q} {x}" for q, x in v.items()))
     print("  server handling ms per message: " + "  ".join(f"{q} {x}" for q, x in r["server_handle_ms"].items()))
+    print(f"  written: {r['out']}/load.json, server_metrics.json, server.log")

@@ -13,30 +13,83 @@ PHRASES = {"none": "Without a straggler", "straggler": "With a persistent stragg
 COLUMNS = [("run", 14), ("scenario", 9), ("wall_s", 8), ("upd/s", 7), ("samples/s", 9), ("stale_mean", 10),
            ("stale_max", 9), ("diverg_mean", 11), ("wait%", 6), ("comm%", 6), ("dropped", 7), ("eval_loss", 9),
            ("t_target_s", 10)]
+#: the second table: every run after the same number of computed gradients (dropped ones included)
+EQUAL_COLUMNS = [("run", 14), ("scenario", 9), ("computed", 8), ("dropped", 7), ("t_equal_s", 9),
+                 ("loss_at_equal", 13)]
+
+
+def _fmt(r: dict, key: str, spec: str, scale: float = 1.0, none: str = "n/a") -> str:
+    """The median, with its range [min-max] when there are several repeats and they differ."""
+    v = r["summary"].get(key)
+    text = none if v is None else format(v * scale, spec)
+    lo, hi = (r.get("range") or {}).get(key, [None, None])
+    if r.get("repeats", 1) > 1 and lo is not None and (hi is None or hi != lo):
+        text += f" [{format(lo * scale, spec)}-{none if hi is None else format(hi * scale, spec)}]"
+    return text
 
 
 def _row(r: dict) -> list:
-    s = r["summary"]
-    div = s["divergence_mean"]
-    ttt = s.get("time_to_target_s")
-    return [r["name"], r["scenario"], f"{s['wall_s']:.2f}", f"{s['updates_per_s']:.1f}", f"{s['samples_per_s']:.0f}",
-            f"{s['staleness_mean']:.2f}", str(s["staleness_max"]), "n/a" if div is None else f"{div:.4f}",
-            f"{100 * s['share_wait']:.1f}", f"{100 * s['share_comm']:.1f}", str(s["gradients_dropped"]),
-            f"{s['final_eval_loss']:.4f}", "not reached" if ttt is None else f"{ttt:.2f}"]
+    wait = "(in comm)" if r["summary"]["share_wait"] is None else _fmt(r, "share_wait", ".1f", 100)
+    return [r["name"], r["scenario"], _fmt(r, "wall_s", ".2f"), _fmt(r, "updates_per_s", ".1f"),
+            _fmt(r, "samples_per_s", ".0f"), _fmt(r, "staleness_mean", ".2f"), _fmt(r, "staleness_max", ".0f"),
+            _fmt(r, "divergence_mean", ".4f"), wait, _fmt(r, "share_comm", ".1f", 100),
+            _fmt(r, "gradients_dropped", ".0f"), _fmt(r, "final_eval_loss", ".4f"),
+            _fmt(r, "time_to_target_s", ".2f", none="not reached")]
+
+
+def _equal_row(r: dict) -> list:
+    return [r["name"], r["scenario"], _fmt(r, "gradients_computed", ".0f"), _fmt(r, "gradients_dropped", ".0f"),
+            _fmt(r, "time_at_equal_computed_s", ".2f"), _fmt(r, "loss_at_equal_computed", ".4f")]
 
 
 def ranked(report: dict) -> list[dict]:
-    """Runs ranked by time to the target loss (runs that never reach it last, by final loss)."""
+    """Runs ranked by (median) time to the target loss (runs that never reach it last, by final loss)."""
     return sorted(report["runs"], key=lambda r: (r["summary"].get("time_to_target_s") is None,
                                                  r["summary"].get("time_to_target_s") or 0.0,
                                                  r["summary"]["final_eval_loss"]))
 
 
+def ranked_equal(report: dict) -> list[dict]:
+    """Runs ranked by held-out loss after the same number of computed gradients."""
+    return sorted(report["runs"], key=lambda r: (r["summary"].get("loss_at_equal_computed") is None,
+                                                 r["summary"].get("loss_at_equal_computed") or 0.0))
+
+
+def separated(a: dict, b: dict, key: str) -> bool | None:
+    """True when a's range of `key` lies wholly below b's (None = not reached counts as +inf); None when
+    there is a single repeat (no noise estimate)."""
+    if min(a.get("repeats", 1), b.get("repeats", 1)) < 2:
+        return None
+    a_hi = (a.get("range") or {}).get(key, [None, None])[1]
+    b_lo = (b.get("range") or {}).get(key, [None, None])[0]
+    if a_hi is None:
+        return False
+    return b_lo is None or a_hi < b_lo
+
+
+def verdict(a: dict, b: dict, key: str) -> str:
+    """How a compares with b on `key` (lower is better), honest about run-to-run noise."""
+    if separated(a, b, key):
+        return "lower in every repeat (ranges do not overlap)"
+    if separated(b, a, key):
+        return "higher in every repeat (ranges do not overlap)"
+    if min(a.get("repeats", 1), b.get("repeats", 1)) < 2:
+        return "one repeat: run-to-run noise not measured, no ranking"
+    return "within run-to-run noise (ranges overlap)"
+
+
 def print_table(report: dict) -> None:
+    rep = report.get("repeats", 1)
     print(f"\ntarget held-out loss {report['target_eval_loss']} ({report['target_rule']})")
+    print(f"budget: {report['config']['steps'] * report['config']['workers']} applied gradients per run"
+          + (f"; figures are medians [range] over {rep} repeats" if rep > 1 else ""))
     print("  ".join(name.ljust(w) for name, w in COLUMNS))
     for r in ranked(report):
         print("  ".join(v.ljust(w) for v, (_, w) in zip(_row(r), COLUMNS)))
+    print(f"\nat equal computed gradients ({report.get('equal_computed')} computed, dropped ones included):")
+    print("  ".join(name.ljust(w) for name, w in EQUAL_COLUMNS))
+    for r in ranked_equal(report):
+        print("  ".join(v.ljust(w) for v, (_, w) in zip(_equal_row(r), EQUAL_COLUMNS)))
     print(f"\nwritten: {report.get('out', '')}results.json, summary.csv, report.md, plots", flush=True)
 
 
@@ -76,41 +129,65 @@ def write_plots(report: dict, out: str) -> list[str]:
         plt.close(fig)
         files.append(fname)
 
+    # staleness: only the runs that have any (sync, backup workers and DDP are all 0 and would squash the rest)
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
-        sel = [r for r in runs if r["scenario"] == sc]
+        sel = [r for r in runs if r["scenario"] == sc and r["summary"]["staleness_max"]]
         width = 0.8 / max(1, len(sel))
         for i, r in enumerate(sel):
             h = np.asarray(r["series"]["staleness_hist"], dtype=float)
             if h.sum():
                 ax.bar(np.arange(len(h)) + i * width, h / h.sum(), width=width, label=r["name"])
-        ax.set_title(f"staleness of applied gradients, {TITLES[sc]}")
+        zero = sorted({r["name"] for r in runs if r["scenario"] == sc and not r["summary"]["staleness_max"]})
+        ax.set_title(f"staleness, {TITLES[sc]}" + (f"\n(always 0, not drawn: {', '.join(zero)})" if zero else ""),
+                     fontsize=9)
         ax.set_xlabel("server version at apply - version computed on")
         ax.set_ylabel("fraction of gradients")
-        ax.legend(fontsize=8)
+        if sel:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "staleness_hist.png"), dpi=100)
     plt.close(fig)
     files.append("staleness_hist.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels = [f"{r['name']}\n{r['scenario']}" for r in runs]
-    x = np.arange(len(runs))
-    axes[0].bar(x, [r["summary"]["samples_per_s"] for r in runs], color="tab:blue")
-    axes[0].set_xticks(x, labels, rotation=60, fontsize=7)
-    axes[0].set_ylabel("samples/s (applied gradients x batch / wall)")
-    axes[0].set_title("throughput")
-    bottom = np.zeros(len(runs))
-    for key, color, label in (("share_compute", "tab:green", "compute"), ("share_wait", "tab:red", "wait (barrier/bound)"),
-                              ("share_comm", "tab:orange", "communication"),
-                              ("share_straggler_sleep", "tab:grey", "straggler slowdown")):
-        vals = np.array([r["summary"][key] for r in runs])
-        axes[1].bar(x, vals, bottom=bottom, color=color, label=label)
-        bottom += vals
-    axes[1].set_xticks(x, labels, rotation=60, fontsize=7)
-    axes[1].set_ylabel("share of worker time")
-    axes[1].set_title("where the workers' time went")
-    axes[1].legend(fontsize=7)
+    # throughput and time shares: grouped by scenario, one colour per run kind
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    by = {(r["name"], r["scenario"]): r for r in runs}
+    width = 0.8 / max(1, len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    ax = axes[0]
+    for k, name in enumerate(names):
+        xs = [g + k * width for g, sc in enumerate(scenarios) if (name, sc) in by]
+        ys = [by[(name, sc)]["summary"]["samples_per_s"] for sc in scenarios if (name, sc) in by]
+        ax.bar(xs, ys, width=width, color=colors[name], label=name)
+    ax.set_xticks(np.arange(len(scenarios)) + width * (len(names) - 1) / 2, [TITLES[sc] for sc in scenarios],
+                  fontsize=8)
+    ax.set_ylabel("samples/s (applied gradients x batch / wall)")
+    ax.set_title("throughput")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax = axes[1]
+    parts = (("share_compute", "compute", None), ("share_wait", "wait imposed by the policy", "//"),
+             ("share_comm", "communication", ".."), ("share_straggler_sleep", "straggler slowdown", "xx"))
+    for k, name in enumerate(names):
+        for g, sc in enumerate(scenarios):
+            r = by.get((name, sc))
+            if r is None:
+                continue
+            bottom = 0.0
+            for key, _, hatch in parts:
+                v = r["summary"][key] or 0.0       # DDP: its waiting is inside communication
+                ax.bar(g + k * width, v, width=width, bottom=bottom, color=colors[name], hatch=hatch,
+                       edgecolor="white", linewidth=0.3)
+                bottom += v
+    ax.set_xticks(np.arange(len(scenarios)) + width * (len(names) - 1) / 2, [TITLES[sc] for sc in scenarios],
+                  fontsize=8)
+    ax.set_ylabel("share of worker time")
+    ax.set_title("where the workers' time went (bars in the same order and colours as on the left)", fontsize=9)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(facecolor="grey", hatch=h, edgecolor="white", label=lbl) for _, lbl, h in parts]
+              + [Patch(facecolor="none", edgecolor="none", label="DDP: waiting is inside communication")],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "throughput_wait.png"), dpi=100)
     plt.close(fig)
@@ -124,24 +201,30 @@ def write_report(report: dict, out: str) -> None:
         json.dump(report, f)
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([name for name, _ in COLUMNS])
+        w.writerow([name for name, _ in COLUMNS] + [name for name, _ in EQUAL_COLUMNS[2:]])
         for r in ranked(report):
-            w.writerow(_row(r))
+            w.writerow(_row(r) + _equal_row(r)[2:])
     plots = write_plots(report, out)
     cfg, m = report["config"], report["machine"]
+    rep = report.get("repeats", 1)
+    budget = cfg["steps"] * cfg["workers"]
     lines = [
         "# Consistency benchmark: sync vs backup workers vs bounded staleness vs async vs DDP", "",
         f"Job: `{cfg['job']}` (n_layer {cfg['n_layer']}, n_embd {cfg['n_embd']}, context {cfg['context']}), "
         f"{cfg['workers']} workers, batch {cfg['batch_size']}, optimizer {cfg['optimizer']} lr {cfg['lr']}, "
-        f"seed {cfg['seed']}. Every run starts from the same θ and stops after the same budget of "
-        f"{cfg['steps'] * cfg['workers']} applied gradients. Straggler scenario: the last worker sleeps "
-        f"({cfg['straggler']} - 1) x its compute time after each step.", "",
+        f"seed {cfg['seed']}" + (f" to {cfg['seed'] + rep - 1} ({rep} repeats)" if rep > 1 else "") + ". Every run "
+        f"starts from the same θ and stops after the same budget of {budget} applied gradients. Straggler "
+        f"scenario: the last worker sleeps ({cfg['straggler']} - 1) x its compute time after each step.", "",
         f"Machine: {m['platform']}, {m['cpus']} CPU cores, Python {m['python']}, torch {m['torch']}. All "
         f"{cfg['workers']} workers, the server and the benchmark share these cores, so absolute speeds are "
         "those of an oversubscribed machine; the comparison between runs is what this measures.", "",
+        (f"Every figure is the **median over {rep} repeats** (seeds differ: initial θ, batch order, straggler "
+         "draws), with its range [min-max]. A ranking is stated only where the ranges do not overlap."
+         if rep > 1 else "**One repeat**: run-to-run noise is not measured, so no difference below is a ranking; "
+         "rerun with `--repeats 3` to rank."), "",
         f"Target held-out loss: **{report['target_eval_loss']}** ({report['target_rule']}). "
         f"Benchmark wall time {report['bench_wall_s']} s.", "",
-        "## Ranking (fastest to the target first)", "",
+        f"## At equal applied gradients (the budget: {budget} applied), fastest to the target first", "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
@@ -150,13 +233,23 @@ def write_report(report: dict, out: str) -> None:
               "steps on the server per second; samples/s = applied gradients x batch / wall; staleness = server "
               "version at apply - version the gradient was computed on; divergence = L2 distance between the θ a "
               "worker computed on and the server's θ when its gradient arrived (DDP: replicas are identical by "
-              "construction); wait/comm = share of the workers' time held at the barrier or staleness bound / "
-              "in transfer (DDP: allreduce time, which includes waiting for the slowest rank, is reported as comm); "
-              "eval_loss = held-out loss of the final θ; t_target_s = first rank-0 evaluation at or below the target.",
-              ""]
+              "construction); wait = share of the workers' time held by the policy (the barrier or the staleness "
+              "bound; not the start gate); comm = share in transfer (DDP: its allreduce time includes waiting for "
+              "the slowest rank, so its wait is shown as (in comm)); eval_loss = held-out loss of the final θ; "
+              "t_target_s = first rank-0 evaluation at or below the target.", "",
+              f"## At equal computed gradients ({report.get('equal_computed')} computed, dropped ones included), "
+              "lowest held-out loss first", "",
+              "Backup workers compute gradients they then drop, so at equal *applied* gradients they have processed "
+              "more samples than the others. Here every run is compared after the same number of gradients "
+              "computed by its workers (samples processed = computed x batch): t_equal_s is when it got there, "
+              "loss_at_equal its held-out loss then (interpolated between rank-0 evaluations).", "",
+              "| " + " | ".join(name for name, _ in EQUAL_COLUMNS) + " |", "|" + "---|" * len(EQUAL_COLUMNS)]
+    lines += ["| " + " | ".join(_equal_row(r)) + " |" for r in ranked_equal(report)]
+    lines += ["", "Plots (curves: the first repeat):", ""]
     lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Where each worker's time went (% of its compute + wait + comm + straggler sleep)", "",
-              "| run | scenario | " + " | ".join(f"worker {w['rank']}" for w in report["runs"][0]["series"]["per_worker"])
+    lines += ["", "## Where each worker's time went (% of its compute + wait + comm + straggler sleep, first repeat)",
+              "", "| run | scenario | " + " | ".join(f"worker {w['rank']}" for w in
+                                                  report["runs"][0]["series"]["per_worker"])
               + " |", "|---|---|" + "---|" * len(report["runs"][0]["series"]["per_worker"])]
     for r in report["runs"]:
         cells = []
@@ -165,57 +258,57 @@ def write_report(report: dict, out: str) -> None:
             cells.append(f"{100 * w['compute_s'] / total:.0f} / {100 * w['wait_s'] / total:.0f} / "
                          f"{100 * w['comm_s'] / total:.0f} / {100 * w['sleep_s'] / total:.0f} ({w['steps']} steps)")
         lines.append(f"| {r['name']} | {r['scenario']} | " + " | ".join(cells) + " |")
-    lines += ["", "Each cell: compute / wait / comm / straggler sleep, in % of that worker's time, and its pushes."]
+    lines += ["", "Each cell: compute / wait / comm / straggler sleep, in % of that worker's time, and its pushes "
+              "(DDP: wait is inside comm)."]
     lines += ["", "## What the numbers say", ""] + findings(report)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def _wait_text(s: dict) -> str:
+    return ("in allreduce (waiting included)", s["share_comm"]) if s["share_wait"] is None else \
+        ("waiting", s["share_wait"])
+
+
 def findings(report: dict) -> list[str]:
-    """Plain statements derived from this run's numbers (nothing here is fixed text about results)."""
-    by = {(r["name"], r["scenario"]): r["summary"] for r in report["runs"]}
+    """Plain statements derived from this run's numbers (nothing here is fixed text about results). A
+    comparison says whether the ranges over the repeats overlap; with one repeat it ranks nothing."""
+    by = {(r["name"], r["scenario"]): r for r in report["runs"]}
     out = []
     for sc in TITLES:
         sync = by.get(("sync", sc))
         if not sync:
             continue
-        for (name, scen), s in by.items():
+        ss = sync["summary"]
+        for (name, scen), r in by.items():
             if scen != sc or name == "sync":
                 continue
-            speed = s["wall_s"] and sync["wall_s"] / s["wall_s"]
-            waiting = (f"in allreduce (which includes waiting) {100 * s['share_comm']:.1f}%" if name == "ddp"
-                       else f"waiting {100 * s['share_wait']:.1f}%")
-            ttt, sync_ttt = s.get("time_to_target_s"), sync.get("time_to_target_s")
-            reach = "never reached the target" if ttt is None else f"reached the target at {ttt:.1f}s"
-            out.append(f"- {PHRASES[sc]}, **{name}** finished the budget "
-                       f"in {s['wall_s']:.1f}s vs sync's {sync['wall_s']:.1f}s ({speed:.2f}x) and {reach} "
-                       f"(sync: {'never' if sync_ttt is None else f'{sync_ttt:.1f}s'}); final held-out loss "
-                       f"{s['final_eval_loss']:.4f} vs {sync['final_eval_loss']:.4f}; workers {waiting} of their "
-                       f"time vs sync's {100 * sync['share_wait']:.1f}% waiting.")
-    curves = {(r["name"], r["scenario"]): np.array(r["series"]["evals"]) for r in report["runs"]}
-    for sc in TITLES:
-        ref = curves.get(("sync", sc))
-        if ref is None:
-            continue
-        for (name, scen), ev in curves.items():
-            if scen != sc or name == "sync" or ev[-1, 0] >= ref[-1, 0]:
-                continue
-            at = float(np.interp(ev[-1, 0], ref[:, 0], ref[:, 2]))   # sync's held-out loss at the same moment
-            out.append(f"- {PHRASES[sc]}, when **{name}** had spent the "
-                       f"budget ({ev[-1, 0]:.1f}s) its held-out loss was {ev[-1, 2]:.4f}; sync's at that moment was "
-                       f"{at:.4f} ({'ahead of' if ev[-1, 2] < at else 'behind'} sync at equal wall-clock time).")
+            s = r["summary"]
+            speed = s["wall_s"] and ss["wall_s"] / s["wall_s"]
+            what, share = _wait_text(s)
+            ttt, sync_ttt = s.get("time_to_target_s"), ss.get("time_to_target_s")
+            reach = "did not reach the target" if ttt is None else f"reached the target at {ttt:.1f}s"
+            equal = ""
+            if s.get("loss_at_equal_computed") is not None and ss.get("loss_at_equal_computed") is not None:
+                equal = (f"; after {report.get('equal_computed')} computed gradients its held-out loss was "
+                         f"{s['loss_at_equal_computed']:.4f} vs {ss['loss_at_equal_computed']:.4f} "
+                         f"({verdict(r, sync, 'loss_at_equal_computed')})")
+            out.append(f"- {PHRASES[sc]}, **{name}** finished the budget in {s['wall_s']:.1f}s vs sync's "
+                       f"{ss['wall_s']:.1f}s ({speed:.2f}x; {verdict(r, sync, 'wall_s')}) and {reach} (sync: "
+                       f"{'did not' if sync_ttt is None else f'{sync_ttt:.1f}s'}; "
+                       f"{verdict(r, sync, 'time_to_target_s')}); final held-out loss {s['final_eval_loss']:.4f} vs "
+                       f"{ss['final_eval_loss']:.4f} ({verdict(r, sync, 'final_eval_loss')}){equal}; workers "
+                       f"{what} {100 * share:.1f}% of their time vs sync's {100 * (ss['share_wait'] or 0):.1f}% "
+                       "waiting.")
     slow, fast = by.get(("sync", "straggler")), by.get(("sync", "none"))
     if slow and fast:
-        out.append(f"- The straggler stretched sync from {fast['wall_s']:.1f}s to {slow['wall_s']:.1f}s; its workers "
-                   f"spent {100 * slow['share_wait']:.1f}% of their time waiting at the barrier.")
-    jit = by.get(("sync", "jitter"))
-    for (name, scen), s in by.items():
-        if name.startswith("ssp") and scen == "jitter" and jit:
-            out.append(f"- With transient delays, **{name}** took {s['wall_s']:.1f}s vs sync's {jit['wall_s']:.1f}s "
-                       f"(workers waiting {100 * s['share_wait']:.1f}% vs {100 * jit['share_wait']:.1f}%).")
-        if name.startswith("ssp") and scen == "straggler" and slow and s["wall_s"] > 0.8 * slow["wall_s"]:
+        out.append(f"- The straggler stretched sync from {fast['summary']['wall_s']:.1f}s to "
+                   f"{slow['summary']['wall_s']:.1f}s ({verdict(fast, slow, 'wall_s')}); its workers spent "
+                   f"{100 * slow['summary']['share_wait']:.1f}% of their time waiting at the barrier.")
+    for (name, scen), r in by.items():
+        s = r["summary"]
+        if name.startswith("ssp") and scen == "straggler" and slow and s["wall_s"] > 0.8 * slow["summary"]["wall_s"]:
             out.append(f"- **{name}** did not escape a *persistent* straggler ({s['wall_s']:.1f}s vs sync's "
-                       f"{slow['wall_s']:.1f}s): once the fast workers are s clocks ahead, the bound makes them "
-                       "wait for the slow one at every clock, so they run at its pace. Bounded staleness absorbs "
-                       "transient delays, not a worker that is always slower.")
+                       f"{slow['summary']['wall_s']:.1f}s): once the fast workers are s clocks ahead, the bound "
+                       "makes them wait for the slow one at every clock, so they run at its pace.")
     return out

@@ -1,0 +1,138 @@
+"""paramserver/cluster.py: nothing orphaned, nothing lost, every failure one line (subprocess runs)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+TINY = ["--job", "mlp", "--eval-every", "0", "--sample-bytes", "0", "--progress-every", "0.5"]
+
+
+def ps(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "paramserver", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _start(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "paramserver", "cluster", "--workers", "2", "--steps", "100000",
+                             *TINY, "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, cwd=ROOT)
+
+
+def _wait_live(p, n=2):
+    """Until both workers are live and training (a progress line with version >= 3)."""
+    for line in p.stdout:
+        if f"live {n}/{n}" in line and int(line.split("version")[1].split("|")[0]) >= 3:
+            return
+    raise AssertionError("the cluster never reported its workers live")
+
+
+def _leftovers(out) -> list[str]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return []
+        time.sleep(0.2)
+    return left
+
+
+def test_a_second_ctrl_c_still_stops_every_child_and_the_server_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out)
+    try:
+        _wait_live(p)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "interrupted" in rest, rest
+    assert _leftovers(out) == [], "processes of the cluster are still running"
+    assert torch.load(out / "checkpoint.pt")["version"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for r in ("0", "1"):    # workers stopped by a signal still wrote their metrics
+        assert metrics["workers"][r]["exit"] == "interrupted" and metrics["workers"][r]["steps"]
+
+
+def test_kill_9_of_the_cluster_still_stops_the_server_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out)
+    try:
+        _wait_live(p)
+        p.kill()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert _leftovers(out) == [], "the server or a worker outlived the cluster"
+    assert torch.load(out / "checkpoint.pt")["version"] > 0
+    assert json.loads((out / "worker0.json").read_text())["exit"] == "interrupted"
+
+
+def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--workers", "2", "--steps", "6", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert torch.load(out / "checkpoint.pt")["version"] == 6
+    first = json.loads((out / "metrics.json").read_text())["summary"]
+    r = ps("cluster", "--workers", "2", "--steps", "4", *TINY, "--out", str(out),
+           "--resume", str(out / "checkpoint.pt"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    end = torch.load(out / "checkpoint.pt")["version"]
+    assert end > 6
+    # the summary reports this run's updates, and "before" is the resumed model, not a fresh one
+    assert f"{end - 6} updates applied in this run (version 6 -> {end}" in r.stdout
+    second = json.loads((out / "metrics.json").read_text())["summary"]
+    assert second["updates"] == end - 6 and second["start_version"] == 6
+    assert abs(second["initial_eval_loss"] - first["final_eval_loss"]) < 1e-9
+    assert "before: the resumed model" in r.stdout
+
+
+def test_a_run_whose_workers_are_all_refused_reports_no_held_out_loss(tmp_path):
+    out = tmp_path / "run"
+    assert ps("cluster", "--workers", "2", "--steps", "3", *TINY, "--out", str(out)).returncode == 0
+    r = ps("cluster", "--workers", "2", "--steps", "3", *TINY, "--out", str(out), "--hidden", "16",
+           "--resume", str(out / "checkpoint.pt"))
+    assert r.returncode == 1
+    assert "--hidden 16 (the job has 32)" in r.stdout           # the refused worker's own line
+    assert "held-out loss: not measured" in r.stdout and "->" not in r.stdout.split("held-out loss")[1][:40]
+    assert "0 updates applied in this run" in r.stdout
+
+
+def test_cluster_with_curve_keys_trains_monitors_and_shuts_down(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--curve", "--workers", "2", "--steps", "8", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "live 2/2" in r.stdout or "live 0/2" in r.stdout    # the monitor is answered (it has a key)
+    assert "server not answering" not in r.stdout
+    st = json.loads((out / "metrics.json").read_text())["server"]["status"]
+    assert st["version"] == 8 and st["counters"].get("handshake_failures", 0) == 0
+    assert "shutdown requested" in (out / "server.log").read_text()     # the cluster's admin key stopped it
+    for name in ("server", "worker0", "worker1", "cluster"):
+        assert (out / "keys" / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+    assert (out / "keys" / "admins" / "cluster.key").exists()
+    assert not (out / "keys" / "clients" / "server.key").exists()
+
+
+def test_cluster_passes_slowdown_prob_and_threads_to_the_workers(tmp_path):
+    out = tmp_path / "run"
+    r = ps("cluster", "--workers", "2", "--steps", "30", *TINY, "--out", str(out), "--straggler", "3",
+           "--slowdown-prob", "0.5", "--threads", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "straggler: worker 1 x3 on 50% of its steps" in r.stdout
+    workers = json.loads((out / "metrics.json").read_text())["workers"]
+    assert workers["0"]["threads"] == workers["1"]["threads"] == 2
+    slept = [s[7] for s in workers["1"]["steps"]]
+    assert 0 < sum(x > 0 for x in slept) < len(slept)      # some steps slowed, not all
+    assert all(s[7] == 0 for s in workers["0"]["steps"])
