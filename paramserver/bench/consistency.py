@@ -321,7 +321,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         job = build_job(subset(rcfg, JobConfig), "cpu")
         initial_eval = job.eval_loss(rcfg.eval_batches, rcfg.batch_size)
         if rep == 0:
-            print(f"  data: {job.description}", flush=True)
+            print(f"  job {cfg.entry or cfg.job} ({job.description})", flush=True)
         for i, run in enumerate(runs):
             folder = os.path.join(cfg.out, "runs", (f"r{rep}-" if cfg.repeats > 1 else "") +
                                   f"{i:02d}-{run['name'].replace(' ', '').replace('=', '')}-{run['scenario']}")
