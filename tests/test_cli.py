@@ -216,3 +216,11 @@ def test_a_waiting_worker_says_what_it_waits_for(start_server):
     finally:
         p.kill()
         p.wait()
+
+
+def test_cluster_refuses_a_resume_with_another_optimizer_before_starting(tmp_path):
+    torch.save({"theta": {"w": torch.zeros(3)}, "version": 4, "optimizer": "adam"}, tmp_path / "adam.pt")
+    r = ps("cluster", "--optimizer", "sgd", "--resume", str(tmp_path / "adam.pt"), "--out", str(tmp_path / "c"),
+           timeout=60)
+    _one_line(r, "the checkpoint was written with --optimizer adam")
+    assert not (tmp_path / "c" / "server.log").exists()
