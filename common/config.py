@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from common.shards import parse_addresses
+
 MODES = ("sync", "ssp", "async")
 AGGREGATES = ("sum", "mean")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -31,6 +33,8 @@ ENV_VARS = {
     "PS_BIND": ("bind", "address the server binds, e.g. tcp://0.0.0.0:5555"),
     "PS_RANK": ("rank", "this worker's rank, 0..N-1 (its data shard)"),
     "PS_NUM_WORKERS": ("num_workers", "number of workers in the job (shards; the server's start gate)"),
+    "PS_SHARD_INDEX": ("shard_index", "which part of theta this server holds, 0..K-1 (see PS_NUM_SHARDS)"),
+    "PS_NUM_SHARDS": ("num_shards", "number of server shards theta is split over"),
 }
 
 
@@ -87,9 +91,15 @@ class ServerConfig:
     curve_secret: str = opt("", "server secret key file (paramserver keys): encrypt all traffic with CurveZMQ")
     auth: str = opt("", "folder of client public key files: admit only these clients (needs --curve-secret)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
+    shard_index: int = opt(0, "this server holds part shard_index of theta, 0..num_shards-1 (workers list the "
+                              "shard addresses in this order)")
+    num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
 
     def __post_init__(self):
         _validate_choices(self)
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"--shard-index {self.shard_index} must be in [0, {self.num_shards - 1}] for "
+                             f"--num-shards {self.num_shards}")
         if self.num_workers < 1:
             raise ValueError("--num-workers must be at least 1")
         if self.staleness < 0:
@@ -133,7 +143,8 @@ class JobConfig:
 class WorkerConfig(JobConfig):
     """Configuration of `paramserver worker`."""
 
-    server: str = opt("tcp://127.0.0.1:5555", "server address to connect to")
+    server: str = opt("tcp://127.0.0.1:5555", "server address to connect to; with K shards, the K shard addresses "
+                                              "comma-separated in shard order")
     rank: int = opt(0, "this worker's rank 0..N-1: picks its data shard and its worker id")
     num_workers: int = opt(1, "number of workers (data shards)")
     shard: str = opt("random", "how samples are split over workers", SHARDINGS)
@@ -174,6 +185,7 @@ class WorkerConfig(JobConfig):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
+        parse_addresses(self.server)
 
 
 @dataclass
@@ -185,8 +197,12 @@ class ClusterConfig:
     straggler: float = opt(1.0, "slow down the last worker by this factor (1.0: no straggler)")
     sample_bytes: int = opt(300, "bytes of text to generate from the trained model at the end (gpt)")
     progress_every: float = opt(2.0, "seconds between progress lines")
+    shards: int = opt(1, "server processes theta is split over (one `paramserver server --shard-index I "
+                         "--num-shards K` each)")
 
     def __post_init__(self):
+        if self.shards < 1:
+            raise ValueError("--shards must be at least 1")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if self.straggler < 1.0:

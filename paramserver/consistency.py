@@ -155,6 +155,18 @@ class Consistency:
             return PushResult("applied", version=self.store.version)
         return PushResult("accumulated", version=self.store.version)
 
+    def skip(self, worker: int, clock: int) -> PushResult:
+        """Sync with shards and backup workers: shard 0 dropped this worker's gradient for `clock`, so this
+        shard drops it too (it never sees it): the worker only moves past the step, counted as dropped."""
+        self.counters["received"] += 1
+        self.counters["dropped:backup"] += 1
+        if worker in self.clocks:
+            self.clocks[worker] = max(self.clocks[worker], clock + 1)
+            self.last_clock[worker] = self.clocks[worker]
+        self._maybe_complete_step()
+        return PushResult("dropped", reason=f"backup: shard 0 dropped the gradient for step {clock}",
+                          version=self.store.version)
+
     @property
     def pending_gradients(self) -> int:
         """Sync: gradients accumulated for the current step, not applied yet."""

@@ -29,6 +29,7 @@ from common.config import ConfigError, ServerConfig
 from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
+from common.shards import ShardPlan, check_identity
 from paramserver.consistency import Consistency, Contribution
 from paramserver.metrics import ServerMetrics
 from paramserver.store import ParamStore
@@ -73,6 +74,7 @@ class Server:
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
+        self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
         self._stop = False
@@ -109,7 +111,8 @@ class Server:
             self.sock.bind(self.cfg.bind)
             self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._monitor = self.sock.get_monitor_socket(MONITORED)
-            log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
+            log.info("listening on %s (mode=%s, workers=%d%s)", self.address, self.cfg.mode, self.cfg.num_workers,
+                     f", shard {self.cfg.shard_index} of {self.cfg.num_shards}" if self.cfg.num_shards > 1 else "")
         return self.address
 
     def stop(self) -> None:
@@ -260,7 +263,30 @@ class Server:
 
     # -- handlers -----------------------------------------------------------------------------
 
+    def _check_shard(self, msg: Message) -> None:
+        """Refuse a worker whose shard map (count, this server's index, partition plan) differs from ours."""
+        offered = msg.meta.get("shard")
+        if offered is not None and not isinstance(offered, dict):
+            raise RequestError("shard_mismatch", "REGISTER meta 'shard' must be a map {index, count, plan, layout}")
+        why = check_identity(self.cfg.shard_index, self.cfg.num_shards, self.shard["plan"], offered)
+        if not why and offered and not self.shard["plan"]:
+            try:   # the first worker's plan: recompute it from its layout, so a bad map is caught here
+                plan = ShardPlan.build(offered.get("layout") or {}, self.cfg.num_shards)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise RequestError("shard_mismatch", f"REGISTER carries an unusable model layout: {exc}") from None
+            mine = {p.key: p for p in plan.by_shard[self.cfg.shard_index]}
+            if plan.hash != offered.get("plan"):
+                why = (f"plan hash differs: the worker says {offered.get('plan')!r} but its layout gives "
+                       f"{plan.hash!r} (another paramserver version?)")
+            elif msg.tensors and set(msg.tensors) != set(mine):
+                why = "the pieces this worker sent are not the ones its plan assigns to this shard"
+            else:
+                self.shard["plan"] = plan.hash
+        if why:
+            raise RequestError("shard_mismatch", why)
+
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._check_shard(msg)
         if msg.tensors:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
@@ -289,7 +315,8 @@ class Server:
         version, theta = self.store.snapshot()
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
-                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers,
+                             "shard": self.shard, "backup_workers": self.cfg.backup_workers})
 
     @property
     def finished(self) -> bool:
@@ -346,6 +373,12 @@ class Server:
 
     def _on_push(self, identity: bytes, msg: Message) -> Message:
         self._known(msg)
+        if msg.meta.get("skip") is True and not msg.tensors:
+            # shards + backup workers: shard 0 dropped this worker's gradient for the step, so this shard
+            # must not use it either; the worker only passes the step (see ShardedClient.push)
+            result = self.policy.skip(msg.worker, msg.clock)
+            return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
+                           meta={"status": result.status, "reason": result.reason, "stop": self.finished})
         try:
             self.store.check_gradient(msg.tensors)
         except ValueError as exc:
@@ -432,13 +465,13 @@ class Server:
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
-            "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
+            "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(), "shard": self.shard,
             **self.record.summary(),
         }
 
     def state_dict(self) -> dict:
         return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
-                "config": dataclasses.asdict(self.cfg), "job": self.job}
+                "config": dataclasses.asdict(self.cfg), "job": self.job, "shard": self.shard}
 
     def write_checkpoint(self) -> None:
         if not self.cfg.checkpoint or not self.store.initialized:
@@ -455,6 +488,11 @@ class Server:
         if state.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
             raise ConfigError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
                               f"resume with the same optimizer")
+        shard = state.get("shard", {"index": 0, "count": 1, "plan": ""})
+        if (shard["index"], shard["count"]) != (self.cfg.shard_index, self.cfg.num_shards):
+            raise ConfigError(f"checkpoint {path} holds shard {shard['index']} of {shard['count']}; resume it with "
+                              f"--shard-index {shard['index']} --num-shards {shard['count']}")
+        self.shard = dict(shard)
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})

@@ -89,11 +89,13 @@ class PSClient:
 
     # -- the verbs ----------------------------------------------------------------------------
 
-    def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None) -> Message:
-        """Say hello (with this worker's initial parameters); returns the WELCOME reply."""
-        self._register_args = (init, job)
-        reply = self._request(Message(MsgType.REGISTER, tensors=dict(init or {}), meta={"job": job or {}}),
-                              reregister=False)
+    def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None,
+                 meta: dict | None = None) -> Message:
+        """Say hello (with this worker's initial parameters); returns the WELCOME reply. `meta` adds
+        fields to the REGISTER (a shard's identity, see worker/sharded.py)."""
+        self._register_args = (init, job, meta)
+        reply = self._request(Message(MsgType.REGISTER, tensors=dict(init or {}),
+                                      meta={"job": job or {}, **(meta or {})}), reregister=False)
         self.worker = reply.worker
         self.registered = True
         if self._hb_thread is not None and not self._hb_thread.is_alive():

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from common.config import JobConfig, WorkerConfig, subset
+from common.shards import parse_addresses
 from worker.client import PSClient
+from worker.sharded import ShardedClient
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
 
@@ -45,6 +47,17 @@ def batch_stream(cfg: WorkerConfig, n_samples: int):
     return shard, batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
 
 
+def make_client(cfg: WorkerConfig):
+    """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list."""
+    kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
+                  heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
+                  fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+    addresses = parse_addresses(cfg.server)
+    if len(addresses) > 1:
+        return ShardedClient(addresses, **kwargs)
+    return PSClient(addresses[0], **kwargs)
+
+
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     """Train until done; returns (and writes to cfg.out) this worker's metrics."""
     device = pick_device(cfg.device)
@@ -53,10 +66,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     job = build_job(subset(cfg, JobConfig), device)
     shard, stream = batch_stream(cfg, job.n_samples)
     own = client is None
-    client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
-                                server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
-                                duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
-                                curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+    client = client or make_client(cfg)
     m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)

@@ -1,0 +1,177 @@
+"""theta sharded over K servers (common/shards.py, worker/sharded.py): the plan, exactness, every mode, faults."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import WorkerConfig
+from common.shards import MAX_PIECE_ELEMS, ShardPlan, check_identity
+from tests.conftest import run_worker_thread, worker_process
+from worker.client import ServerError
+from worker.sharded import ShardedClient
+
+GPT_SMALL = dict(n_layer=1, n_embd=32, n_head=2, context=16, max_bytes=200_000)
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+def test_plan_balances_bytes_and_splits_a_large_table():
+    layout = {"emb": ["float32", [50_000, 64]], "w1": ["float32", [64, 64]], "b1": ["float32", [64]],
+              "head": ["float32", [64, 10]]}
+    plan = ShardPlan.build(layout, 2)
+    emb = [p for p in plan.pieces if p.name == "emb"]
+    assert len(emb) > 1 and {p.shard for p in emb} == {0, 1}           # the table is spread over both shards
+    assert all(p.stop - p.start <= MAX_PIECE_ELEMS for p in plan.pieces)
+    sizes = plan.shard_bytes()
+    assert sum(sizes) == sum(4 * int(np.prod(s)) for _, s in layout.values())
+    assert max(sizes) <= 1.1 * min(sizes)                               # size-balanced
+    again = ShardPlan.build(dict(reversed(list(layout.items()))), 2)    # layout order does not matter
+    assert again.hash == plan.hash and [p.key for p in again.pieces] == [p.key for p in plan.pieces]
+    assert ShardPlan.build(layout, 3).hash != plan.hash
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_join_round_trip(k):
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((300, 40)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+               "c": np.float32(rng.standard_normal(())).reshape(())}
+    plan = ShardPlan.from_tensors(tensors, k)
+    parts = plan.split(tensors)
+    assert sum(len(p) for p in parts) == len(plan.pieces)
+    back = plan.join(parts)
+    for n in tensors:
+        assert back[n].shape == tensors[n].shape and np.array_equal(back[n], tensors[n])
+
+
+def test_check_identity_names_what_differs():
+    assert check_identity(0, 1, "", None) == ""
+    assert "give the worker all 2 shard addresses" in check_identity(1, 2, "", None)
+    assert "shard count differs" in check_identity(0, 2, "", {"index": 0, "count": 3, "plan": "x"})
+    assert "shard index differs" in check_identity(0, 2, "", {"index": 1, "count": 2, "plan": "x"})
+    assert "plan hash differs" in check_identity(0, 2, "aa", {"index": 0, "count": 2, "plan": "bb"})
+
+
+# -- running shards ----------------------------------------------------------------------------------
+
+def start_shards(start_server, k, **overrides):
+    shards = [start_server(shard_index=i, num_shards=k, **overrides) for i in range(k)]
+    return shards, ",".join(s.address for s in shards)
+
+
+def run_workers(address, n, steps, processes=False, **kw):
+    """Run n workers to the end: in threads, or in processes where the initial model must be exactly the
+    same on every worker (threads share torch's global generator, so their inits race)."""
+    kw.setdefault("job", "mlp")
+    cfgs = [WorkerConfig(server=address, rank=r, num_workers=n, batch_size=8, steps=steps, eval_every=0,
+                         log_every=0, threads=1, shard="hash", seed=3, log_level="warning", **kw) for r in range(n)]
+    if processes:
+        procs = [worker_process(c) for c in cfgs]
+        assert [p.wait(timeout=300) for p in procs] == [0] * n
+        return {}
+    results: dict = {}
+    threads = [run_worker_thread(c, results) for c in cfgs]
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    for r in results.values():
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+@pytest.mark.parametrize("job, optimizer", [("mlp", "adam"), ("gpt", "adam"), ("mlp", "sgd")])
+def test_sync_two_shards_equal_one_server(start_server, job, optimizer):
+    small = GPT_SMALL if job == "gpt" else {}
+    one = start_server(num_workers=2, mode="sync", optimizer=optimizer, lr=0.01)
+    run_workers(one.address, 2, 5, processes=True, job=job, **small)
+    shards, address = start_shards(start_server, 2, num_workers=2, mode="sync", optimizer=optimizer, lr=0.01)
+    run_workers(address, 2, 5, processes=True, job=job, **small)
+    expected = one.server.store.theta
+    plan = ShardPlan.from_tensors(expected, 2)
+    assert all(s.server.shard["plan"] == plan.hash for s in shards)
+    assert all(len(s.server.store.theta) > 0 for s in shards)        # both shards hold part of theta
+    got = plan.join([s.server.store.theta for s in shards])
+    worst = max(float(np.abs(got[n] - expected[n]).max()) for n in expected)
+    assert worst <= 1e-6, f"max |theta_K2 - theta_K1| = {worst}"
+    assert all(s.server.store.version == 5 for s in shards)
+
+
+def test_ssp_bound_holds_on_every_shard(start_server):
+    s = 1
+    shards, address = start_shards(start_server, 2, num_workers=2, mode="ssp", staleness=s, optimizer="sgd", lr=0.05)
+    cfgs = [WorkerConfig(server=address, rank=r, num_workers=2, batch_size=8, steps=12, eval_every=0, log_every=0,
+                         threads=1, job="mlp", shard="random", seed=r + 11, slowdown=6.0 if r == 1 else 1.0,
+                         log_level="warning") for r in range(2)]
+    results: dict = {}
+    threads = [run_worker_thread(c, results) for c in cfgs]
+    for t in threads:
+        t.join(timeout=300)
+    assert all(isinstance(results[r], dict) for r in range(2)), results
+    for sh in shards:
+        gaps = [clock - min_clock for _, _, clock, min_clock in sh.server.record.gaps]
+        assert gaps and max(gaps) <= s and sh.server.policy.max_gap <= s
+        assert sh.server.store.version == 24
+    assert sum(step[5] for step in results[0]["steps"]) > 0             # the bound held the fast worker back
+
+
+def test_async_applies_every_push_on_every_shard(start_server):
+    shards, address = start_shards(start_server, 2, num_workers=2, mode="async", optimizer="sgd", lr=0.05)
+    run_workers(address, 2, 8, job="linear")
+    for sh in shards:
+        assert sh.server.store.version == 16 and sh.server.policy.counters["applied"] == 16
+
+
+def test_backup_workers_drop_the_same_gradients_on_every_shard(start_server):
+    shards, address = start_shards(start_server, 3, num_workers=3, mode="sync", backup_workers=1, optimizer="sgd",
+                                   lr=0.05)
+    run_workers(address, 3, 8, job="mlp")
+    contributors = []
+    for sh in shards:
+        assert sh.server.policy.step == 8
+        c = sh.server.policy.counters
+        assert c["applied"] == 8 * 2 and c["received"] == c["applied"] + c["dropped:backup"]
+        by_version: dict = {}
+        for row in sh.server.record.updates:   # UPDATE_FIELDS: time, version, worker, ...
+            by_version.setdefault(row[1], set()).add(row[2])
+        contributors.append(by_version)
+    assert len(contributors[0]) == 8
+    assert contributors[0] == contributors[1] == contributors[2]       # every shard applied the same gradients
+
+
+def test_accumulation_across_shards(start_server):
+    one = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05)
+    run_workers(one.address, 2, 4, processes=True, accum=3)
+    shards, address = start_shards(start_server, 2, num_workers=2, mode="sync", optimizer="sgd", lr=0.05)
+    run_workers(address, 2, 4, processes=True, accum=3)
+    plan = ShardPlan.from_tensors(one.server.store.theta, 2)
+    got = plan.join([s.server.store.theta for s in shards])
+    assert max(float(np.abs(got[n] - one.server.store.theta[n]).max()) for n in got) <= 1e-6
+
+
+# -- a worker with the wrong shard map is refused ---------------------------------------------------
+
+def test_mismatched_shard_map_is_refused_with_a_clear_error(start_server):
+    shards, address = start_shards(start_server, 2, num_workers=1, mode="async")
+    params = {"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    a0, a1 = address.split(",")
+    with ShardedClient([a1, a0], worker=0, request_timeout=0.5, server_timeout=5) as ps:   # wrong order
+        with pytest.raises(ServerError, match="shard index differs"):
+            ps.register(params)
+    from worker.client import PSClient
+    with PSClient(a0, worker=0, request_timeout=0.5, server_timeout=5) as ps:             # one address only
+        with pytest.raises(ServerError, match="give the worker all 2 shard addresses"):
+            ps.register(params)
+    single = start_server(num_workers=1, mode="async")
+    with ShardedClient([single.address, a1], worker=0, request_timeout=0.5, server_timeout=5) as ps:
+        with pytest.raises(ServerError, match="shard count differs"):
+            ps.register(params)
+    with ShardedClient([a0, a1], worker=0, request_timeout=0.5, server_timeout=5) as ps:   # the right map
+        ps.register(params)
+        got = ps.pull()
+        assert np.array_equal(got.tensors["w"], params["w"])
+    other = {"w": np.ones((5, 3), np.float32), "b": np.zeros(3, np.float32)}              # another model
+    with ShardedClient([a0, a1], worker=1, request_timeout=0.5, server_timeout=5) as ps:
+        with pytest.raises(ServerError, match="plan hash differs"):
+            ps.register(other)
+    for sh in shards:
+        assert sh.server.policy.counters["rejected"] >= 1
