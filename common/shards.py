@@ -147,3 +147,41 @@ def parse_addresses(server: str) -> list[str]:
     if len(set(addresses)) != len(addresses):
         raise ValueError(f"--server {server!r} names the same address twice; each shard has its own address")
     return addresses
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The checkpoints of shards 0..K-1 (load_checkpoint dicts, in shard order) -> one unsharded checkpoint
+    with full theta and optimizer state by name, loadable by `paramserver server --resume` and evaluate.
+    Refuses a set that is not one job's shards. version/step are the smallest of the shards'; the shards'
+    own are kept in "shard_versions" (equal when the job stopped cleanly in sync mode)."""
+    k = len(states)
+    layouts = [s.get("shard_layout") or {} for s in states]
+    for i, s in enumerate(states):
+        shard = s.get("shard", {})
+        if (shard.get("index"), shard.get("count")) != (i, k):
+            raise ValueError(f"checkpoint {i} holds shard {shard.get('index')} of {shard.get('count')}; give the "
+                             f"{k} shard checkpoints in shard order")
+        if shard.get("plan") != states[0]["shard"].get("plan") or layouts[i] != layouts[0]:
+            raise ValueError(f"checkpoint {i} is from another job (partition plan differs from shard 0's)")
+    plan = ShardPlan.build(layouts[0], k)
+    if plan.hash != states[0]["shard"].get("plan"):
+        raise ValueError("the shard checkpoints were written with another partition plan version")
+    theta = plan.join([s["theta"] for s in states])
+    slots = set.intersection(*[{slot for per in s.get("optimizer_state", {}).values() for slot in per}
+                               for s in states]) if states else set()
+    optimizer_state: dict = {n: {} for n in theta}
+    for slot in sorted(slots):
+        parts = [{key: per[slot] for key, per in s["optimizer_state"].items()} for s in states]
+        if all(len(p) == len(plan.by_shard[i]) for i, p in enumerate(parts)):
+            for n, arr in plan.join(parts).items():
+                optimizer_state[n][slot] = arr
+    merged = dict(states[0])
+    merged.update(theta=theta, optimizer_state={n: s for n, s in optimizer_state.items() if s},
+                  version=min(int(s["version"]) for s in states),
+                  opt_steps=min(int(s.get("opt_steps", s["version"])) for s in states),
+                  step=min(int(s.get("step", 0)) for s in states),
+                  shard={"index": 0, "count": 1, "plan": ""}, shard_layout={},
+                  shard_versions=[int(s["version"]) for s in states])
+    if isinstance(merged.get("config"), dict):
+        merged["config"] = {**merged["config"], "shard_index": 0, "num_shards": 1}
+    return merged

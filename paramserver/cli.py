@@ -89,19 +89,35 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from common.shards import parse_addresses
     from worker.client import PSClient, ServerUnavailable
     if bool(args.curve_server) != bool(args.curve_secret):
         raise ConfigError("--curve-server and --curve-secret go together")
-    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
-        try:
-            st = ps.status()
-        except ServerUnavailable as exc:
-            print(f"paramserver status: {exc}", file=sys.stderr)
-            return 1
+    try:
+        addresses = parse_addresses(args.address)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    statuses = []
+    for address in addresses:   # one status per shard (one address: the server's)
+        with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                      curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
+            try:
+                statuses.append(ps.status())
+            except ServerUnavailable as exc:
+                print(f"paramserver status: {exc}", file=sys.stderr)
+                return 1
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
         return 0
+    for address, st in zip(addresses, statuses):
+        if len(addresses) > 1:
+            shard = st.get("shard") or {}
+            print(f"shard {shard.get('index')} of {shard.get('count')} at {address} (plan {shard.get('plan')}):")
+        _print_status(st)
+    return 0
+
+
+def _print_status(st: dict) -> None:
     print(f"version {st['version']}  mode {st['mode']}  step {st['step']}  live {st['live']}  "
           f"min clock {st['min_clock']}  max gap {st['max_gap']}  {st['updates_per_s']} updates/s  "
           f"uptime {st['uptime_s']}s")
@@ -110,7 +126,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())))
     ck = st.get("checkpoint") or {}
     print(f"  checkpoint: {ck.get('path', 'none')}" + (f" at version {ck['version']}" if ck else ""))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
     add_arguments(p, ClusterConfig)
-    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint"))
+    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "shard_index", "num_shards"))
     add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown"))
     p.set_defaults(func=cmd_cluster)
 
@@ -150,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
-                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+                   help="server address, or the shards' addresses comma-separated (default: $PS_SERVER or "
+                        "tcp://127.0.0.1:5555)")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
     p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")

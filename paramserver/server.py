@@ -75,6 +75,7 @@ class Server:
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
+        self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
         self._stop = False
@@ -281,7 +282,7 @@ class Server:
             elif msg.tensors and set(msg.tensors) != set(mine):
                 why = "the pieces this worker sent are not the ones its plan assigns to this shard"
             else:
-                self.shard["plan"] = plan.hash
+                self.shard["plan"], self.shard_layout = plan.hash, plan.layout
         if why:
             raise RequestError("shard_mismatch", why)
 
@@ -471,7 +472,8 @@ class Server:
 
     def state_dict(self) -> dict:
         return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
-                "config": dataclasses.asdict(self.cfg), "job": self.job, "shard": self.shard}
+                "config": dataclasses.asdict(self.cfg), "job": self.job, "shard": self.shard,
+                "shard_layout": self.shard_layout}
 
     def write_checkpoint(self) -> None:
         if not self.cfg.checkpoint or not self.store.initialized:
@@ -492,7 +494,7 @@ class Server:
         if (shard["index"], shard["count"]) != (self.cfg.shard_index, self.cfg.num_shards):
             raise ConfigError(f"checkpoint {path} holds shard {shard['index']} of {shard['count']}; resume it with "
                               f"--shard-index {shard['index']} --num-shards {shard['count']}")
-        self.shard = dict(shard)
+        self.shard, self.shard_layout = dict(shard), dict(state.get("shard_layout", {}))
         self.store.load_state_dict(state)
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})

@@ -1,6 +1,8 @@
 """theta sharded over K servers (common/shards.py, worker/sharded.py): the plan, exactness, every mode, faults."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,35 @@ def test_mismatched_shard_map_is_refused_with_a_clear_error(start_server):
             ps.register(other)
     for sh in shards:
         assert sh.server.policy.counters["rejected"] >= 1
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def test_cluster_with_two_shards_trains_and_merges_checkpoints(tmp_path):
+    import torch
+    from tests.test_cli import ps
+    out = tmp_path / "run"
+    r = ps("cluster", "--shards", "2", "--workers", "2", "--steps", "12", "--n-layer", "1", "--n-embd", "32",
+           "--n-head", "2", "--context", "32", "--max-bytes", "300000", "--eval-every", "0", "--out", str(out),
+           "--sample-bytes", "0", "--threads", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 server shards" in r.stdout and "held-out loss" in r.stdout
+    shards = [torch.load(out / f"checkpoint-shard{i}.pt") for i in range(2)]
+    assert [s["shard"]["index"] for s in shards] == [0, 1] and all(s["version"] == 12 for s in shards)
+    assert set(shards[0]["theta"]).isdisjoint(shards[1]["theta"])
+    merged = torch.load(out / "checkpoint.pt")
+    assert merged["version"] == 12 and merged["shard_versions"] == [12, 12]
+    assert set(merged["theta"]) == set(merged["shard_layout"] or shards[0]["shard_layout"])
+    assert "exp_avg" in next(iter(merged["optimizer_state"].values()))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["summary"]["final_eval_loss"] < metrics["summary"]["initial_eval_loss"]
+
+
+def test_status_shows_every_shard(start_server):
+    from tests.test_cli import ps
+    shards, address = start_shards(start_server, 2, num_workers=1, mode="async")
+    r = ps("status", address, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "shard 0 of 2" in r.stdout and "shard 1 of 2" in r.stdout
+    r = ps("status", address, "--json", timeout=60)
+    assert [s["shard"]["index"] for s in json.loads(r.stdout)] == [0, 1]
