@@ -209,3 +209,66 @@ def test_status_shows_every_shard(start_server):
     assert "shard 0 of 2" in r.stdout and "shard 1 of 2" in r.stdout
     r = ps("status", address, "--json", timeout=60)
     assert [s["shard"]["index"] for s in json.loads(r.stdout)] == [0, 1]
+
+
+# -- a shard killed with SIGKILL and resumed --------------------------------------------------------
+
+def test_kill_one_shard_and_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from common.checkpoint import load_checkpoint
+    from paramserver.store import theta_crc32
+    from tests.test_faults import ENV, _free_port, _wait_for, counts_add_up
+    from worker.client import PSClient
+    ports = [_free_port(), _free_port()]
+    addresses = [f"tcp://127.0.0.1:{p}" for p in ports]
+
+    def shard(i, *extra):
+        args = [sys.executable, "-m", "paramserver", "server", "--bind", addresses[i], "--num-workers", "2",
+                "--mode", "sync", "--optimizer", "momentum", "--lr", "0.05", "--shard-index", str(i),
+                "--num-shards", "2", "--checkpoint", str(tmp_path / f"shard{i}.pt"), "--checkpoint-every", "0.2",
+                *extra]
+        return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / f"shard{i}-{len(extra)}.log", "w"))
+
+    def status(i):
+        with PSClient(addresses[i], server_timeout=2, request_timeout=0.5) as ps:
+            return ps.status()
+
+    servers = [shard(0), shard(1)]
+    cfgs = [WorkerConfig(server=",".join(addresses), rank=r, num_workers=2, batch_size=8, steps=400, eval_every=0,
+                         log_every=0, threads=1, heartbeat=0.2, request_timeout=0.3, job="mlp") for r in range(2)]
+    procs = [worker_process(c, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{c.rank}.log", "w"))
+             for c in cfgs]
+    try:
+        ckpt = tmp_path / "shard1.pt"
+        _wait_for(lambda: ckpt.exists() and status(1)["version"] >= 60, what="a shard checkpoint mid-run")
+        servers[1].send_signal(signal.SIGKILL)
+        servers[1].wait()
+        saved = load_checkpoint(str(ckpt))
+        (tmp_path / "resume1.pt").write_bytes(ckpt.read_bytes())
+        assert all(p.poll() is None for p in procs)          # the workers wait for the shard
+        servers[1] = shard(1, "--resume", str(tmp_path / "resume1.pt"))
+        for p in procs:
+            assert p.wait(timeout=240) == 0                  # the run finishes
+        log = (tmp_path / "shard1-2.log").read_text()
+        assert f"at version {saved['version']} " in log and theta_crc32(saved["theta"]) in log
+        sts = [status(0), status(1)]
+        assert sts[0]["shard"]["plan"] == sts[1]["shard"]["plan"] == saved["shard"]["plan"]
+        assert sts[1]["version"] > saved["version"]
+        for st in sts:
+            counts_add_up(st)
+            assert {w["state"] for w in st["workers"].values()} == {"left"}
+        # shard 0 applied every step; shard 1 lost (at most) the steps after its checkpoint
+        assert sts[0]["version"] == 400 and saved["version"] < sts[1]["version"] <= 400
+        print(f"\nshard 1 killed, resumed at version {saved['version']}; final versions "
+              f"{sts[0]['version']}, {sts[1]['version']}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for s in servers:
+            if s.poll() is None:
+                s.send_signal(signal.SIGTERM)
+                s.wait(timeout=30)
