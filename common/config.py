@@ -94,6 +94,7 @@ class ServerConfig:
     shard_index: int = opt(0, "this server holds part shard_index of theta, 0..num_shards-1 (workers list the "
                               "shard addresses in this order)")
     num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
+    shm: bool = opt(True, "answer workers on this host through shared memory (/dev/shm) when they offer it")
 
     def __post_init__(self):
         _validate_choices(self)
@@ -166,6 +167,8 @@ class WorkerConfig(JobConfig):
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret)")
     curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
+    shm: bool = opt(True, "same host as a server: pull theta and push gradients through shared memory (/dev/shm); "
+                          "falls back to the socket by itself when the server is elsewhere")
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))

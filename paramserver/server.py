@@ -30,6 +30,7 @@ from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, deco
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.shards import ShardPlan, check_identity
+from common import shm
 from paramserver.consistency import Consistency, Contribution
 from paramserver.metrics import ServerMetrics
 from paramserver.store import ParamStore
@@ -75,6 +76,7 @@ class Server:
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
+        self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
         self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
@@ -125,6 +127,8 @@ class Server:
         if self.sock is None:
             return
         self.save_outputs()
+        if self.transport is not None:
+            self.transport.close()
         self.sock.disable_monitor()
         self._monitor.close()
         self.sock.close()
@@ -180,6 +184,8 @@ class Server:
     # -- receive and dispatch -----------------------------------------------------------------
 
     def _send(self, identity: bytes, msg: Message | list) -> None:
+        if self.transport is not None and not isinstance(msg, list):
+            msg = self.transport.outbound(identity, msg)
         frames = msg if isinstance(msg, list) else encode(msg)
         try:
             self.sock.send_multipart([identity] + frames, copy=False)
@@ -211,6 +217,14 @@ class Server:
             self._send(identity, error_reply(msg, "not_a_request", f"{msg.type.name} is a reply type; send one "
                                                                    "of " + ", ".join(t.name for t in REQUEST_TYPES)))
             return
+        if self.transport is not None:
+            try:
+                msg = self.transport.inbound(identity, msg)
+            except ProtocolError as exc:
+                self.policy.counters["malformed"] += 1
+                log.warning("shared memory of %r unusable: %s", msg, exc)
+                self._send(identity, error_reply(msg, "bad_shm", str(exc)))
+                return
         log.debug("recv %r", msg)
         state = self.workers.get(msg.worker)
         if state is not None:

@@ -25,6 +25,7 @@ from common.config import JobConfig, WorkerConfig, subset
 from common.shards import parse_addresses
 from worker.client import PSClient
 from worker.sharded import ShardedClient
+from worker.shmclient import ShmClient
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
 
@@ -48,14 +49,16 @@ def batch_stream(cfg: WorkerConfig, n_samples: int):
 
 
 def make_client(cfg: WorkerConfig):
-    """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list."""
+    """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list.
+    With --shm (the default) each connection is a ShmClient: shared memory with a server on this host."""
     kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
                   heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
                   fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
     addresses = parse_addresses(cfg.server)
+    client = ShmClient if cfg.shm else PSClient
     if len(addresses) > 1:
-        return ShardedClient(addresses, **kwargs)
-    return PSClient(addresses[0], **kwargs)
+        return ShardedClient(addresses, client=client, **kwargs)
+    return client(addresses[0], **kwargs)
 
 
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
