@@ -88,6 +88,13 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
 
 
+def cmd_bench_shards(args: argparse.Namespace) -> int:
+    from paramserver.bench.shards import ShardsBenchConfig, print_shards, run_shards
+    _setup_logging("warning")
+    print_shards(run_shards(from_args(ShardsBenchConfig, args)))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from common.shards import parse_addresses
     from worker.client import PSClient, ServerUnavailable
@@ -162,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="many lightweight workers against one server: throughput, latency, exactness")
     add_arguments(b, LoadConfig)
     b.set_defaults(func=cmd_bench_load)
+
+    from paramserver.bench.shards import ShardsBenchConfig
+    b = bench.add_parser("shards", allow_abbrev=False,
+                         help="aggregate push+pull throughput over K shards x N workers, shared memory vs tcp")
+    add_arguments(b, ShardsBenchConfig)
+    b.set_defaults(func=cmd_bench_shards)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
