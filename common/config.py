@@ -169,6 +169,9 @@ class WorkerConfig(JobConfig):
     curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
     shm: bool = opt(True, "same host as a server: pull theta and push gradients through shared memory (/dev/shm); "
                           "falls back to the socket by itself when the server is elsewhere")
+    overlap: bool = opt(False, "overlap communication with computation: a push runs in the background while the "
+                                "worker goes on (sync/ssp: same theta); async also fetches the next theta while "
+                                "computing (one more version of staleness)")
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))

@@ -26,6 +26,7 @@ from common.shards import parse_addresses
 from worker.client import PSClient
 from worker.sharded import ShardedClient
 from worker.shmclient import ShmClient
+from worker.overlap import OverlapClient
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
 
@@ -50,15 +51,18 @@ def batch_stream(cfg: WorkerConfig, n_samples: int):
 
 def make_client(cfg: WorkerConfig):
     """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list.
-    With --shm (the default) each connection is a ShmClient: shared memory with a server on this host."""
+    With --shm (the default) each connection is a ShmClient: shared memory with a server on this host.
+    With --overlap it is wrapped in an OverlapClient (pushes in the background, async prefetch)."""
     kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
                   heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
                   fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
     addresses = parse_addresses(cfg.server)
     client = ShmClient if cfg.shm else PSClient
     if len(addresses) > 1:
-        return ShardedClient(addresses, client=client, **kwargs)
-    return client(addresses[0], **kwargs)
+        client = ShardedClient(addresses, client=client, **kwargs)
+    else:
+        client = client(addresses[0], **kwargs)
+    return OverlapClient(client) if cfg.overlap else client
 
 
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
