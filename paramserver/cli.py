@@ -89,9 +89,12 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_shards(args: argparse.Namespace) -> int:
-    from paramserver.bench.shards import ShardsBenchConfig, print_shards, run_shards
+    from paramserver.bench.shards import ShardsBenchConfig, print_overlap, print_shards, run_overlap, run_shards
     _setup_logging("warning")
-    print_shards(run_shards(from_args(ShardsBenchConfig, args)))
+    cfg = from_args(ShardsBenchConfig, args)
+    print_shards(run_shards(cfg))
+    if cfg.overlap_steps:
+        print_overlap(run_overlap(cfg))
     return 0
 
 

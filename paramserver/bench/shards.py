@@ -36,6 +36,7 @@ class ShardsBenchConfig:
     size: int = opt(1_000_000, "float32 values in theta (one tensor, split over the shards)")
     seconds: float = opt(3.0, "how long the workers push in each configuration")
     out: str = opt("", "folder for the servers' logs (empty: a temporary folder)")
+    overlap_steps: int = opt(60, "steps per worker of the --overlap comparison (small GPT, 2 workers; 0: skip it)")
 
     def __post_init__(self):
         if self.size < 1 or self.seconds <= 0:
@@ -141,6 +142,58 @@ def run_shards(cfg: ShardsBenchConfig) -> list[dict]:
             for transport in cfg.transports.split(","):
                 rows.append(measure(k, n, transport, cfg.size, cfg.seconds, out))
     return rows
+
+
+def measure_overlap(mode: str, overlap: bool, shards: int, steps: int, out: str) -> dict:
+    """Training with 2 worker processes on a small GPT, with or without --overlap: steps/s and time split."""
+    import json
+
+    from common.config import WorkerConfig
+    from paramserver.cluster import shard_configs, shutdown, start_server, start_workers
+    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=2, mode=mode, log_level="warning")
+    cfgs = shard_configs(scfg, shards, out) if shards > 1 else [scfg]
+    procs, addresses = [], []
+    for i, c in enumerate(cfgs):
+        proc, address = start_server(dataclasses.replace(c, checkpoint="", metrics=""), out, log_name=f"ov{i}.log")
+        procs.append(proc)
+        addresses.append(address)
+    run = os.path.join(out, f"overlap-{mode}-{overlap}-{shards}")
+    os.makedirs(run, exist_ok=True)
+    wcfg = WorkerConfig(job="gpt", n_layer=2, n_embd=64, n_head=4, context=64, max_bytes=500_000, steps=steps,
+                        eval_every=0, log_every=0, overlap=overlap, num_workers=2)
+    try:
+        workers = start_workers(wcfg, 2, ",".join(addresses), run, threads=1)
+        codes = [w.wait(timeout=600) for w in workers]
+    finally:
+        for proc, address in zip(procs, addresses):
+            shutdown(address)
+            proc.wait(timeout=30)
+    if codes != [0, 0]:
+        raise RuntimeError(f"overlap bench workers exited with {codes}; see {run}")
+    ms = [json.load(open(os.path.join(run, f"worker{r}.json"))) for r in range(2)]
+    rows = np.array([s[4:8] for m in ms for s in m["steps"]], dtype=float)
+    # steady state: from each worker's first step to its last (start-up and registration left out)
+    rate = sum((len(m["steps"]) - 1) / (m["steps"][-1][0] - m["steps"][0][0]) for m in ms)
+    return {"mode": mode, "overlap": overlap, "shards": shards, "steps_per_s": round(rate, 2),
+            "compute_ms": round(1e3 * rows[:, 0].mean(), 2), "wait_ms": round(1e3 * rows[:, 1].mean(), 2),
+            "comm_ms": round(1e3 * rows[:, 2].mean(), 2)}
+
+
+def run_overlap(cfg: ShardsBenchConfig) -> list[dict]:
+    out = cfg.out or tempfile.mkdtemp(prefix="ps-bench-overlap-")
+    return [measure_overlap(mode, overlap, shards, cfg.overlap_steps, out)
+            for mode in ("sync", "async") for shards in (1, 2) for overlap in (False, True)]
+
+
+def print_overlap(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("training with --overlap vs without: 2 workers, GPT 2x64, batch 16, adam (comm excludes barrier wait; "
+          "with --overlap a push's time is hidden and partly shows up in the next pull)")
+    print(f"{'mode':>5} {'shards':>6} {'overlap':>7} {'steps/s':>8} {'compute ms':>10} {'wait ms':>8} {'comm ms':>8}")
+    for r in rows:
+        print(f"{r['mode']:>5} {r['shards']:>6} {str(r['overlap']):>7} {r['steps_per_s']:>8} {r['compute_ms']:>10} "
+              f"{r['wait_ms']:>8} {r['comm_ms']:>8}")
 
 
 def print_shards(rows: list[dict]) -> None:
