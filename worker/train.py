@@ -27,6 +27,7 @@ from worker.client import PSClient
 from worker.sharded import ShardedClient
 from worker.shmclient import ShmClient
 from worker.overlap import OverlapClient
+from worker.pinned import PinnedIO
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
 
@@ -72,6 +73,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
     shard, stream = batch_stream(cfg, job.n_samples)
+    io = PinnedIO(job.model) if device == "cuda" else None   # pinned, non-blocking host<->device copies
     own = client is None
     client = client or make_client(cfg)
     m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
@@ -101,7 +103,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
-            job.load_params(params.tensors)
+            io.load(params.tensors) if io is not None else job.load_params(params.tensors)
             job.model.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for idx in micro:
@@ -109,7 +111,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 loss = job.loss(x, y) / cfg.accum
                 loss.backward()
                 loss_sum += loss.item()
-            grads = job.grads_numpy()
+            grads = io.grads() if io is not None else job.grads_numpy()
             if device == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
