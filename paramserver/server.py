@@ -391,6 +391,9 @@ class Server:
         if msg.meta.get("skip") is True and not msg.tensors:
             # shards + backup workers: shard 0 dropped this worker's gradient for the step, so this shard
             # must not use it either; the worker only passes the step (see ShardedClient.push)
+            if self.cfg.mode != "sync":
+                raise RequestError("bad_request", "a PUSH with skip (shard 0 dropped the gradient) only applies to "
+                                   f"--mode sync; this server runs --mode {self.cfg.mode}")
             result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
