@@ -199,6 +199,46 @@ def test_cluster_with_two_shards_trains_and_merges_checkpoints(tmp_path):
     assert "exp_avg" in next(iter(merged["optimizer_state"].values()))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["summary"]["final_eval_loss"] < metrics["summary"]["initial_eval_loss"]
+    check_shard_checkpoints(out)
+
+
+def check_shard_checkpoints(out):
+    """The merged checkpoint resumes a single server; a shard checkpoint is refused by the wrong shard; shards
+    resumed at different sync steps make the registering worker say so."""
+    import logging
+    from common.checkpoint import load_checkpoint, save_checkpoint
+    from common.config import ConfigError, ServerConfig
+    from common.shards import merge_states
+    from paramserver.server import Server
+    merged = load_checkpoint(str(out / "checkpoint.pt"))
+    single = Server(ServerConfig(resume=str(out / "checkpoint.pt"), bind="tcp://127.0.0.1:*", log_level="warning"))
+    assert single.store.version == 12 and set(single.store.theta) == set(merged["theta"])
+    assert all(np.array_equal(single.store.theta[n], merged["theta"][n]) for n in merged["theta"])
+    with pytest.raises(ConfigError, match="--shard-index 1 --num-shards 2"):
+        Server(ServerConfig(resume=str(out / "checkpoint-shard1.pt"), shard_index=0, num_shards=2))
+    states = [load_checkpoint(str(out / f"checkpoint-shard{i}.pt")) for i in range(2)]
+    with pytest.raises(ValueError, match="give the 2 shard checkpoints in shard order"):
+        merge_states(states[::-1])
+    states[1]["step"] = 5                                  # as if shard 1 were resumed from an older checkpoint
+    save_checkpoint(str(out / "older1.pt"), states[1])
+    servers = []
+    try:
+        from tests.conftest import RunningServer
+        servers = [RunningServer(resume=str(out / p), shard_index=i, num_shards=2, num_workers=2, mode="sync")
+                   for i, p in enumerate(["checkpoint-shard0.pt", "older1.pt"])]
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("worker.sharded").addHandler(handler)
+        try:
+            with ShardedClient([s.address for s in servers], worker=0, request_timeout=1, server_timeout=10) as ps:
+                ps.register({n: np.asarray(t) for n, t in merged["theta"].items()})
+        finally:
+            logging.getLogger("worker.sharded").removeHandler(handler)
+        assert any("different sync steps [12, 5]" in r.getMessage() for r in records)
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_status_shows_every_shard(start_server):
@@ -272,3 +312,15 @@ def test_kill_one_shard_and_resume(tmp_path):
             if s.poll() is None:
                 s.send_signal(signal.SIGTERM)
                 s.wait(timeout=30)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["server", "--shard-index", "2", "--num-shards", "2"], "--shard-index 2 must be in [0, 1] for --num-shards 2"),
+    (["worker", "--server", "tcp://127.0.0.1:1,tcp://127.0.0.1:1"], "names the same address twice"),
+    (["worker", "--server", "tcp://127.0.0.1:1,"], "has an empty address"),
+    (["cluster", "--shards", "0"], "--shards must be at least 1"),
+])
+def test_bad_shard_flags_are_rejected_with_a_clear_message(args, needle):
+    from tests.test_cli import ps
+    r = ps(*args, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
