@@ -324,3 +324,16 @@ def test_bad_shard_flags_are_rejected_with_a_clear_message(args, needle):
     from tests.test_cli import ps
     r = ps(*args, timeout=60)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_shards_measures_every_configuration(tmp_path):
+    from common import shm
+    from paramserver.bench.shards import ShardsBenchConfig, run_shards
+    rows = run_shards(ShardsBenchConfig(shards="1,2", workers="1,2", size=5000, seconds=0.3, overlap_steps=0,
+                                        out=str(tmp_path)))
+    assert [(r["shards"], r["workers"], r["transport"]) for r in rows] == [
+        (k, n, t) for k in (1, 2) for n in (1, 2) for t in ("shm", "tcp")]
+    for r in rows:
+        assert r["steps"] > 0 and r["mb_per_s"] > 0 and r["processes"] == r["shards"] + r["workers"]
+        assert r["shm_used"] == (r["transport"] == "shm" and shm.available())
+    assert len({r["steps"] for r in rows}) > 1                # measured, not constants
