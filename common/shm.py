@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import mmap
 import os
@@ -36,6 +37,8 @@ import secrets
 import numpy as np
 
 from common.protocol import DTYPES, Message, MsgType, ProtocolError
+
+log = logging.getLogger("common.shm")
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"PSSHM001"
@@ -71,14 +74,23 @@ class Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # reserve the pages now: a full /dev/shm (Docker's default is 64 MB) must fail here with
+                # ENOSPC, not later with SIGBUS on the first write into the mapping
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError:
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(path)
+                    raise
             else:
                 size = os.fstat(fd).st_size
             if size <= 0:
                 raise ProtocolError(f"shared-memory segment {name!r} is empty")
             self.map = mmap.mmap(fd, size)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.size = size
         self.buf = np.frombuffer(self.map, dtype=np.uint8)
 
@@ -267,6 +279,7 @@ class ServerTransport:
         self.theta: ThetaSegment | None = None
         self.grads = GradientReaders()
         self.peers: dict[bytes, bool] = {}    # routing identity -> its last pull asked for shared memory
+        self.failed = ""                      # why theta's segment could not be made (then: sockets only)
 
     def inbound(self, identity: bytes, msg: Message) -> Message:
         if msg.type == MsgType.REGISTER and msg.meta.get("shm_offer") is True:
@@ -281,8 +294,15 @@ class ServerTransport:
         if identity not in self.peers or not msg.tensors:
             return msg
         if msg.type == MsgType.WELCOME:
+            if self.theta is None and not self.failed:
+                try:
+                    self.theta = ThetaSegment.create({n: [t.dtype.name, list(t.shape)]
+                                                      for n, t in msg.tensors.items()})
+                except OSError as exc:   # /dev/shm too small or not writable: everyone uses the socket
+                    self.failed = f"{exc.strerror or exc}"
+                    log.warning("no shared memory for theta (%s): workers on this host use the socket", self.failed)
             if self.theta is None:
-                self.theta = ThetaSegment.create({n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()})
+                return msg
             return dataclasses.replace(msg, meta={**msg.meta, "shm": self.theta.info()})
         if msg.type == MsgType.PARAMS and self.peers[identity] and self.theta is not None:
             ref = self.theta.publish(msg.version, msg.tensors)

@@ -118,3 +118,35 @@ def test_sync_over_shared_memory_equals_sync_over_tcp(start_server, tmp_path):
         assert stats.get("shm_pulls", 0) == (5 if flag else 0) and stats.get("shm_pushes", 0) == (5 if flag else 0)
         thetas.append({n: t.copy() for n, t in srv.server.store.theta.items()})
     assert all(np.array_equal(thetas[0][n], thetas[1][n]) for n in thetas[0])
+
+
+def test_a_full_dev_shm_falls_back_to_the_socket(start_server, monkeypatch):
+    """posix_fallocate reserves the pages: a /dev/shm too small for theta means the socket, not SIGBUS."""
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        welcome = ps.register(init=params)
+        assert "shm" not in welcome.meta and ps.transport == "tcp"
+        p = ps.pull()
+        ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+    assert srv.server.store.version == 1 and "No space left" in srv.server.transport.failed
+    assert not [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"pst-{os.getpid()}-")]   # nothing left behind
+
+
+def test_no_room_for_the_gradient_segment_pushes_over_the_socket(start_server, monkeypatch):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        assert ps.transport == "shm"
+
+        def full(fd, offset, size):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        p = ps.pull()
+        ack = ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+        assert ack.meta["status"] == "applied" and not ps.push_shm and ps.stats["shm_pushes"] == 0
+    assert all(np.allclose(srv.server.store.theta[n], params[n] - 0.5) for n in params)

@@ -66,7 +66,13 @@ class ShmClient(PSClient):
         if self.reader is None or not self.push_shm:
             return super().push(grads, version, clock, **meta)
         if self.writer is None:
-            self.writer = GradientWriter({n: [np.asarray(g).dtype.name, list(np.shape(g))] for n, g in grads.items()})
+            try:
+                self.writer = GradientWriter({n: [np.asarray(g).dtype.name, list(np.shape(g))]
+                                              for n, g in grads.items()})
+            except OSError as exc:   # /dev/shm full or not writable
+                log.warning("no shared memory for gradients (%s): pushing over the socket", exc.strerror or exc)
+                self.push_shm = False
+                return super().push(grads, version, clock, **meta)
         ref = self.writer.write(grads)
         try:
             ack = self._request(Message(MsgType.PUSH, clock=clock, version=version, meta={**meta, "shm": ref}))
