@@ -70,7 +70,8 @@ class Server:
         self.cfg = cfg
         self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
-                                  cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update)
+                                  cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update,
+                                  follower=cfg.shard_index > 0)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
@@ -344,6 +345,7 @@ class Server:
 
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         self._known(msg)
+        self.policy.follow_clock(msg.worker, msg.clock)   # a shard following shard 0 (backup workers) only
         if self.finished:
             return self._stop_reply(msg)
         if self.policy.pull_ready(msg.worker):
@@ -410,9 +412,11 @@ class Server:
                            meta={"status": "dropped", "reason": "the --max-gradients budget is spent", "stop": True})
         meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
         meta["divergence"] = self._divergence(msg.worker, msg.version)
-        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta)
+        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta,
+                                  members=msg.meta.get("members"))   # shards + backups: shard 0's step set
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
-                       meta={"status": result.status, "reason": result.reason, "stop": self.finished})
+                       meta={"status": result.status, "reason": result.reason, "stop": self.finished,
+                             **({"members": result.members} if result.members is not None else {})})
 
     def _divergence(self, worker: int, base_version: int) -> float | None:
         """L2 distance between the theta this gradient was computed on and the server's theta now."""

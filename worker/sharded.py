@@ -10,7 +10,12 @@ shard sees the same sequence of gradients and the shards stay in step:
   theta as one server. With backup workers a shard applies the first N-b gradients *it* receives,
   which could differ between shards; so shard 0 decides: the worker pushes to shard 0 first and,
   when shard 0 dropped its gradient (a backup), tells the other shards to skip it (a PUSH with
-  meta skip and no tensors) instead of sending it. Every shard then applies the same gradients.
+  meta skip and no tensors) instead of sending it; the push that completed the step on shard 0
+  carries the step's members (from shard 0's ACK) to the others. A follower shard applies a step when
+  it holds exactly those members' gradients, or when every live worker has pushed or skipped (each
+  worker's fate was decided by shard 0), never by its own first-N-b rule. Every shard then applies
+  the same gradients, also when workers leave between steps. A pull goes to shard 0 first and asks
+  the others for theta at the step shard 0 granted, so a worker never computes on parts of two steps.
 * ssp / async: the bound and the apply-on-arrival rule hold on every shard separately.
 
 Each shard gets the version and clock of its own last pull with a push (they are equal across
@@ -131,7 +136,14 @@ class ShardedClient:
 
     def pull(self, clock: int = 0) -> Message:
         """Full theta, from every shard at once (each may hold the pull at its barrier or bound)."""
-        replies = self._each(lambda k: self.clients[k].pull(clock))
+        if self.shard0_decides and self.num_shards > 1:
+            # shard 0 grants the step; the others are asked for theta at that same step (see follow_clock)
+            first = self._each(lambda k: self.clients[k].pull(clock), [0])[0]
+            if first.meta.get("stop"):
+                return first
+            replies = [first] + self._each(lambda k: self.clients[k].pull(first.clock), range(1, self.num_shards))
+        else:
+            replies = self._each(lambda k: self.clients[k].pull(clock))
         for r in replies:
             if r.meta.get("stop"):
                 return r
@@ -163,6 +175,8 @@ class ShardedClient:
         if self.shard0_decides and self.num_shards > 1:
             first = self._each(one, [0])[0]
             dropped = first.meta.get("status") == "dropped" and str(first.meta.get("reason", "")).startswith("backup")
+            if first.meta.get("members") is not None:   # this push completed the step on shard 0: say with whom
+                meta = {**meta, "members": first.meta["members"]}
             acks = [first] + self._each(skip if dropped else one, range(1, self.num_shards))
         else:
             acks = self._each(one)
