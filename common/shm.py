@@ -52,6 +52,31 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
+def sweep_stale() -> list[str]:
+    """Remove segments left by processes of ours that died without closing them (kill -9): a name carries its
+    creator's process id. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not _NAME.match(name):
+            continue
+        try:
+            pid = int(name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+        except (ValueError, IndexError, PermissionError):   # not ours to judge (another user's process)
+            continue
+    return removed
+
+
 def _specs(tensors_layout: dict[str, list]) -> tuple[list[list], int]:
     """[[name, dtype, shape, offset]] in name order, and the bytes they need (8-byte aligned)."""
     specs, offset = [], 0
@@ -137,6 +162,7 @@ class ThetaSegment:
 
     @classmethod
     def create(cls, layout: dict[str, list]) -> "ThetaSegment":
+        sweep_stale()
         specs, data = _specs(layout)
         slot_bytes = SLOT_HEADER + data
         token = secrets.token_hex(8)
@@ -222,6 +248,7 @@ class GradientWriter:
 
     def __init__(self, layout: dict[str, list]):
         self.specs, size = _specs(layout)
+        sweep_stale()
         self.seg = Segment(f"psg-{os.getpid()}-{secrets.token_hex(8)}", max(8, size), create=True)
 
     def write(self, grads: dict[str, np.ndarray]) -> dict:

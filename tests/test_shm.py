@@ -150,3 +150,18 @@ def test_no_room_for_the_gradient_segment_pushes_over_the_socket(start_server, m
         ack = ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
         assert ack.meta["status"] == "applied" and not ps.push_shm and ps.stats["shm_pushes"] == 0
     assert all(np.allclose(srv.server.store.theta[n], params[n] - 0.5) for n in params)
+
+
+def test_segments_of_dead_processes_are_swept():
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)                      # a process id that no longer runs
+    stale = os.path.join(shm.SHM_DIR, f"psg-{pid}-0123456789abcdef")
+    open(stale, "wb").close()
+    mine = shm.GradientWriter({"w": ["float32", [4]]})    # creating a segment sweeps
+    try:
+        assert not os.path.exists(stale)
+        assert os.path.exists(os.path.join(shm.SHM_DIR, mine.seg.name))   # a live process's segment stays
+    finally:
+        mine.close()
