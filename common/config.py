@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from common.shards import parse_addresses
+
 MODES = ("sync", "ssp", "async")
 AGGREGATES = ("sum", "mean")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -31,6 +33,8 @@ ENV_VARS = {
     "PS_BIND": ("bind", "address the server binds, e.g. tcp://0.0.0.0:5555"),
     "PS_RANK": ("rank", "this worker's rank, 0..N-1 (its data shard)"),
     "PS_NUM_WORKERS": ("num_workers", "number of workers in the job (shards; the server's start gate)"),
+    "PS_SHARD_INDEX": ("shard_index", "which part of theta this server holds, 0..K-1 (see PS_NUM_SHARDS)"),
+    "PS_NUM_SHARDS": ("num_shards", "number of server shards theta is split over"),
 }
 
 
@@ -110,9 +114,16 @@ class ServerConfig:
     admins: str = opt("", "--auth: folder of public key files allowed to send SHUTDOWN (default: the admins "
                           "folder beside the --auth folder, made by `paramserver keys --admin NAME`)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
+    shard_index: int = opt(0, "this server holds part shard_index of theta, 0..num_shards-1 (workers list the "
+                              "shard addresses in this order)")
+    num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
+    shm: bool = opt(True, "answer workers on this host through shared memory (/dev/shm) when they offer it")
 
     def __post_init__(self):
         _validate_choices(self)
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"--shard-index {self.shard_index} must be in [0, {self.num_shards - 1}] for "
+                             f"--num-shards {self.num_shards}")
         if self.num_workers < 1:
             raise ValueError("--num-workers must be at least 1")
         if self.staleness < 0:
@@ -175,7 +186,8 @@ class JobConfig:
 class WorkerConfig(JobConfig):
     """Configuration of `paramserver worker`."""
 
-    server: str = opt("tcp://127.0.0.1:5555", "server address to connect to")
+    server: str = opt("tcp://127.0.0.1:5555", "server address to connect to; with K shards, the K shard addresses "
+                                              "comma-separated in shard order")
     rank: int = opt(0, "this worker's rank 0..N-1: picks its data shard and its worker id")
     num_workers: int = opt(1, "number of workers (data shards)")
     shard: str = opt("random", "how samples are split over workers", SHARDINGS)
@@ -197,6 +209,11 @@ class WorkerConfig(JobConfig):
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret)")
     curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
+    shm: bool = opt(True, "same host as a server: pull theta and push gradients through shared memory (/dev/shm); "
+                          "falls back to the socket by itself when the server is elsewhere")
+    overlap: bool = opt(False, "overlap communication with computation: a push runs in the background while the "
+                                "worker goes on (sync/ssp: same theta); async also fetches the next theta while "
+                                "computing (one more version of staleness)")
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
@@ -217,6 +234,7 @@ class WorkerConfig(JobConfig):
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
         check_address("--server", self.server)
+        parse_addresses(self.server)
 
 
 @dataclass
@@ -232,8 +250,12 @@ class ClusterConfig:
                              "key, one key per worker, an admin key for the cluster's own monitor and SHUTDOWN)")
     keys: str = opt("", "like --curve, with the keys in this folder: server, worker0..N-1 and cluster (admin) "
                         "key files are used where they exist and created where they do not")
+    shards: int = opt(1, "server processes theta is split over (one `paramserver server --shard-index I "
+                         "--num-shards K` each)")
 
     def __post_init__(self):
+        if self.shards < 1:
+            raise ValueError("--shards must be at least 1")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
         if self.straggler < 1.0:

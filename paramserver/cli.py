@@ -159,6 +159,16 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
 
 
+def cmd_bench_shards(args: argparse.Namespace) -> int:
+    from paramserver.bench.shards import ShardsBenchConfig, print_overlap, print_shards, run_overlap, run_shards
+    _setup_logging("warning")
+    cfg = from_args(ShardsBenchConfig, args)
+    print_shards(run_shards(cfg))
+    if cfg.overlap_steps:
+        print_overlap(run_overlap(cfg))
+    return 0
+
+
 def _check_client_args(args: argparse.Namespace) -> None:
     """The address and keys of a tool that talks to a server (status, stop)."""
     if bool(args.curve_server) != bool(args.curve_secret):
@@ -173,17 +183,28 @@ def _check_client_args(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     _check_client_args(args)
-    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
-        try:
-            st = ps.status()
-        except ServerUnavailable as exc:
-            print(f"paramserver status: {exc}", file=sys.stderr)
-            return 1
+    from common.shards import parse_addresses
+    try:
+        addresses = parse_addresses(args.address)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    statuses = []
+    for address in addresses:   # one status per shard (one address: the server's)
+        with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                      curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
+            try:
+                statuses.append(ps.status())
+            except ServerUnavailable as exc:
+                print(f"paramserver status: {exc}", file=sys.stderr)
+                return 1
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
         return 0
-    print(format_status(st))
+    for address, st in zip(addresses, statuses):
+        if len(addresses) > 1:
+            shard = st.get("shard") or {}
+            print(f"shard {shard.get('index')} of {shard.get('count')} at {address} (plan {shard.get('plan')}):")
+        print(format_status(st))
     return 0
 
 
@@ -263,7 +284,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
-                   help="server address (default: $PS_SERVER or tcp://127.0.0.1:5555)")
+                   help="server address, or the shards' addresses comma-separated (default: $PS_SERVER or "
+                        "tcp://127.0.0.1:5555)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
     p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
     p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ; for stop under "
@@ -287,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
     add_arguments(p, ClusterConfig)
     # keys: the cluster makes its own (--curve / --keys): one per worker, an admin key for itself
-    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth"))
+    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth",
+                                         "shard_index", "num_shards"))
     add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown", "curve_server",
                                          "curve_secret"))
     p.set_defaults(func=cmd_cluster)
@@ -305,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="many lightweight workers against one server: throughput, latency, exactness")
     add_arguments(b, LoadConfig)
     b.set_defaults(func=cmd_bench_load)
+
+    from paramserver.bench.shards import ShardsBenchConfig
+    b = bench.add_parser("shards", allow_abbrev=False,
+                         help="aggregate push+pull throughput over K shards x N workers, shared memory vs tcp")
+    add_arguments(b, ShardsBenchConfig)
+    b.set_defaults(func=cmd_bench_shards)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     _client_arguments(p)

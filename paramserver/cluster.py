@@ -14,6 +14,7 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -40,7 +41,7 @@ def _die_with_parent() -> None:
 
 def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS"):
+    for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS", "PS_SHARD_INDEX", "PS_NUM_SHARDS"):
         env.pop(var, None)   # the cluster passes identity as flags
     with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
         # a session of its own: a Ctrl-C in the terminal reaches the cluster only, which stops the children
@@ -73,12 +74,12 @@ def exit_text(code: int) -> str:
 
 
 def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0,
-                 procs: list | None = None) -> tuple[subprocess.Popen, str]:
+                 procs: list | None = None, log_name: str = "server.log") -> tuple[subprocess.Popen, str]:
     """Start `paramserver server` and return (process, the address it listens on).
 
     If it exits first, raise ClusterError with its own error line and exit code. `procs`, when given,
     gets the process appended at once (so that whoever cleans up knows it even if this raises)."""
-    log_path = os.path.join(out, "server.log")
+    log_path = os.path.join(out, log_name)
     proc = _spawn(["server"] + to_argv(scfg), log_path, stdout=subprocess.PIPE)
     if procs is not None:
         procs.append(proc)
@@ -272,10 +273,16 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     straggler = (f", straggler: worker {ccfg.workers - 1} x{ccfg.straggler:g}"
                  + (f" on {wcfg.slowdown_prob:.0%} of its steps" if wcfg.slowdown_prob < 1 else "")
                  if ccfg.straggler > 1.0 else "")
-    print(f"paramserver cluster: 1 server + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {mode}, "
+    servers_text = "1 server" if ccfg.shards == 1 else f"{ccfg.shards} server shards"
+    print(f"paramserver cluster: {servers_text} + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {mode}, "
           f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}{straggler}"
           f"{', CurveZMQ keys in ' + keys if keys else ''}, output in {out}/", flush=True)
     t0 = time.time()
+    if ccfg.shards > 1:
+        if keys:
+            raise ClusterError("--curve/--keys with --shards is not supported yet: start the shards by hand with "
+                               "their keys (see the README)")
+        return _run_sharded(ccfg, scfg, wcfg, threads, t0)
     children: list[subprocess.Popen] = []     # the server first, then the workers
     server, address, workers = None, "", []
     interrupted, failure = False, ""
@@ -349,3 +356,94 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     print(f"checkpoint: {scfg.checkpoint if written else 'none written'}   "
           f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
     return 1 if failed or interrupted or failure else 0
+
+
+def shard_configs(scfg: ServerConfig, shards: int, out: str) -> list[ServerConfig]:
+    """One server config per shard: its index, and its own checkpoint and metrics files."""
+    return [dataclasses.replace(scfg, shard_index=i, num_shards=shards,
+                                checkpoint=os.path.join(out, f"checkpoint-shard{i}.pt"),
+                                metrics=os.path.join(out, f"server_metrics-shard{i}.json")) for i in range(shards)]
+
+
+def merge_checkpoints(paths: list[str], path: str) -> dict:
+    """Merge the shards' checkpoints into one unsharded checkpoint at `path` (see common/shards.merge_states)."""
+    from common.checkpoint import load_checkpoint, save_checkpoint
+    from common.shards import merge_states
+    merged = merge_states([load_checkpoint(p) for p in paths])
+    save_checkpoint(path, merged)
+    return merged
+
+
+def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, threads: int, t0: float) -> int:
+    """`paramserver cluster --shards K`: K server processes, workers given all K addresses."""
+    from worker.client import PSClient
+    from worker.evaluate import evaluate_checkpoint
+    out = ccfg.out
+    cfgs = shard_configs(scfg, ccfg.shards, out)
+    for c in cfgs:
+        for stale in (c.checkpoint, c.metrics):
+            if os.path.exists(stale):
+                os.unlink(stale)
+    servers, addresses = [], []
+    try:
+        for i, c in enumerate(cfgs):
+            proc, address = start_server(c, out, log_name=f"server-shard{i}.log")
+            servers.append(proc)
+            addresses.append(address)
+    except BaseException:
+        for proc in servers:
+            proc.kill()
+        raise
+    address = ",".join(addresses)
+    slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
+    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads)
+    interrupted = False
+    next_tick = time.time() + ccfg.progress_every
+    monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0) for a in addresses]
+    try:
+        while any(p.poll() is None for p in workers):
+            time.sleep(0.2)
+            if time.time() >= next_tick:
+                next_tick += ccfg.progress_every
+                print(" | ".join(f"shard {i} " + _progress(m, t0, ccfg.workers) for i, m in enumerate(monitors)),
+                      flush=True)
+            dead = [i for i, s in enumerate(servers) if s.poll() is not None]
+            if dead:
+                print(f"server shard {dead[0]} exited with code {servers[dead[0]].returncode}; see "
+                      f"{out}/server-shard{dead[0]}.log", flush=True)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping workers and server shards (each writes its checkpoint)", flush=True)
+    finally:
+        for m in monitors:
+            m.close()
+        stop_all(workers, None, "")
+        for proc, a in zip(servers, addresses):
+            stop_all([], proc, a)
+    failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
+    for r in failed:
+        print(f"worker {r} exited with code {workers[r].returncode}; see {out}/worker{r}.log", flush=True)
+    wall = time.time() - t0
+    summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed, "shards": ccfg.shards}
+    if all(os.path.exists(c.checkpoint) for c in cfgs):
+        merged = merge_checkpoints([c.checkpoint for c in cfgs], scfg.checkpoint)
+        summary["shard_versions"] = merged["shard_versions"]
+        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out))
+    servers_m = [_read_json(c.metrics) for c in cfgs]
+    workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({"summary": summary, "server": servers_m[0], "shards": servers_m, "workers": workers_m}, f)
+    for i, m in enumerate(servers_m):
+        st = m.get("status", {})
+        print(f"shard {i}: {st.get('version', 0)} updates applied, counters {st.get('counters', {})}")
+    print(f"done in {wall:.1f}s")
+    if "final_eval_loss" in summary:
+        first = summary.get("initial_eval_loss")
+        print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
+              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else ""))
+    if summary.get("sample"):
+        print("sample from the trained model:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
+    print(f"checkpoints: {', '.join(c.checkpoint for c in cfgs)} (merged: {scfg.checkpoint})   "
+          f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
+    return 1 if failed or interrupted else 0

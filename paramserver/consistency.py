@@ -51,15 +51,21 @@ class PushResult:
     status: str            # "applied", "accumulated" or "dropped"
     reason: str = ""       # why it was dropped
     version: int = 0       # server version after handling the push
+    members: list | None = None   # sync: the workers whose gradients formed the step this push completed
 
 
 class Consistency:
     def __init__(self, store: ParamStore, mode: str = "sync", num_workers: int = 1, staleness: int = 0,
                  backup_workers: int = 0, aggregate: str = "mean", min_workers: int = 1,
-                 on_update: Callable[[int, list[Contribution]], None] | None = None):
+                 on_update: Callable[[int, list[Contribution]], None] | None = None, follower: bool = False):
         self.store, self.mode, self.num_workers = store, mode, num_workers
         self.staleness, self.backup_workers, self.aggregate = staleness, backup_workers, aggregate
         self.min_workers = min_workers
+        # a shard other than shard 0 with backup workers: shard 0 decides which gradients form a step (see
+        # _maybe_complete_step); this shard follows. _members: the set shard 0 applied for the current step
+        self.follower = follower and mode == "sync" and backup_workers > 0
+        self._members: set[int] | None = None
+        self._last_members: list[int] = []
         self.on_update = on_update or (lambda version, contributions: None)
         self.clocks: dict[int, int] = {}          # live workers -> clock
         self.last_clock: dict[int, int] = {}      # every worker ever seen -> its last clock
@@ -113,6 +119,8 @@ class Consistency:
     def leave(self, worker: int) -> None:
         """Remove a worker from the barrier and the clock minimum (finished, said goodbye or dead)."""
         self.clocks.pop(worker, None)
+        if self._members is not None:
+            self._members.discard(worker)
         self._fold()
         self._maybe_complete_step()
 
@@ -132,6 +140,13 @@ class Consistency:
             return clock - self.min_clock() <= self.staleness
         return True
 
+    def follow_clock(self, worker: int, clock: int) -> None:
+        """A follower shard (backup workers): the worker's pull says which step shard 0 granted it; its pull
+        here is held until this shard has applied that many steps, so it computes on theta of one step."""
+        if self.follower and worker in self.clocks and clock > self.clocks[worker]:
+            self.clocks[worker] = self.last_clock[worker] = clock
+            self._maybe_complete_step()
+
     def grant_clock(self, worker: int) -> int:
         """Called when a pull is answered; returns the clock the worker now computes for."""
         clock = self.clocks[worker]
@@ -141,7 +156,7 @@ class Consistency:
     # -- pushes -------------------------------------------------------------------------------
 
     def push(self, worker: int, clock: int, grads: Mapping[str, np.ndarray], base_version: int,
-             meta: dict | None = None) -> PushResult:
+             meta: dict | None = None, members: list | None = None) -> PushResult:
         """Handle a gradient that the server has already checked against theta."""
         self.counters["received"] += 1
         contribution = Contribution(worker, clock, base_version, meta=meta or {})
@@ -173,10 +188,25 @@ class Consistency:
         if worker in self.clocks:
             self.clocks[worker] = clock + 1
             self.last_clock[worker] = clock + 1
+        if self.follower and isinstance(members, list) and all(isinstance(m, int) for m in members):
+            self._members = set(members) & (set(self.clocks) | {c.worker for c in self._contrib})
         self._fold()
         if self._maybe_complete_step():
-            return PushResult("applied", version=self.store.version)
+            return PushResult("applied", version=self.store.version, members=self._last_members)
         return PushResult("accumulated", version=self.store.version)
+
+    def skip(self, worker: int, clock: int) -> PushResult:
+        """Sync with shards and backup workers: shard 0 dropped this worker's gradient for `clock`, so this
+        shard drops it too (it never sees it): the worker only moves past the step, counted as dropped."""
+        self.counters["received"] += 1
+        self.counters["dropped:backup"] += 1
+        if worker in self.clocks:
+            self.clocks[worker] = max(self.clocks[worker], clock + 1)
+            self.last_clock[worker] = self.clocks[worker]
+        self._fold()
+        self._maybe_complete_step()
+        return PushResult("dropped", reason=f"backup: shard 0 dropped the gradient for step {clock}",
+                          version=self.store.version)
 
     @property
     def pending_gradients(self) -> int:
@@ -207,9 +237,17 @@ class Consistency:
         if self.mode != "sync" or not self._contrib:
             return False
         waiting = [w for w, c in self.clocks.items() if c <= self.step]  # live, not yet pushed
-        if waiting and len(self._contrib) < self.needed():
+        if self.follower:
+            # complete when every live worker has pushed or skipped (each one's fate was decided by shard 0),
+            # or as soon as all the gradients shard 0 applied for this step are here
+            done = {c.worker for c in self._contrib}
+            if waiting and not (self._members is not None and self._members <= done):
+                return False
+        elif waiting and len(self._contrib) < self.needed():
             return False
         self._fold(final=True)
+        self._last_members = sorted(c.worker for c in self._contrib)
+        self._members = None
         scale = 1.0 / len(self._contrib) if self.aggregate == "mean" else 1.0
         acc, contrib = self._acc, self._contrib
         self._acc, self._contrib = None, []

@@ -30,6 +30,8 @@ from common.protocol import (MAX_HEADER_BYTES, REQUEST_TYPES, Message, MsgType, 
                              error_reply, session_of)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
+from common.shards import ShardPlan, check_identity
+from common import shm
 from paramserver.consistency import Consistency, Contribution
 from paramserver.metrics import ServerMetrics
 from paramserver.store import ParamStore
@@ -113,11 +115,15 @@ class Server:
         self.cfg = cfg
         self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
-                                  cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update)
+                                  cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update,
+                                  follower=cfg.shard_index > 0)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
         self.job: dict = {}
+        self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
+        self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
+        self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
         self._stop = False
@@ -164,7 +170,8 @@ class Server:
             self.sock.bind(self.cfg.bind)
             self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._monitor = self.sock.get_monitor_socket(MONITORED)
-            log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
+            log.info("listening on %s (mode=%s, workers=%d%s)", self.address, self.cfg.mode, self.cfg.num_workers,
+                     f", shard {self.cfg.shard_index} of {self.cfg.num_shards}" if self.cfg.num_shards > 1 else "")
         return self.address
 
     def _set_max_message(self) -> None:
@@ -188,6 +195,8 @@ class Server:
         if self.sock is None:
             return
         self.save_outputs()
+        if self.transport is not None:
+            self.transport.close()
         self.sock.disable_monitor()
         self._monitor.close()
         self.sock.close()
@@ -270,6 +279,8 @@ class Server:
     # -- receive and dispatch -----------------------------------------------------------------
 
     def _send(self, identity: bytes, msg: Message | list, track: bool = False) -> zmq.MessageTracker | None:
+        if self.transport is not None and not isinstance(msg, list):
+            msg = self.transport.outbound(identity, msg)
         frames = msg if isinstance(msg, list) else encode(msg)
         try:
             if track:   # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent).
@@ -315,6 +326,14 @@ class Server:
             self._send(identity, error_reply(msg, "not_a_request", f"{msg.type.name} is a reply type; send one "
                                                                    "of " + ", ".join(t.name for t in REQUEST_TYPES)))
             return
+        if self.transport is not None:
+            try:
+                msg = self.transport.inbound(identity, msg)
+            except ProtocolError as exc:
+                self.policy.counters["malformed"] += 1
+                log.warning("shared memory of %r unusable: %s", msg, exc)
+                self._send(identity, error_reply(msg, "bad_shm", str(exc)))
+                return
         log.debug("recv %r", msg)
         # who sent it: the session of its routing id and, under --auth, its CurveZMQ key
         self._peer = (session_of(identity), _user_id(body[0]) if self.cfg.auth else "")
@@ -391,7 +410,30 @@ class Server:
 
     # -- handlers -----------------------------------------------------------------------------
 
+    def _check_shard(self, msg: Message) -> None:
+        """Refuse a worker whose shard map (count, this server's index, partition plan) differs from ours."""
+        offered = msg.meta.get("shard")
+        if offered is not None and not isinstance(offered, dict):
+            raise RequestError("shard_mismatch", "REGISTER meta 'shard' must be a map {index, count, plan, layout}")
+        why = check_identity(self.cfg.shard_index, self.cfg.num_shards, self.shard["plan"], offered)
+        if not why and offered and not self.shard["plan"]:
+            try:   # the first worker's plan: recompute it from its layout, so a bad map is caught here
+                plan = ShardPlan.build(offered.get("layout") or {}, self.cfg.num_shards)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise RequestError("shard_mismatch", f"REGISTER carries an unusable model layout: {exc}") from None
+            mine = {p.key: p for p in plan.by_shard[self.cfg.shard_index]}
+            if plan.hash != offered.get("plan"):
+                why = (f"plan hash differs: the worker says {offered.get('plan')!r} but its layout gives "
+                       f"{plan.hash!r} (another paramserver version?)")
+            elif msg.tensors and set(msg.tensors) != set(mine):
+                why = "the pieces this worker sent are not the ones its plan assigns to this shard"
+            else:
+                self.shard["plan"], self.shard_layout = plan.hash, plan.layout
+        if why:
+            raise RequestError("shard_mismatch", why)
+
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._check_shard(msg)
         self._check_job(msg.meta.get("job") or {})
         worker = self._worker_id_for(msg)
         if msg.tensors:
@@ -431,7 +473,8 @@ class Server:
         version, theta = self.store.snapshot()
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
-                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers,
+                             "shard": self.shard, "backup_workers": self.cfg.backup_workers})
 
     def _worker_id_for(self, msg: Message) -> int:
         """The worker id a REGISTER gets, or RequestError: identity binding and the --max-workers cap."""
@@ -486,6 +529,7 @@ class Server:
 
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         state = self._known(msg)
+        self.policy.follow_clock(msg.worker, msg.clock)   # a shard following shard 0 (backup workers) only
         if self.finished:
             return self._stop_reply(msg)
         # at most one PARAMS per worker in ZeroMQ's queue: a client that never reads pins one snapshot, not many
@@ -548,6 +592,15 @@ class Server:
 
     def _on_push(self, identity: bytes, msg: Message) -> Message:
         self._known(msg)
+        if msg.meta.get("skip") is True and not msg.tensors:
+            # shards + backup workers: shard 0 dropped this worker's gradient for the step, so this shard
+            # must not use it either; the worker only passes the step (see ShardedClient.push)
+            if self.cfg.mode != "sync":
+                raise RequestError("bad_request", "a PUSH with skip (shard 0 dropped the gradient) only applies to "
+                                   f"--mode sync; this server runs --mode {self.cfg.mode}")
+            result = self.policy.skip(msg.worker, msg.clock)
+            return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
+                           meta={"status": result.status, "reason": result.reason, "stop": self.finished})
         try:
             self.store.check_gradient(msg.tensors)
         except ValueError as exc:
@@ -561,9 +614,11 @@ class Server:
                            meta={"status": "dropped", "reason": "the --max-gradients budget is spent", "stop": True})
         meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
         meta["divergence"] = self._divergence(msg.worker, msg.version)
-        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta)
+        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta,
+                                  members=msg.meta.get("members"))   # shards + backups: shard 0's step set
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
-                       meta={"status": result.status, "reason": result.reason, "stop": self.finished})
+                       meta={"status": result.status, "reason": result.reason, "stop": self.finished,
+                             **({"members": result.members} if result.members is not None else {})})
 
     def _divergence(self, worker: int, base_version: int) -> float | None:
         """L2 distance between the theta this gradient was computed on and the server's theta now."""
@@ -672,7 +727,7 @@ class Server:
             "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
-            "resumed_from": self.resumed_from,
+            "resumed_from": self.resumed_from, "shard": self.shard,
             **self.record.summary(),
         }
 
@@ -682,7 +737,8 @@ class Server:
                             "state": "left" if s.left else ("live" if s.alive or w in self.policy.awaiting else "dead")}
                    for w, s in self.workers.items()}
         return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
-                "config": dataclasses.asdict(self.cfg), "job": self.job, "workers": workers}
+                "config": dataclasses.asdict(self.cfg), "job": self.job, "workers": workers,
+                "shard": self.shard, "shard_layout": self.shard_layout}
 
     def write_checkpoint(self) -> None:
         if not self.cfg.checkpoint or not self.store.initialized:
@@ -699,6 +755,11 @@ class Server:
         if state.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
             raise ConfigError(f"checkpoint {path} was written with --optimizer {state['optimizer']}; "
                               f"resume with the same optimizer")
+        shard = state.get("shard", {"index": 0, "count": 1, "plan": ""})
+        if (shard["index"], shard["count"]) != (self.cfg.shard_index, self.cfg.num_shards):
+            raise ConfigError(f"checkpoint {path} holds shard {shard['index']} of {shard['count']}; resume it with "
+                              f"--shard-index {shard['index']} --num-shards {shard['count']}")
+        self.shard, self.shard_layout = dict(shard), dict(state.get("shard_layout", {}))
         saved = state.get("config", {})
         changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(self.cfg, k)})" for k in RESUME_MUST_MATCH
                    if k in saved and saved[k] != getattr(self.cfg, k)]

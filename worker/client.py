@@ -95,10 +95,12 @@ class PSClient:
 
     # -- the verbs ----------------------------------------------------------------------------
 
-    def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None) -> Message:
-        """Say hello (with this worker's initial parameters); returns the WELCOME reply."""
-        self._register_args = (init, job)
-        msg = Message(MsgType.REGISTER, tensors=dict(init or {}), meta={"job": job or {}})
+    def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None,
+                 meta: dict | None = None) -> Message:
+        """Say hello (with this worker's initial parameters); returns the WELCOME reply. `meta` adds
+        fields to the REGISTER (a shard's identity, see worker/sharded.py)."""
+        self._register_args = (init, job, meta)
+        msg = Message(MsgType.REGISTER, tensors=dict(init or {}), meta={"job": job or {}, **(meta or {})})
         waited_since = time.monotonic()
         while True:
             try:

@@ -23,7 +23,12 @@ import numpy as np
 import torch
 
 from common.config import JobConfig, WorkerConfig, subset
+from common.shards import parse_addresses
 from worker.client import PSClient
+from worker.sharded import ShardedClient
+from worker.shmclient import ShmClient
+from worker.overlap import OverlapClient
+from worker.pinned import PinnedIO
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
 
@@ -46,6 +51,22 @@ def batch_stream(cfg: WorkerConfig, n_samples: int):
     return shard, batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
 
 
+def make_client(cfg: WorkerConfig):
+    """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list.
+    With --shm (the default) each connection is a ShmClient: shared memory with a server on this host.
+    With --overlap it is wrapped in an OverlapClient (pushes in the background, async prefetch)."""
+    kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
+                  heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
+                  fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+    addresses = parse_addresses(cfg.server)
+    client = ShmClient if cfg.shm else PSClient
+    if len(addresses) > 1:
+        client = ShardedClient(addresses, client=client, **kwargs)
+    else:
+        client = client(addresses[0], **kwargs)
+    return OverlapClient(client) if cfg.overlap else client
+
+
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     """Train until done; returns (and writes to cfg.out) this worker's metrics."""
     device = pick_device(cfg.device)
@@ -53,11 +74,9 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
     shard, stream = batch_stream(cfg, job.n_samples)
+    io = PinnedIO(job.model) if device == "cuda" else None   # pinned, non-blocking host<->device copies
     own = client is None
-    client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
-                                server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
-                                duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
-                                curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+    client = client or make_client(cfg)
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
          "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
@@ -94,7 +113,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
-            job.load_params(params.tensors)
+            io.load(params.tensors) if io is not None else job.load_params(params.tensors)
             job.model.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for idx in micro:
@@ -102,7 +121,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 loss = job.loss(x, y) / cfg.accum
                 loss.backward()
                 loss_sum += loss.item()
-            grads = job.grads_numpy()
+            grads = io.grads() if io is not None else job.grads_numpy()
             if device == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()

@@ -1,0 +1,167 @@
+"""The same-host shared-memory transport (common/shm.py, worker/shmclient.py): round trip, fallback, exactness."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from common import shm
+from common.config import WorkerConfig
+from common.protocol import ProtocolError
+from tests.conftest import worker_process
+from worker.client import PSClient
+from worker.shmclient import ShmClient
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return {"w": rng.standard_normal((64, 33)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+
+
+def test_segment_round_trip_and_seqlock():
+    theta = _params()
+    pub = shm.ThetaSegment.create({n: [t.dtype.name, list(t.shape)] for n, t in theta.items()})
+    try:
+        reader = shm.ThetaReader.attach(pub.info())
+        ref = pub.publish(7, theta)
+        got = reader.read(ref)
+        assert all(np.array_equal(got[n], theta[n]) for n in theta)
+        assert pub.publish(7, theta) == ref                 # once per version
+        for v in range(8, 8 + shm.SLOTS):                  # the slot is rewritten SLOTS versions later
+            pub.publish(v, {n: t + v for n, t in theta.items()})
+        assert reader.read(ref) is None                    # ... and the reader notices, never returns mixed data
+        assert shm.ThetaReader.attach({**pub.info(), "token": "0" * 16}) is None   # another server's segment
+        assert shm.ThetaReader.attach({**pub.info(), "name": "pst-nonexistent-0"}) is None  # another host
+        reader.close()
+    finally:
+        pub.close()
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, pub.seg.name))   # the creator removes it
+
+
+def test_gradient_segment_is_bounds_checked():
+    g = _params()
+    writer = shm.GradientWriter({n: [t.dtype.name, list(t.shape)] for n, t in g.items()})
+    readers = shm.GradientReaders()
+    try:
+        ref = writer.write(g)
+        got = readers.read(ref)
+        assert all(np.array_equal(got[n], g[n]) for n in g)
+        with pytest.raises(ProtocolError, match="outside"):
+            readers.read({"name": ref["name"], "specs": [["w", "float32", [10 ** 6], 0]]})
+        with pytest.raises(ProtocolError, match="not a gradient segment"):
+            readers.read({"name": "pst-1-abc", "specs": []})
+        with pytest.raises(ProtocolError, match="not one of ours"):
+            readers.read({"name": "psg-../../etc/passwd", "specs": []})
+    finally:
+        readers.close()
+        writer.close()
+
+
+def test_pull_and_push_go_through_shared_memory(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        assert ps.transport == "shm"
+        p = ps.pull()
+        assert all(np.array_equal(p.tensors[n], params[n]) for n in params)
+        grads = {n: np.ones_like(t) for n, t in params.items()}
+        ack = ps.push(grads, version=p.version, clock=p.clock)
+        assert ack.meta["status"] == "applied"
+        p2 = ps.pull()
+        assert p2.version == 1
+        assert all(np.allclose(p2.tensors[n], params[n] - 0.5) for n in params)
+        assert ps.stats["shm_pulls"] == 2 and ps.stats["shm_pushes"] == 1
+    theta = srv.server.store.theta
+    assert all(np.allclose(theta[n], params[n] - 0.5) for n in params)
+
+
+def test_falls_back_to_the_socket(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5, shm=False)   # no shm on the server
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        assert ps.transport == "tcp"
+        p = ps.pull()
+        ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+        assert ps.stats["shm_pulls"] == ps.stats["shm_pushes"] == 0
+    srv2 = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    with ShmClient(srv2.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        ps.reader.close()                      # as if the server's segment were on another host
+        ps.reader = shm.ThetaReader.attach({**srv2.server.transport.theta.info(), "token": "f" * 16})
+        assert ps.transport == "tcp"
+        p = ps.pull()
+        assert all(np.array_equal(p.tensors[n], params[n]) for n in params) and ps.stats["shm_pulls"] == 0
+    with PSClient(srv2.address, worker=1, request_timeout=1, server_timeout=10) as ps:   # a plain client
+        welcome = ps.register(init=params)
+        assert "shm" not in welcome.meta and ps.pull().tensors
+
+
+def test_sync_over_shared_memory_equals_sync_over_tcp(start_server, tmp_path):
+    """The transport does not change a bit of theta (2 worker processes, sync)."""
+    import json
+    thetas = []
+    for flag in (True, False):
+        srv = start_server(num_workers=2, mode="sync", optimizer="adam", lr=0.01)
+        out = tmp_path / str(flag)
+        cfgs = [WorkerConfig(server=srv.address, rank=r, num_workers=2, job="mlp", batch_size=8, steps=5,
+                             eval_every=0, log_every=0, shard="hash", seed=3, threads=1, shm=flag, out=str(out))
+                for r in range(2)]
+        procs = [worker_process(c) for c in cfgs]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        assert srv.server.store.version == 5
+        stats = json.loads((out / "worker0.json").read_text())["client"]
+        assert stats.get("shm_pulls", 0) == (5 if flag else 0) and stats.get("shm_pushes", 0) == (5 if flag else 0)
+        thetas.append({n: t.copy() for n, t in srv.server.store.theta.items()})
+    assert all(np.array_equal(thetas[0][n], thetas[1][n]) for n in thetas[0])
+
+
+def test_a_full_dev_shm_falls_back_to_the_socket(start_server, monkeypatch):
+    """posix_fallocate reserves the pages: a /dev/shm too small for theta means the socket, not SIGBUS."""
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        welcome = ps.register(init=params)
+        assert "shm" not in welcome.meta and ps.transport == "tcp"
+        p = ps.pull()
+        ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+    assert srv.server.store.version == 1 and "No space left" in srv.server.transport.failed
+    assert not [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"pst-{os.getpid()}-")]   # nothing left behind
+
+
+def test_no_room_for_the_gradient_segment_pushes_over_the_socket(start_server, monkeypatch):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        assert ps.transport == "shm"
+
+        def full(fd, offset, size):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        p = ps.pull()
+        ack = ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+        assert ack.meta["status"] == "applied" and not ps.push_shm and ps.stats["shm_pushes"] == 0
+    assert all(np.allclose(srv.server.store.theta[n], params[n] - 0.5) for n in params)
+
+
+def test_segments_of_dead_processes_are_swept():
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)                      # a process id that no longer runs
+    stale = os.path.join(shm.SHM_DIR, f"psg-{pid}-0123456789abcdef")
+    open(stale, "wb").close()
+    mine = shm.GradientWriter({"w": ["float32", [4]]})    # creating a segment sweeps
+    try:
+        assert not os.path.exists(stale)
+        assert os.path.exists(os.path.join(shm.SHM_DIR, mine.seg.name))   # a live process's segment stays
+    finally:
+        mine.close()
