@@ -102,7 +102,7 @@ def test_ssp_bound_holds_on_every_shard(start_server):
     s = 1
     shards, address = start_shards(start_server, 2, num_workers=2, mode="ssp", staleness=s, optimizer="sgd", lr=0.05)
     cfgs = [WorkerConfig(server=address, rank=r, num_workers=2, batch_size=8, steps=12, eval_every=0, log_every=0,
-                         threads=1, job="mlp", shard="random", seed=r + 11, slowdown=6.0 if r == 1 else 1.0,
+                         threads=1, job="mlp", shard="random", seed=11, slowdown=6.0 if r == 1 else 1.0,
                          log_level="warning") for r in range(2)]
     results: dict = {}
     threads = [run_worker_thread(c, results) for c in cfgs]
@@ -221,7 +221,8 @@ def check_shard_checkpoints(out):
     from common.shards import merge_states
     from paramserver.server import Server
     merged = load_checkpoint(str(out / "checkpoint.pt"))
-    single = Server(ServerConfig(resume=str(out / "checkpoint.pt"), bind="tcp://127.0.0.1:*", log_level="warning"))
+    single = Server(ServerConfig(resume=str(out / "checkpoint.pt"), bind="tcp://127.0.0.1:*", log_level="warning",
+                                  num_workers=2))
     assert single.store.version == 12 and set(single.store.theta) == set(merged["theta"])
     assert all(np.array_equal(single.store.theta[n], merged["theta"][n]) for n in merged["theta"])
     with pytest.raises(ConfigError, match="--shard-index 1 --num-shards 2"):

@@ -208,6 +208,8 @@ class _GateReporter:
             st = client.status()
         except Exception:   # only a message; never in the way of training
             return
+        if isinstance(st, list):   # a sharded client: one status per shard; shard 0's gate is the one
+            st = st[0] if st else {}
         if st.get("started", True) or "registered" not in st:
             return
         log.info("worker %d waiting for the other workers to register: %s", cfg.rank, _gate_text(st))
