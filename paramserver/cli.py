@@ -88,6 +88,13 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from paramserver.bench.throughput import ThroughputConfig, print_throughput, run_throughput
+    _setup_logging("warning")
+    print_throughput(run_throughput(from_args(ThroughputConfig, args)))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     if bool(args.curve_server) != bool(args.curve_secret):
@@ -147,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="many lightweight workers against one server: throughput, latency, exactness")
     add_arguments(b, LoadConfig)
     b.set_defaults(func=cmd_bench_load)
+
+    from paramserver.bench.throughput import ThroughputConfig
+    b = bench.add_parser("throughput", allow_abbrev=False,
+                         help="the server's apply, snapshots and the wire against their limits (raw zmq, torch)")
+    add_arguments(b, ThroughputConfig)
+    b.set_defaults(func=cmd_bench_throughput)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
