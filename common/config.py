@@ -155,6 +155,9 @@ class WorkerConfig(JobConfig):
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
     curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret)")
     curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
+    wire_dtype: str = opt("fp32", "how gradients go to the server and theta comes back: fp32, or bf16 / fp16 "
+                                  "(half the bytes; the server keeps fp32 theta and optimizer state; fp16 turns "
+                                  "values beyond +-65504 into Inf, which the server refuses)", ("fp32", "bf16", "fp16"))
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))

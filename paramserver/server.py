@@ -26,7 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode, error_reply
+from common.protocol import (REQUEST_TYPES, WIRE_DTYPES, Message, MsgType, ProtocolError, decode, encode,
+                             error_reply)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
@@ -43,6 +44,16 @@ _EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused",
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
+
+
+def _send_tracked(sock: zmq.Socket, frames: list) -> zmq.MessageTracker:
+    """Send a multipart message zero-copy; the tracker is done when ZeroMQ has released every frame
+    (send_multipart(track=True) would track only the last one)."""
+    parts = [zmq.Frame(f, track=True) for f in frames]
+    for part in parts[:-1]:
+        sock.send(part, zmq.SNDMORE, copy=False)
+    sock.send(parts[-1], copy=False)
+    return zmq.MessageTracker(*parts)
 
 
 class RequestError(ValueError):
@@ -177,8 +188,12 @@ class Server:
 
     def _send(self, identity: bytes, msg: Message | list) -> None:
         frames = msg if isinstance(msg, list) else encode(msg)
+        snapshot = None if isinstance(msg, list) else msg.snapshot
         try:
-            self.sock.send_multipart([identity] + frames, copy=False)
+            if snapshot is None:
+                self.sock.send_multipart([identity] + frames, copy=False)
+            else:   # theta itself goes out zero-copy: the store recycles it once ZeroMQ is done with it
+                self.store.track(snapshot[0], _send_tracked(self.sock, [identity] + frames), snapshot[1])
         except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
             log.warning("reply to %r not sent: %s", identity, exc)
 
@@ -288,7 +303,7 @@ class Server:
                  clock, self.store.version, len(self.policy.clocks))
         version, theta = self.store.snapshot()
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
-                       meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
+                       snapshot=(version, "fp32"), meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
 
     @property
@@ -302,6 +317,9 @@ class Server:
 
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         self._known(msg)
+        if msg.meta.get("wire", "fp32") not in WIRE_DTYPES:
+            raise RequestError("bad_wire", f"unknown wire dtype {msg.meta.get('wire')!r} in PULL; choose one of "
+                                           f"{', '.join(WIRE_DTYPES)} (--wire-dtype)")
         if self.finished:
             return self._stop_reply(msg)
         if self.policy.pull_ready(msg.worker):
@@ -329,11 +347,15 @@ class Server:
     def _params_reply(self, msg: Message, waited: float) -> Message:
         clock = self.policy.grant_clock(msg.worker)
         self.record.record_grant(msg.worker, clock, self.policy.min_clock(), waited)
-        version, theta = self.store.snapshot()
+        wire = msg.meta.get("wire", "fp32")
+        if wire not in WIRE_DTYPES:
+            wire = "fp32"   # (checked in _on_pull; a held pull was checked when it arrived)
+        version, theta = self.store.snapshot(wire)
         if self.cfg.track_divergence:
-            self.held[msg.worker] = (version, theta)
+            self.held[msg.worker] = self.store.sample()
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
-                       tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
+                       tensors=theta, snapshot=(version, wire),
+                       meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
 
     def _serve_pending(self) -> None:
         for worker, (identity, msg, since) in list(self.pending.items()):
@@ -364,17 +386,15 @@ class Server:
                        meta={"status": result.status, "reason": result.reason, "stop": self.finished})
 
     def _divergence(self, worker: int, base_version: int) -> float | None:
-        """L2 distance between the theta this gradient was computed on and the server's theta now."""
+        """L2 distance between the theta this gradient was computed on and the server's theta now: exact
+        for models up to DIVERGENCE_SAMPLE values, else estimated from that many sampled coordinates
+        (store.sample at pull time), so it costs well under 1% of an apply."""
         held = self.held.get(worker)
         if held is None or held[0] != base_version:
             return None
         if base_version == self.store.version:
             return 0.0
-        total = 0.0
-        for name, theta in self.store.theta.items():
-            d = theta - held[1][name]
-            total += float(np.dot(d.ravel(), d.ravel()))
-        return total ** 0.5
+        return self.store.distance(held[1])
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)

@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import Message, MsgType, decode, encode
+from common.protocol import WIRE_DTYPES, Message, MsgType, decode, encode
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
@@ -46,8 +46,12 @@ class ServerUnavailable(RuntimeError):
 class PSClient:
     def __init__(self, server: str, worker: int = -1, request_timeout: float = 2.0, server_timeout: float = 120.0,
                  heartbeat: float = 0.0, context: zmq.Context | None = None, drop: float = 0.0,
-                 duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = ""):
+                 duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = "",
+                 wire_dtype: str = "fp32"):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"unknown --wire-dtype {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
         self.server, self.worker = server, worker
+        self.wire_dtype = wire_dtype   # how float32 gradients go out and theta comes back
         self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
@@ -100,13 +104,17 @@ class PSClient:
             self._hb_thread.start()
         return reply
 
-    def pull(self, clock: int = 0) -> Message:
-        """theta by name at the version the consistency policy allows (may wait at a barrier)."""
-        return self._request(Message(MsgType.PULL, clock=clock))
+    def pull(self, clock: int = 0, raw: bool = False) -> Message:
+        """theta by name at the version the consistency policy allows (may wait at a barrier). It travels
+        in this client's wire dtype; `raw`: 16-bit tensors stay `Encoded` (else they are widened to float32)."""
+        meta = {"wire": self.wire_dtype} if self.wire_dtype != "fp32" else {}
+        return self._request(Message(MsgType.PULL, clock=clock, meta=meta), raw=raw)
 
     def push(self, grads: Mapping[str, np.ndarray], version: int, clock: int, **meta) -> Message:
-        """Send gradients computed on theta `version` for `clock`; returns the ACK (meta: status, reason)."""
-        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=dict(grads), meta=meta))
+        """Send gradients computed on theta `version` for `clock`; returns the ACK (meta: status, reason).
+        float32 gradients go in this client's wire dtype; `Encoded` ones as they are."""
+        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=dict(grads), meta=meta,
+                                     wire=self.wire_dtype))
 
     def leave(self, reason: str = "done") -> None:
         """Leave the job: the server stops waiting for this worker."""
@@ -132,7 +140,7 @@ class PSClient:
             except zmq.Again:
                 pass  # queue full while the server is away: the resend will try again
 
-    def _request(self, msg: Message, reregister: bool = True) -> Message:
+    def _request(self, msg: Message, reregister: bool = True, raw: bool = False) -> Message:
         self.seq += 1
         msg.seq, msg.worker = self.seq, self.worker
         frames = encode(msg)
@@ -142,7 +150,7 @@ class PSClient:
         first_sent = sent_at = time.monotonic()
         while True:
             if self.sock.poll(int(min(timeout, 1.0) * 1000)):
-                reply = decode(self.sock.recv_multipart(copy=False))
+                reply = decode(self.sock.recv_multipart(copy=False), raw=raw)
                 self.last_heard = time.monotonic()
                 if self._drop and self._rng.random() < self._drop:
                     self.stats["dropped_by_fault"] += 1
@@ -155,7 +163,7 @@ class PSClient:
                         self.stats["reregistrations"] += 1
                         log.warning("server does not know worker %d (restarted?): registering again", self.worker)
                         self.register(*self._register_args)
-                        return self._request(msg, reregister=False)
+                        return self._request(msg, reregister=False, raw=raw)
                     raise ServerError(code, reply.meta.get("error", ""))
                 return reply
             now = time.monotonic()

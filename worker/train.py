@@ -25,6 +25,7 @@ from common.config import JobConfig, WorkerConfig, subset
 from worker.client import PSClient
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
+from worker.transfer import Transfer
 
 log = logging.getLogger("worker.train")
 
@@ -56,7 +57,9 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
-                                curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+                                curve_server=cfg.curve_server, curve_secret=cfg.curve_secret,
+                                wire_dtype=cfg.wire_dtype)
+    io = Transfer(job.model, device, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
     m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     slow_rng = straggler_rng(cfg)
@@ -79,22 +82,20 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
                 break
             t0 = time.perf_counter()
-            params = client.pull()
+            params = client.pull(raw=True)
             t1 = time.perf_counter()
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
-            job.load_params(params.tensors)
-            job.model.zero_grad(set_to_none=True)
+            io.load(params.tensors)
+            job.model.zero_grad(set_to_none=False)   # backward accumulates into the same .grad buffers
             loss_sum = 0.0
             for idx in micro:
                 x, y = job.batch(idx)
                 loss = job.loss(x, y) / cfg.accum
                 loss.backward()
                 loss_sum += loss.item()
-            grads = job.grads_numpy()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            grads = io.grads()   # (on cuda: waits for the copies to the pinned buffers)
             t2 = time.perf_counter()
             slept = 0.0
             if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:

@@ -244,13 +244,18 @@ def ps_round_trip(p: int, tensors: int, reps: int, wire: str, out: str) -> dict:
     return {"round_trip_ms": _median_ms(times), "server_handle_ms": info["status"].get("handle_ms", {})}
 
 
-def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire: str, start, result_q) -> None:
+def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire: str, ready, start,
+            result_q) -> None:
     import torch
     torch.set_num_threads(1)
     grads = make_theta(p, tensors, seed=10 + rank)
     n = 0
     with _client(address, rank, wire) as ps:
+        if rank:
+            ready.wait(timeout=300)   # rank 0 brings theta
         ps.register(init=make_theta(p, tensors) if rank == 0 else None)
+        if not rank:
+            ready.set()
         start.wait()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -267,15 +272,12 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
     idle = _proc_memory(proc.pid).get("vmrss_mb", 0.0)
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(workers + 1)
+    ready = ctx.Event()
     q = ctx.Queue()
-    procs = []
+    procs = [ctx.Process(target=_pusher, args=(address, r, p, tensors, seconds, wire, ready, start, q), daemon=True)
+             for r in range(workers)]
     try:
-        first = ctx.Process(target=_pusher, args=(address, 0, p, tensors, seconds, wire, start, q), daemon=True)
-        first.start()
-        time.sleep(0.5)   # rank 0 brings theta; the others register after it
-        procs = [first] + [ctx.Process(target=_pusher, args=(address, r, p, tensors, seconds, wire, start, q),
-                                       daemon=True) for r in range(1, workers)]
-        for pr in procs[1:]:
+        for pr in procs:
             pr.start()
         start.wait(timeout=300)
         t0 = time.perf_counter()
@@ -337,15 +339,20 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                 w["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, wire, tmp)
             r["wire"][wire] = w
         results["sizes"].append(r)
+        _write(cfg, results)
     if cfg.convergence_steps:
         results["convergence"] = {}
         for wire in cfg.wire_list:
             print(f"convergence: default GPT job, {cfg.convergence_steps} sync steps, wire {wire} ...", flush=True)
             results["convergence"][wire] = convergence(cfg.convergence_steps, wire, tmp)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    _write(cfg, results)
+    return results
+
+
+def _write(cfg: ThroughputConfig, results: dict) -> None:
     with open(os.path.join(cfg.out, "throughput.json"), "w") as f:
         json.dump(results, f, indent=1)
-    return results
 
 
 def table(results: dict) -> str:
