@@ -453,6 +453,8 @@ class Server:
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
+            "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,
+                          "allocated": self.store.allocations},
             **self.record.summary(),
         }
 

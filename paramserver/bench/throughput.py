@@ -167,10 +167,12 @@ def torch_limits(p: int, tensors: int, reps: int) -> dict:
 # -- paramserver --------------------------------------------------------------------------------
 
 def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
-    """Median ms of the server's work per push (check + apply) per optimizer, in process."""
+    """Median ms of the server's work per push (gradient check + update) per optimizer, in process;
+    "check" is the gradient check alone."""
     from paramserver.store import ParamStore
     out = {}
     grads = make_theta(p, tensors, seed=3)
+    checks = []
     for o in optimizers:
         store = ParamStore(o, lr=1e-3)
         store.init(make_theta(p, tensors))
@@ -178,10 +180,13 @@ def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             store.check_gradient(grads)
+            t1 = time.perf_counter()
             store.apply(grads)
             times.append(time.perf_counter() - t0)
+            checks.append(t1 - t0)
         out[o] = _median_ms(times[1:])
         del store
+    out["check"] = _median_ms(checks)
     return out
 
 
@@ -357,10 +362,11 @@ def _write(cfg: ThroughputConfig, results: dict) -> None:
 
 def table(results: dict) -> str:
     """The results as a markdown table (ratios against the limits measured in the same run)."""
-    rows = ["| P | wire | raw zmq RT ms | push+pull RT ms | RT vs raw | apply ms sgd / momentum / adam | "
-            "torch add_ / fused Adam ms | adam vs fused | sgd vs add_ | async pushes/s (1 / 2 / 4 workers) | "
-            "server peak RSS / theta (above idle) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    workers = " / ".join(results["config"]["workers"].split(","))
+    rows = ["| P | wire | MB per push | raw zmq RT ms | push+pull RT ms | raw / push+pull | apply ms sgd / momentum / "
+            "adam (check) | torch add_ / fused Adam ms | adam / fused Adam | add_ / sgd | async pushes/s "
+            f"({workers} workers) | server peak RSS / theta (above idle) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         ap = r["apply_ms"]
         tl = r["torch"]
@@ -371,11 +377,19 @@ def table(results: dict) -> str:
             adam = f"{ap['adam'] / tl['adam_fused_ms']:.2f}x" if "adam" in ap else "-"
             sgd = f"{tl['add_ms'] / ap['sgd']:.2f}x" if "sgd" in ap else "-"
             rows.append(
-                f"| {r['params'] / 1e6:g}M | {wire} | {r['raw_zmq_ms']} | {w['round_trip_ms']} | "
+                f"| {r['params'] / 1e6:g}M | {wire} | {w['bytes'] / 1e6:g} | {r['raw_zmq_ms']} | {w['round_trip_ms']} | "
                 f"{r['raw_zmq_ms'] / w['round_trip_ms']:.2f}x | "
-                f"{' / '.join(str(ap.get(o, '-')) for o in ('sgd', 'momentum', 'adam'))} | "
+                f"{' / '.join(str(ap.get(o, '-')) for o in ('sgd', 'momentum', 'adam'))} ({ap.get('check', '-')}) | "
                 f"{tl['add_ms']} / {tl['adam_fused_ms']} | {adam} | {sgd} | "
                 f"{caps} | {last.get('peak_rss_over_theta', '-')}x ({last.get('peak_minus_idle_over_theta', '-')}x) |")
+    for r in results["sizes"]:
+        fp32 = r["wire"].get("fp32")
+        for wire, w in r["wire"].items():
+            if wire != "fp32" and fp32:
+                caps = ", ".join(f"{k} workers {w['capacity'][k]['pushes_per_s'] / c['pushes_per_s']:.2f}x"
+                                 for k, c in fp32["capacity"].items() if k in w["capacity"] and c["pushes_per_s"])
+                rows.append(f"\n{r['params'] / 1e6:g}M, {wire} vs fp32: bytes {w['bytes'] / fp32['bytes']:.2f}x, "
+                            f"round trip {fp32['round_trip_ms'] / w['round_trip_ms']:.2f}x faster, capacity {caps}")
     conv = results.get("convergence")
     if conv:
         rows.append("")
