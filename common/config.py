@@ -79,7 +79,7 @@ class ServerConfig:
     max_gradients: int = opt(0, "end the job once this many gradients have been applied: every worker is told "
                                 "to stop (0: no limit; workers stop after their --steps)")
     track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (exact up to "
-                                       "65536 values, else estimated from 65536 sampled coordinates: <1% of an apply)")
+                                       "65536 values, else estimated from 65536 sampled coordinates, under 1 percent of an apply)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
     max_message_mb: float = opt(1024.0, "largest message accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
                                         "more is disconnected")
