@@ -303,8 +303,9 @@ class Server:
                  clock, self.store.version, len(self.policy.clocks))
         version, theta = self.store.snapshot()
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
-                       snapshot=(version, "fp32"), meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
-                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers})
+                       meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
+                             "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers},
+                       snapshot=(version, "fp32"))
 
     @property
     def finished(self) -> bool:
