@@ -26,8 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import (REQUEST_TYPES, WIRE_DTYPES, Message, MsgType, ProtocolError, decode, encode,
-                             error_reply)
+from common.protocol import (REQUEST_TYPES, WIRE_DTYPES, Encoded, Message, MsgType, ProtocolError, decode,
+                             decode_wire, encode, error_reply)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from paramserver.consistency import Consistency, Contribution
@@ -82,7 +82,8 @@ class Server:
                                   cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
-        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
+        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, sample of theta) it computes on
+        self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
         self.job: dict = {}
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
@@ -211,7 +212,7 @@ class Server:
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
-            msg = decode(body)
+            msg = decode(body, raw=True)   # 16-bit tensors stay Encoded: _widen turns them into float32
         except ProtocolError as exc:
             self.policy.counters["malformed"] += 1
             log.warning("malformed message from %r: %s", identity[:16], exc)
@@ -275,7 +276,20 @@ class Server:
 
     # -- handlers -----------------------------------------------------------------------------
 
+    def _widen(self, msg: Message, reuse: bool = False) -> None:
+        """bf16/fp16 tensors of a request -> float32 (the server computes in fp32). With `reuse` (a gradient
+        that is applied at once and not kept: ssp/async) into buffers kept for the next push."""
+        for name, t in msg.tensors.items():
+            if isinstance(t, Encoded):
+                out = None
+                if reuse:
+                    out = self._wire_in.get(name)
+                    if out is None or out.shape != t.shape:
+                        out = self._wire_in[name] = np.empty(t.shape, np.float32)
+                msg.tensors[name] = decode_wire(t, out)
+
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._widen(msg)
         if msg.tensors:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
@@ -369,6 +383,7 @@ class Server:
 
     def _on_push(self, identity: bytes, msg: Message) -> Message:
         self._known(msg)
+        self._widen(msg, reuse=self.cfg.mode != "sync")
         try:
             self.store.check_gradient(msg.tensors)
         except ValueError as exc:

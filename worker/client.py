@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import WIRE_DTYPES, Message, MsgType, decode, encode
+from common.protocol import WIRE_DTYPES, Message, MsgType, decode, encode, encode_wire
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
@@ -52,6 +52,7 @@ class PSClient:
             raise ValueError(f"unknown --wire-dtype {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
         self.server, self.worker = server, worker
         self.wire_dtype = wire_dtype   # how float32 gradients go out and theta comes back
+        self._wire_out: dict[str, np.ndarray] = {}   # 16-bit push buffers, reused
         self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
@@ -113,7 +114,16 @@ class PSClient:
     def push(self, grads: Mapping[str, np.ndarray], version: int, clock: int, **meta) -> Message:
         """Send gradients computed on theta `version` for `clock`; returns the ACK (meta: status, reason).
         float32 gradients go in this client's wire dtype; `Encoded` ones as they are."""
-        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=dict(grads), meta=meta,
+        tensors = dict(grads)
+        if self.wire_dtype != "fp32":   # narrow into buffers kept for the next push (free once it is answered)
+            for name, g in tensors.items():
+                if isinstance(g, np.ndarray) and g.dtype == np.float32:
+                    out = self._wire_out.get(name)
+                    if out is None or out.shape != g.shape:
+                        out = None
+                    tensors[name] = encode_wire(g, self.wire_dtype, out=out)
+                    self._wire_out[name] = tensors[name].bits
+        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=tensors, meta=meta,
                                      wire=self.wire_dtype))
 
     def leave(self, reason: str = "done") -> None:

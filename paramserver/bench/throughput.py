@@ -240,7 +240,7 @@ def ps_round_trip(p: int, tensors: int, reps: int, wire: str, out: str) -> dict:
             for i in range(reps + 1):
                 t0 = time.perf_counter()
                 ps.push(grads, version=params.version, clock=params.clock)
-                params = ps.pull()
+                params = ps.pull(raw=True)   # as a worker takes theta (worker/transfer.py widens it into the model)
                 if i:
                     times.append(time.perf_counter() - t0)
             ps.leave()
@@ -264,7 +264,7 @@ def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire:
         start.wait()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            params = ps.pull()
+            params = ps.pull(raw=True)
             ack = ps.push(grads, version=params.version, clock=params.clock)
             n += ack.meta.get("status") == "applied"
         ps.leave()
