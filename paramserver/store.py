@@ -132,16 +132,18 @@ class ParamStore:
             self._opt = torch.optim.SGD(self._params, lr=self.lr, momentum=self.momentum, fused=fused or None)
         else:
             self._opt = None
-        for name, p in zip(theta, self._params):
+        for name, p in zip(theta, self._params):   # restored optimizer slots (a checkpoint)
             slots = state.get(name)
             if not slots or self._opt is None:
                 continue
+
+            def slot(key):
+                return torch.from_numpy(np.array(slots[key], dtype=theta[name].dtype))
             if self.optimizer == "adam" and "exp_avg" in slots:
                 step = torch.tensor(float(self.opt_steps), dtype=torch.float32 if fused else torch.get_default_dtype())
-                self._opt.state[p] = {"step": step, "exp_avg": torch.from_numpy(np.array(slots["exp_avg"], p.numpy().dtype)),
-                                      "exp_avg_sq": torch.from_numpy(np.array(slots["exp_avg_sq"], p.numpy().dtype))}
+                self._opt.state[p] = {"step": step, "exp_avg": slot("exp_avg"), "exp_avg_sq": slot("exp_avg_sq")}
             elif self.optimizer == "momentum" and "momentum" in slots:
-                self._opt.state[p] = {"momentum_buffer": torch.from_numpy(np.array(slots["momentum"], p.numpy().dtype))}
+                self._opt.state[p] = {"momentum_buffer": slot("momentum")}
 
     @property
     def state(self) -> dict[str, dict[str, np.ndarray]]:

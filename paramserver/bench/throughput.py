@@ -326,8 +326,8 @@ def convergence(steps: int, wire: str, out: str) -> dict:
 def run_throughput(cfg: ThroughputConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ps-throughput-")
-    results = {"config": dataclasses.asdict(cfg), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                             "platform": platform.platform()}, "sizes": []}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    results = {"config": dataclasses.asdict(cfg), "machine": machine, "sizes": []}
     t_start = time.perf_counter()
     for p in cfg.size_list:
         r = {"params": p, "theta_mb": round(p * 4 / 2**20, 1)}
@@ -392,7 +392,8 @@ def table(results: dict) -> str:
                 caps = ", ".join(f"{k} workers {w['capacity'][k]['pushes_per_s'] / c['pushes_per_s']:.2f}x"
                                  for k, c in fp32["capacity"].items() if k in w["capacity"] and c["pushes_per_s"])
                 rows.append(f"\n{r['params'] / 1e6:g}M, {wire} vs fp32: bytes {w['bytes'] / fp32['bytes']:.2f}x, "
-                            f"round trip {fp32['round_trip_ms'] / w['round_trip_ms']:.2f}x faster, capacity {caps}")
+                            f"round trip {fp32['round_trip_ms'] / w['round_trip_ms']:.2f}x faster, "
+                            f"capacity {caps}")
     conv = results.get("convergence")
     if conv:
         rows.append("")
