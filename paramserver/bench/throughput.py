@@ -380,8 +380,8 @@ def table(results: dict) -> str:
             adam = f"{ap['adam'] / tl['adam_fused_ms']:.2f}x" if "adam" in ap else "-"
             sgd = f"{tl['add_ms'] / ap['sgd']:.2f}x" if "sgd" in ap else "-"
             rows.append(
-                f"| {r['params'] / 1e6:g}M | {wire} | {w['bytes'] / 1e6:g} | {r['raw_zmq_ms']} | {w['round_trip_ms']} | "
-                f"{r['raw_zmq_ms'] / w['round_trip_ms']:.2f}x | "
+                f"| {r['params'] / 1e6:g}M | {wire} | {w['bytes'] / 1e6:g} | {r['raw_zmq_ms']} | "
+                f"{w['round_trip_ms']} | {r['raw_zmq_ms'] / w['round_trip_ms']:.2f}x | "
                 f"{' / '.join(str(ap.get(o, '-')) for o in ('sgd', 'momentum', 'adam'))} ({ap.get('check', '-')}) | "
                 f"{tl['add_ms']} / {tl['adam_fused_ms']} | {adam} | {sgd} | "
                 f"{caps} | {last.get('peak_rss_over_theta', '-')}x ({last.get('peak_minus_idle_over_theta', '-')}x) |")
