@@ -79,9 +79,23 @@ class _Buffer:
         return bool(self.trackers)
 
 
+_warm = False
+
+
+def _warm_up() -> None:
+    """Build a torch optimizer once per process, at start-up: the first one imports much of torch
+    (seconds; 9 s measured on a loaded 2-core machine), which must not delay the first REGISTER."""
+    global _warm
+    if not _warm:
+        _warm = True
+        torch.optim.Adam([torch.zeros(1)], fused=True)
+        torch.optim.SGD([torch.zeros(1)], momentum=0.9, fused=True)
+
+
 class ParamStore:
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        _warm_up()
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.theta: dict[str, np.ndarray] = {}
