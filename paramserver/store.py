@@ -370,7 +370,8 @@ def _finite(g: np.ndarray) -> bool:
     if g.size == 0:
         return True
     # torch's sum runs on all threads: worth it for big tensors, not the thread wake-ups for small ones
-    total = torch.sum(_tensor(g)).item() if g.size >= 1 << 20 else np.sum(g)
+    with np.errstate(over="ignore", invalid="ignore"):   # overflow is handled below
+        total = torch.sum(_tensor(g)).item() if g.size >= 1 << 20 else np.sum(g)
     if np.isfinite(total):
         return True
     return bool(np.isfinite(g).all())
