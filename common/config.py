@@ -96,8 +96,8 @@ class ServerConfig:
     metrics: str = opt("", "path of the JSON metrics file written on shutdown; empty: none")
     max_gradients: int = opt(0, "end the job once this many gradients have been applied: every worker is told "
                                 "to stop (0: no limit; workers stop after their --steps)")
-    track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (one pass over "
-                                       "theta per push)")
+    track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (exact up to "
+                                       "65536 values, else estimated from 65536 sampled coordinates, under 1 percent of an apply)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
     max_message_mb: float = opt(0.0, "largest message frame accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
                                      "more is disconnected. 0: automatic (1024 until theta is known, then what the "
@@ -214,6 +214,9 @@ class WorkerConfig(JobConfig):
     overlap: bool = opt(False, "overlap communication with computation: a push runs in the background while the "
                                 "worker goes on (sync/ssp: same theta); async also fetches the next theta while "
                                 "computing (one more version of staleness)")
+    wire_dtype: str = opt("fp32", "how gradients go to the server and theta comes back: fp32, or bf16 / fp16 "
+                                  "(half the bytes; the server keeps fp32 theta and optimizer state; fp16 turns "
+                                  "values beyond +-65504 into Inf, which the server refuses)", ("fp32", "bf16", "fp16"))
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))

@@ -10,9 +10,14 @@ Every message is one ZeroMQ multipart message::
                      "clk" int    the sender's clock (sync step / ssp clock) or, in replies, the server's
                      "ver" int    version of theta: the one a gradient was computed on (PUSH) or the one
                                   sent (WELCOME / PARAMS)
-                     "ts"  list   one spec per tensor frame, in frame order: [name, dtype, shape]
+                     "ts"  list   one spec per tensor, in frame order: [name, dtype, shape] or
+                                  [name, "float32", shape, enc]: a float32 tensor sent as enc, "bf16" (the
+                                  upper 16 bits of each float32, rounded to nearest even) or "fp16"
+                     "ck"  int    optional: chunk size in bytes; a tensor whose bytes exceed it takes
+                                  ceil(bytes / ck) frames of ck bytes (the last one shorter)
                      "m"   map    free-form metadata (loss, timings, error code and text, ...)
-    frame 1..n     raw tensor bytes, C order, little endian, exactly prod(shape) * itemsize bytes
+    frame 1..n     raw tensor bytes, C order, little endian: prod(shape) * itemsize bytes per tensor
+                   (2 bytes per value when enc is given), in one frame or in chunks
 
 Between a worker (DEALER) and the server (ROUTER) ZeroMQ adds the routing identity on the
 server side. A client sets that routing id itself: a random session id of SESSION_BYTES bytes plus
@@ -21,7 +26,9 @@ server binds a worker id to the session that registered it (`session_of`), so an
 cannot act as that worker; a client that sets no routing id is its own session (then send
 heartbeats on the request socket). Tensors are keyed by parameter *name*, never by
 position. Tensor frames are sent without copying (``copy=False``) and decoded as read-only
-numpy views of the received frames. Nothing is ever pickled.
+numpy views of the received frames; a chunked tensor is joined into one array and a 16-bit one
+widened to float32 (or, with ``decode(..., raw=True)``, left as `Encoded` bits). No frame exceeds
+CHUNK_BYTES (libzmq takes a fresh mmap for every received frame over 32 MiB). Nothing is ever pickled.
 
 Usage::
 
@@ -32,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -76,6 +84,11 @@ def session_of(identity: bytes) -> bytes:
         return identity[:-1]
     return identity
 
+#: the largest tensor frame sent; bigger tensors go in chunks of this size
+CHUNK_BYTES = 24 << 20
+#: how float32 tensors may travel: as they are, or as 16-bit values (half the bytes)
+WIRE_DTYPES = ("fp32", "bf16", "fp16")
+
 
 class MsgType(IntEnum):
     """Closed set of message kinds. Requests go worker -> server, replies server -> worker."""
@@ -103,6 +116,64 @@ class ProtocolError(ValueError):
     """A message that cannot be decoded or does not fit the protocol. The text says what is wrong."""
 
 
+class Encoded:
+    """A float32 tensor as 16-bit wire values: `bits` is uint16 (bf16 patterns) or float16 (fp16)."""
+
+    __slots__ = ("bits", "wire")
+
+    def __init__(self, bits: np.ndarray, wire: str):
+        self.bits, self.wire = bits, wire
+
+    @property
+    def shape(self) -> tuple:
+        return self.bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def to_float32(self, out: np.ndarray | None = None) -> np.ndarray:
+        return decode_wire(self, out)
+
+
+def _torch():
+    import torch   # only for 16-bit conversions: torch does them in one vectorised, multi-threaded pass
+    return torch
+
+
+def encode_wire(arr: np.ndarray, wire: str, out: np.ndarray | None = None) -> Encoded:
+    """float32 -> 16-bit wire values (round to nearest even; NaN stays NaN, overflow becomes Inf).
+    `out`: a reusable array of the result's dtype and shape."""
+    if wire not in ("bf16", "fp16"):
+        raise ProtocolError(f"unknown wire encoding {wire!r}; use bf16 or fp16")
+    torch = _torch()
+    dtype = np.uint16 if wire == "bf16" else np.float16
+    if out is None:
+        out = np.empty(np.shape(arr), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if wire == "bf16":
+        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(src)
+    else:
+        torch.from_numpy(out).copy_(src)
+    return Encoded(out, wire)
+
+
+def decode_wire(enc: Encoded, out: np.ndarray | None = None) -> np.ndarray:
+    """16-bit wire values -> float32 (exact: every bf16 and fp16 value is a float32)."""
+    torch = _torch()
+    if out is None:
+        out = np.empty(enc.bits.shape, np.float32)
+    bits = np.ascontiguousarray(enc.bits)
+    with warnings.catch_warnings():   # read-only frames: torch only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) if enc.wire == "bf16" \
+            else torch.from_numpy(bits)
+    torch.from_numpy(out).copy_(src)
+    return out
+
+
 @dataclass
 class Message:
     type: MsgType
@@ -110,8 +181,11 @@ class Message:
     seq: int = 0
     clock: int = 0
     version: int = 0
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)   # values may be `Encoded`
     meta: dict[str, Any] = field(default_factory=dict)
+    wire: str = "fp32"    # encode: how float32 tensors travel; decode: the encoding that was received
+    #: sender's bookkeeping, never on the wire: (version, wire) of the server snapshot in `tensors`
+    snapshot: tuple | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:  # compact: never the contents
         nbytes = sum(t.nbytes for t in self.tensors.values())
@@ -121,21 +195,42 @@ class Message:
 
 
 def encode(msg: Message) -> list:
-    """Message -> list of frames (header bytes, then one buffer per tensor, not copied)."""
+    """Message -> list of frames (header bytes, then the tensors' buffers, not copied; tensors over
+    CHUNK_BYTES in several frames). float32 tensors go as `msg.wire`; `Encoded` values as they are."""
+    if msg.wire not in WIRE_DTYPES:
+        raise ProtocolError(f"unknown wire dtype {msg.wire!r}; use one of {', '.join(WIRE_DTYPES)}")
     specs, buffers = [], []
+    chunked = False
     for name, arr in msg.tensors.items():
-        arr = np.asarray(arr)
-        wire = arr.dtype.name
-        if wire not in DTYPES:
-            raise ProtocolError(f"tensor {name!r}: dtype {wire} cannot go on the wire; use one of {sorted(DTYPES)}")
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(DTYPES[wire])
+        enc = None
+        if not isinstance(arr, Encoded) and msg.wire != "fp32" and np.asarray(arr).dtype == np.float32:
+            arr = encode_wire(arr, msg.wire)
+        if isinstance(arr, Encoded):
+            enc, arr = arr.wire, np.asarray(arr.bits)
+            wire = "float32"
+        else:
+            arr = np.asarray(arr)
+            wire = arr.dtype.name
+            if wire not in DTYPES:
+                raise ProtocolError(f"tensor {name!r}: dtype {wire} cannot go on the wire; use one of {sorted(DTYPES)}")
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(DTYPES[wire])
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")   # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        specs.append([name, wire, list(arr.shape)])
-        buffers.append(memoryview(arr).cast("B") if arr.size else b"")
+        specs.append([name, wire, list(arr.shape)] + ([enc] if enc else []))
+        if not arr.size:
+            buffers.append(b"")
+            continue
+        view = memoryview(arr.reshape(-1)).cast("B")
+        if len(view) <= CHUNK_BYTES:
+            buffers.append(view)
+        else:
+            chunked = True
+            buffers.extend(view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES))
     header = {"v": PROTOCOL_VERSION, "t": int(msg.type), "w": int(msg.worker), "seq": int(msg.seq),
               "clk": int(msg.clock), "ver": int(msg.version), "ts": specs, "m": msg.meta}
+    if chunked:
+        header["ck"] = CHUNK_BYTES
     return [msgpack.packb(header, use_bin_type=True)] + buffers
 
 
@@ -150,8 +245,9 @@ def _int(header: dict, key: str) -> int:
     return value
 
 
-def decode(frames: Sequence) -> Message:
-    """Frames (bytes or zmq.Frame) -> Message; raises ProtocolError naming the problem."""
+def decode(frames: Sequence, raw: bool = False) -> Message:
+    """Frames (bytes or zmq.Frame) -> Message; raises ProtocolError naming the problem. 16-bit
+    tensors come back as float32 arrays, or with `raw` as `Encoded` bits."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     head = _buffer(frames[0])
@@ -179,17 +275,16 @@ def decode(frames: Sequence) -> Message:
         raise ProtocolError("header field 'ts' must be a list of [name, dtype, shape]")
     if not isinstance(meta, dict):
         raise ProtocolError("header field 'm' must be a map")
-    if len(frames) - 1 != len(specs):
-        raise ProtocolError(f"header announces {len(specs)} tensor frame(s) but {len(frames) - 1} followed "
-                            "(truncated or extra frames)")
-    tensors: dict[str, np.ndarray] = {}
-    for spec, frame in zip(specs, frames[1:]):
-        if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
+    chunk = header.get("ck")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ProtocolError(f"header field 'ck' must be a positive integer (chunk bytes), got {chunk!r}")
+    plan = []   # (name, dtype, shape, enc, expected bytes, frames)
+    for spec in specs:
+        if (not isinstance(spec, list) or len(spec) not in (3, 4) or not isinstance(spec[0], str)
                 or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
-            raise ProtocolError(f"bad tensor spec {spec!r}: expected [name, dtype, shape]")
-        name, dtype_name, shape = spec
-        if name in tensors:
-            raise ProtocolError(f"tensor {name!r} appears twice")
+            raise ProtocolError(f"bad tensor spec {spec!r}: expected [name, dtype, shape] or [name, dtype, shape, enc]")
+        name, dtype_name, shape = spec[:3]
+        enc = spec[3] if len(spec) == 4 else None
         if dtype_name not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype_name!r}; use one of {sorted(DTYPES)}")
         if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -199,18 +294,47 @@ def decode(frames: Sequence) -> Message:
         if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
             raise ProtocolError(f"tensor {name!r}: shape {shape!r} is absurdly large (a dimension over "
                                 f"{MAX_DIM} or over {MAX_ELEMENTS} elements)")
-        dtype = DTYPES[dtype_name]
-        buf = _buffer(frame)
+        if enc is not None and (enc not in ("bf16", "fp16") or dtype_name != "float32"):
+            raise ProtocolError(f"tensor {name!r}: encoding {enc!r} is not one of bf16, fp16 for a float32 tensor")
+        dtype = DTYPES[dtype_name] if enc is None else np.dtype("<u2" if enc == "bf16" else "<f2")
         expected = math.prod(shape) * dtype.itemsize
-        if len(buf) != expected:
-            raise ProtocolError(f"tensor {name!r}: frame has {len(buf)} bytes but {dtype_name}{shape} needs "
-                                f"{expected} (truncated frame?)")
-        try:
-            tensors[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
-        except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
-            raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
+        n_frames = 1 if chunk is None or expected <= chunk else -(-expected // chunk)
+        plan.append((name, dtype, shape, enc, expected, n_frames))
+    announced = sum(p[5] for p in plan)
+    if len(frames) - 1 != announced:
+        raise ProtocolError(f"header announces {announced} tensor frame(s) but {len(frames) - 1} followed "
+                            "(truncated or extra frames)")
+    tensors: dict = {}
+    pos = 1
+    wire_seen = "fp32"
+    for name, dtype, shape, enc, expected, n_frames in plan:
+        if name in tensors:
+            raise ProtocolError(f"tensor {name!r} appears twice")
+        parts = [_buffer(f) for f in frames[pos:pos + n_frames]]
+        pos += n_frames
+        got = sum(len(b) for b in parts)
+        if got != expected or (n_frames > 1 and any(len(b) != chunk for b in parts[:-1])):
+            what = enc or dtype.name
+            raise ProtocolError(f"tensor {name!r}: frame has {got} bytes but {what}{shape} needs {expected}"
+                                f"{f' in chunks of {chunk}' if n_frames > 1 else ''} (truncated frame?)")
+        if n_frames == 1:
+            try:
+                arr = np.frombuffer(parts[0], dtype=dtype).reshape(shape)
+            except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
+                raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
+        else:   # join the chunks (the one copy a chunked tensor costs)
+            arr = np.empty(shape, dtype)
+            flat = arr.reshape(-1).view(np.uint8)
+            at = 0
+            for b in parts:
+                flat[at:at + len(b)] = np.frombuffer(b, np.uint8)
+                at += len(b)
+        if enc is not None:
+            wire_seen = enc
+            arr = Encoded(arr, enc) if raw else decode_wire(Encoded(arr, enc))
+        tensors[name] = arr
     return Message(mtype, worker=_int(header, "w"), seq=_int(header, "seq"), clock=_int(header, "clk"),
-                   version=_int(header, "ver"), tensors=tensors, meta=meta)
+                   version=_int(header, "ver"), tensors=tensors, meta=meta, wire=wire_seen)
 
 
 def error_reply(request: Message | None, code: str, text: str) -> Message:

@@ -26,8 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import (MAX_HEADER_BYTES, REQUEST_TYPES, Message, MsgType, ProtocolError, decode, encode,
-                             error_reply, session_of)
+from common.protocol import (MAX_HEADER_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded, Message, MsgType, ProtocolError,
+                             decode, decode_wire, encode, error_reply, session_of)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.shards import ShardPlan, check_identity
@@ -84,6 +84,16 @@ def _user_id(frame) -> str:
         return ""
 
 
+def _send_tracked(sock: zmq.Socket, frames: list) -> zmq.MessageTracker:
+    """Send a multipart message zero-copy; the tracker is done when ZeroMQ has released every frame
+    (send_multipart(track=True) would track only the last one)."""
+    parts = [zmq.Frame(f, track=True) for f in frames]
+    for part in parts[:-1]:
+        sock.send(part, zmq.SNDMORE, copy=False)
+    sock.send(parts[-1], copy=False)
+    return zmq.MessageTracker(*parts)
+
+
 class RequestError(ValueError):
     """A request that decodes but cannot be served; `code` goes into the ERROR reply."""
 
@@ -119,7 +129,8 @@ class Server:
                                   follower=cfg.shard_index > 0)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
-        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, theta) it computes on
+        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, sample of theta) it computes on
+        self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
@@ -282,13 +293,15 @@ class Server:
         if self.transport is not None and not isinstance(msg, list):
             msg = self.transport.outbound(identity, msg)
         frames = msg if isinstance(msg, list) else encode(msg)
+        snapshot = None if isinstance(msg, list) else msg.snapshot
         try:
-            if track:   # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent).
-                # One tracker per frame: pyzmq's send_multipart(track=True) tracks only the last frame, and a
-                # small last frame is copied and reported done at once.
-                parts = [zmq.Frame(f, track=True) for f in frames]
-                self.sock.send_multipart([identity] + parts, copy=False)
-                return zmq.MessageTracker(*parts)
+            if snapshot is not None or track:
+                # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent); theta itself
+                # goes out zero-copy and the store recycles it once ZeroMQ is done with it
+                tracker = _send_tracked(self.sock, [identity] + frames)
+                if snapshot is not None:
+                    self.store.track(snapshot[0], tracker, snapshot[1])
+                return tracker
             self.sock.send_multipart([identity] + frames, copy=False)
         except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
             log.warning("reply to %r not sent: %s", identity, exc)
@@ -315,7 +328,7 @@ class Server:
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
-            msg = decode(body)
+            msg = decode(body, raw=True)   # 16-bit tensors stay Encoded: _widen turns them into float32
         except ProtocolError as exc:
             self.policy.counters["malformed"] += 1
             log.warning("malformed message from %r: %s", identity[:16], exc)
@@ -432,7 +445,20 @@ class Server:
         if why:
             raise RequestError("shard_mismatch", why)
 
+    def _widen(self, msg: Message, reuse: bool = False) -> None:
+        """bf16/fp16 tensors of a request -> float32 (the server computes in fp32). With `reuse` (a gradient
+        that is applied at once and not kept: ssp/async) into buffers kept for the next push."""
+        for name, t in msg.tensors.items():
+            if isinstance(t, Encoded):
+                out = None
+                if reuse:
+                    out = self._wire_in.get(name)
+                    if out is None or out.shape != t.shape:
+                        out = self._wire_in[name] = np.empty(t.shape, np.float32)
+                msg.tensors[name] = decode_wire(t, out)
+
     def _on_register(self, identity: bytes, msg: Message) -> Message:
+        self._widen(msg)
         self._check_shard(msg)
         self._check_job(msg.meta.get("job") or {})
         worker = self._worker_id_for(msg)
@@ -474,7 +500,8 @@ class Server:
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers,
-                             "shard": self.shard, "backup_workers": self.cfg.backup_workers})
+                             "shard": self.shard, "backup_workers": self.cfg.backup_workers},
+                       snapshot=(version, "fp32"))
 
     def _worker_id_for(self, msg: Message) -> int:
         """The worker id a REGISTER gets, or RequestError: identity binding and the --max-workers cap."""
@@ -530,6 +557,9 @@ class Server:
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         state = self._known(msg)
         self.policy.follow_clock(msg.worker, msg.clock)   # a shard following shard 0 (backup workers) only
+        if msg.meta.get("wire", "fp32") not in WIRE_DTYPES:
+            raise RequestError("bad_wire", f"unknown wire dtype {msg.meta.get('wire')!r} in PULL; choose one of "
+                                           f"{', '.join(WIRE_DTYPES)} (--wire-dtype)")
         if self.finished:
             return self._stop_reply(msg)
         # at most one PARAMS per worker in ZeroMQ's queue: a client that never reads pins one snapshot, not many
@@ -562,11 +592,15 @@ class Server:
     def _params_reply(self, msg: Message, waited: float) -> Message:
         clock = self.policy.grant_clock(msg.worker)
         self.record.record_grant(msg.worker, clock, self.policy.min_clock(), waited)
-        version, theta = self.store.snapshot()
+        wire = msg.meta.get("wire", "fp32")
+        if wire not in WIRE_DTYPES:
+            wire = "fp32"   # (checked in _on_pull; a held pull was checked when it arrived)
+        version, theta = self.store.snapshot(wire)
         if self.cfg.track_divergence:
-            self.held[msg.worker] = (version, theta)
+            self.held[msg.worker] = self.store.sample()
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
-                       tensors=theta, meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
+                       tensors=theta, snapshot=(version, wire),
+                       meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
 
     def _deferred_since(self) -> float | None:
         """When the oldest pull that is ready but held for an in-flight PARAMS arrived (None: there is none)."""
@@ -601,6 +635,7 @@ class Server:
             result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
+        self._widen(msg, reuse=self.cfg.mode != "sync")
         try:
             self.store.check_gradient(msg.tensors)
         except ValueError as exc:
@@ -621,17 +656,15 @@ class Server:
                              **({"members": result.members} if result.members is not None else {})})
 
     def _divergence(self, worker: int, base_version: int) -> float | None:
-        """L2 distance between the theta this gradient was computed on and the server's theta now."""
+        """L2 distance between the theta this gradient was computed on and the server's theta now: exact
+        for models up to DIVERGENCE_SAMPLE values, else estimated from that many sampled coordinates
+        (store.sample at pull time), so it costs well under 1% of an apply."""
         held = self.held.get(worker)
         if held is None or held[0] != base_version:
             return None
         if base_version == self.store.version:
             return 0.0
-        total = 0.0
-        for name, theta in self.store.theta.items():
-            d = theta - held[1][name]
-            total += float(np.dot(d.ravel(), d.ravel()))
-        return total ** 0.5
+        return self.store.distance(held[1])
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)
@@ -728,6 +761,8 @@ class Server:
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             "resumed_from": self.resumed_from, "shard": self.shard,
+            "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,
+                          "allocated": self.store.allocations},
             **self.record.summary(),
         }
 

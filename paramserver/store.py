@@ -2,21 +2,40 @@
 
 theta lives here as float numpy arrays keyed by parameter name. `apply(g)` is the only place
 theta changes: one optimizer step with an (already aggregated) gradient, then version += 1.
-Pulls are answered from `snapshot()`, an immutable copy per version, so a zero-copy send never
-reads a buffer that the next update changes in place.
+The step runs in torch on tensors that share memory with those arrays: `torch.optim`'s fused
+(single pass) Adam and momentum SGD and `_foreach_add_` for plain SGD, so the results are
+`torch.optim`'s own; the optimizer state is allocated once, at the first step.
+
+Pulls are answered from `snapshot()`, (version, read-only views of theta). Nothing is copied per
+version: the server hands the tracker of every send of a snapshot to `track()`, and an update
+that finds theta still being sent (or handed out untracked) first moves theta to a recycled
+buffer (copy on write), leaving the old one frozen until ZeroMQ has let go of it. So a pull
+never sees theta change under it, and memory stays theta + optimizer state + the snapshots in
+flight. `snapshot("bf16")` / `snapshot("fp16")` give 16-bit wire copies, one per version, pooled
+the same way.
 
 Usage::
 
     store = ParamStore(optimizer="sgd", lr=0.1); store.init({"w": np.zeros(3, np.float32)})
     store.apply({"w": np.ones(3, np.float32)})      # theta := theta - lr * g ; version 1
-    version, theta = store.snapshot()
+    version, theta = store.snapshot(); tracker = sock.send_multipart(..., track=True); store.track(version, tracker)
 """
 from __future__ import annotations
 
+import math
+import warnings
 import zlib
 from typing import Mapping
 
 import numpy as np
+import torch
+
+from common.protocol import WIRE_DTYPES, Encoded, encode_wire
+
+#: divergence is estimated from at most this many coordinates of theta (exact below it)
+DIVERGENCE_SAMPLE = 65536
+#: free snapshot buffers kept for reuse (more are released to the allocator)
+POOL_KEEP = 2
 
 
 def theta_crc32(theta: dict[str, np.ndarray]) -> str:
@@ -28,17 +47,73 @@ def theta_crc32(theta: dict[str, np.ndarray]) -> str:
     return f"{crc:08x}"
 
 
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a numpy array (read-only arrays too: torch only reads them here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _readonly(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for n, a in arrays.items():
+        v = a.view()
+        v.flags.writeable = False
+        out[n] = v
+    return out
+
+
+class _Buffer:
+    """One set of theta-shaped arrays and the sends that still read it."""
+
+    __slots__ = ("arrays", "version", "trackers", "leases")
+
+    def __init__(self, arrays: dict, version: int = -1):
+        self.arrays, self.version, self.trackers, self.leases = arrays, version, [], 0
+
+    def busy(self) -> bool:
+        """Somebody may still read it: an untracked hand-out, or a send ZeroMQ has not finished."""
+        if self.leases:
+            return True
+        self.trackers = [t for t in self.trackers if not t.done]
+        return bool(self.trackers)
+
+
+_warm = False
+
+
+def _warm_up() -> None:
+    """Build a torch optimizer once per process, at start-up: the first one imports much of torch
+    (seconds; 9 s measured on a loaded 2-core machine), which must not delay the first REGISTER."""
+    global _warm
+    if not _warm:
+        _warm = True
+        torch.optim.Adam([torch.zeros(1)], fused=True)
+        torch.optim.SGD([torch.zeros(1)], momentum=0.9, fused=True)
+
+
 class ParamStore:
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        _warm_up()
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.theta: dict[str, np.ndarray] = {}
-        self.state: dict[str, dict[str, np.ndarray]] = {}  # optimizer slots per parameter
         self.version = 0        # number of updates applied
         self.opt_steps = 0      # Adam's t (equals version unless restored from another optimizer)
-        self._snapshot: tuple[int, dict[str, np.ndarray]] | None = None
         self._checksum: str | None = None   # theta_crc32 of the current theta, computed on demand
+        self._live: _Buffer | None = None   # the buffer theta lives in
+        self._frozen: list[_Buffer] = []    # former theta buffers still being sent
+        self._free: list[dict] = []         # theta-shaped buffers ready for reuse
+        self._wire: dict[str, _Buffer] = {}            # wire dtype -> 16-bit snapshot of the current version
+        self._wire_frozen: list[tuple[str, _Buffer]] = []
+        self._wire_free: dict[str, list[dict]] = {}
+        self._params: list[torch.Tensor] = []   # torch views of theta, in self.theta's order
+        self._opt: torch.optim.Optimizer | None = None
+        self._scratch: list[torch.Tensor] | None = None   # scale * g, allocated once when needed
+        self._sample: tuple[int, dict[str, np.ndarray]] | None = None
+        self.copies = 0         # copy-on-write moves of theta (a send was still reading it)
+        self.allocations = 0    # snapshot buffers allocated (not recycled)
 
     @property
     def initialized(self) -> bool:
@@ -53,8 +128,50 @@ class ParamStore:
             raise ValueError(f"parameters must be floating point; not: {', '.join(bad)}")
         if not tensors:
             raise ValueError("a model with no parameters cannot be trained")
-        self.theta = {n: np.array(t, copy=True) for n, t in tensors.items()}
-        self._snapshot = self._checksum = None
+        self._adopt({n: np.array(t, copy=True) for n, t in tensors.items()}, {})
+
+    def _adopt(self, theta: dict[str, np.ndarray], state: Mapping) -> None:
+        """Make `theta` (owned arrays) the live buffer and build the optimizer over it."""
+        self.theta = theta
+        self._live = _Buffer(theta, self.version)
+        self._frozen, self._free, self._wire, self._wire_frozen, self._wire_free = [], [], {}, [], {}
+        self._params = [_tensor(a) for a in theta.values()]
+        self._scratch = None
+        self._sample = self._checksum = None
+        fused = all(p.dtype in (torch.float32, torch.float64) for p in self._params)
+        if self.optimizer == "adam":
+            self._opt = torch.optim.Adam(self._params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
+                                         fused=fused or None)
+        elif self.optimizer == "momentum":
+            self._opt = torch.optim.SGD(self._params, lr=self.lr, momentum=self.momentum, fused=fused or None)
+        else:
+            self._opt = None
+        for name, p in zip(theta, self._params):   # restored optimizer slots (a checkpoint)
+            slots = state.get(name)
+            if not slots or self._opt is None:
+                continue
+
+            def slot(key):
+                return torch.from_numpy(np.array(slots[key], dtype=theta[name].dtype))
+            if self.optimizer == "adam" and "exp_avg" in slots:
+                step = torch.tensor(float(self.opt_steps), dtype=torch.float32 if fused else torch.get_default_dtype())
+                self._opt.state[p] = {"step": step, "exp_avg": slot("exp_avg"), "exp_avg_sq": slot("exp_avg_sq")}
+            elif self.optimizer == "momentum" and "momentum" in slots:
+                self._opt.state[p] = {"momentum_buffer": slot("momentum")}
+
+    @property
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Optimizer slots per parameter as numpy arrays (views of the optimizer's own tensors)."""
+        if self._opt is None:
+            return {}
+        out = {}
+        for name, p in zip(self.theta, self._params):
+            s = self._opt.state.get(p, {})
+            if "exp_avg" in s:
+                out[name] = {"exp_avg": s["exp_avg"].numpy(), "exp_avg_sq": s["exp_avg_sq"].numpy()}
+            elif s.get("momentum_buffer") is not None:
+                out[name] = {"momentum": s["momentum_buffer"].numpy()}
+        return out
 
     def layout(self) -> dict[str, list]:
         """{name: [dtype, shape]}: what every push must match."""
@@ -75,49 +192,160 @@ class ParamStore:
                 raise ValueError(f"wrong shape for {name!r}: got {list(g.shape)}, expected {list(t.shape)}")
             if g.dtype != t.dtype:
                 raise ValueError(f"wrong dtype for {name!r}: got {g.dtype.name}, expected {t.dtype.name}")
-            if not np.isfinite(g).all():
+            if not _finite(g):
                 raise ValueError(f"non-finite gradient (NaN or Inf) in {name!r}; rejected, theta unchanged")
 
     def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0) -> int:
         """One optimizer step with gradient `scale * grads` (already checked) and learning rate
         `lr_scale * lr`. Returns the new version."""
+        self._writable()
         self.opt_steps += 1
         lr = self.lr * lr_scale
-        for name, theta in self.theta.items():
-            g = grads[name]
+        g = [_tensor(np.asarray(grads[n])) for n in self.theta]
+        if self.optimizer == "sgd":
+            # theta -= (lr * scale) * g: one pass, no temporary
+            torch._foreach_add_(self._params, g, alpha=-lr * scale)
+        else:
             if scale != 1.0:
-                g = g * np.asarray(scale, dtype=theta.dtype)
-            if self.optimizer == "sgd":
-                theta -= np.asarray(lr, theta.dtype) * g
-            elif self.optimizer == "momentum":
-                buf = self.state.setdefault(name, {}).get("momentum")
-                if buf is None:
-                    buf = self.state[name]["momentum"] = np.array(g, dtype=theta.dtype, copy=True)
-                else:
-                    buf *= self.momentum
-                    buf += g
-                theta -= np.asarray(lr, theta.dtype) * buf
-            else:  # adam
-                slots = self.state.setdefault(name, {})
-                m = slots.setdefault("exp_avg", np.zeros_like(theta))
-                v = slots.setdefault("exp_avg_sq", np.zeros_like(theta))
-                m *= self.beta1
-                m += (1 - self.beta1) * g
-                v *= self.beta2
-                v += (1 - self.beta2) * np.square(g)
-                bc1 = 1 - self.beta1 ** self.opt_steps
-                bc2 = 1 - self.beta2 ** self.opt_steps
-                denom = np.sqrt(v / bc2) + self.eps
-                theta -= (lr / bc1) * m / denom
+                if self._scratch is None:
+                    self._scratch = [torch.empty_like(p) for p in self._params]
+                for s, x in zip(self._scratch, g):
+                    torch.mul(x, scale, out=s)
+                g = self._scratch
+            for p, x in zip(self._params, g):
+                p.grad = x
+            for group in self._opt.param_groups:
+                group["lr"] = lr
+            self._opt.step()
+            for p in self._params:
+                p.grad = None
         self.version += 1
-        self._snapshot = self._checksum = None
+        self._live.version = self.version
+        self._checksum = None
         return self.version
 
-    def snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
-        """(version, theta copy). The copy is made once per version and never mutated."""
-        if self._snapshot is None or self._snapshot[0] != self.version:
-            self._snapshot = (self.version, {n: t.copy() for n, t in self.theta.items()})
-        return self._snapshot
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def snapshot(self, wire: str = "fp32") -> tuple[int, dict]:
+        """(version, theta) for a reply: read-only views that never change. Pass the send's
+        MessageTracker to `track(version, tracker, wire)`; an untracked snapshot is never recycled.
+        With wire "bf16" / "fp16" the values are `Encoded` 16-bit copies, made once per version."""
+        if wire == "fp32":
+            self._live.leases += 1
+            return self.version, _readonly(self.theta)
+        if wire not in WIRE_DTYPES:
+            raise ValueError(f"unknown wire dtype {wire!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        buf = self._wire.get(wire)
+        if buf is None or buf.version != self.version:
+            if buf is not None:
+                self._wire_frozen.append((wire, buf))
+            self._recycle()
+            free = self._wire_free.setdefault(wire, [])
+            reuse = free.pop() if free else None
+            if reuse is None:
+                self.allocations += 1
+            arrays = {n: self._narrow(t, wire, reuse[n] if reuse else None) for n, t in self.theta.items()}
+            buf = self._wire[wire] = _Buffer(arrays, self.version)
+        buf.leases += 1
+        return self.version, {n: Encoded(_readonly({n: e.bits})[n], e.wire) if isinstance(e, Encoded)
+                              else _readonly({n: e})[n] for n, e in buf.arrays.items()}
+
+    @staticmethod
+    def _narrow(t: np.ndarray, wire: str, out: np.ndarray | None):
+        """theta tensor -> its wire copy: float32 narrowed to 16 bits, other dtypes copied as they are."""
+        if t.dtype == np.float32:
+            return encode_wire(t, wire, out=out)
+        if out is None:
+            return t.copy()
+        np.copyto(out, t)
+        return out
+
+    def track(self, version: int, tracker, wire: str = "fp32") -> None:
+        """The snapshot of `version` handed out by `snapshot()` is being sent; `tracker.done` says
+        when ZeroMQ no longer reads it (pyzmq's MessageTracker). Unknown versions are ignored."""
+        buf = self._buffer(version, wire)
+        if buf is not None and buf.leases:
+            buf.leases -= 1
+            buf.trackers.append(tracker)
+
+    def _buffer(self, version: int, wire: str) -> _Buffer | None:
+        if wire == "fp32":
+            for b in [self._live] + self._frozen:
+                if b.version == version:
+                    return b
+            return None
+        cur = self._wire.get(wire)
+        if cur is not None and cur.version == version:
+            return cur
+        return next((b for w, b in self._wire_frozen if w == wire and b.version == version), None)
+
+    def _writable(self) -> None:
+        """Before theta changes: if anyone may still read the live buffer, move theta (copy on write)."""
+        self._recycle()
+        if not self._live.busy():
+            return
+        arrays = self._free.pop() if self._free else None
+        if arrays is None:
+            self.allocations += 1
+            arrays = {n: np.empty_like(t) for n, t in self.theta.items()}
+        for n, t in self.theta.items():
+            np.copyto(arrays[n], t)
+        if self._live.leases == 0:      # tracked: it comes back to the pool when its sends are done
+            self._frozen.append(self._live)
+        self._live = _Buffer(arrays, self.version)
+        self.theta = arrays
+        for p, a in zip(self._params, arrays.values()):
+            p.set_(torch.from_numpy(a))
+        self.copies += 1
+
+    def _recycle(self) -> None:
+        still = []
+        for b in self._frozen:
+            if b.busy():
+                still.append(b)
+            elif len(self._free) < POOL_KEEP:
+                self._free.append(b.arrays)
+        self._frozen = still
+        wstill = []
+        for w, b in self._wire_frozen:
+            if b.leases:    # handed out untracked: never reused
+                continue
+            if b.busy():
+                wstill.append((w, b))
+            elif len(self._wire_free.setdefault(w, [])) < POOL_KEEP:
+                self._wire_free[w].append({n: e.bits if isinstance(e, Encoded) else e for n, e in b.arrays.items()})
+        self._wire_frozen = wstill
+
+    def in_flight(self) -> int:
+        """Snapshot buffers (theta-sized, fp32 or 16-bit) that sends still read, the live one included."""
+        self._recycle()
+        return (self._live.busy() if self._live else 0) + len(self._frozen) + len(self._wire_frozen)
+
+    # -- divergence ----------------------------------------------------------------------------
+
+    def sample(self) -> tuple[int, dict[str, np.ndarray]]:
+        """(version, a fixed strided sample of theta's coordinates): at most DIVERGENCE_SAMPLE values in
+        all (all of theta when it is smaller), copied once per version."""
+        if self._sample is None or self._sample[0] != self.version:
+            total = sum(t.size for t in self.theta.values())
+            stride = max(1, math.ceil(total / DIVERGENCE_SAMPLE))
+            self._sample = (self.version, {n: t.reshape(-1)[::stride].copy() for n, t in self.theta.items()})
+        return self._sample
+
+    def distance(self, sample: Mapping[str, np.ndarray]) -> float:
+        """||theta - theta_then||, theta_then given by its `sample()`: exact when the sample is all of theta,
+        else estimated from the sampled coordinates (scaled by sqrt(total / sampled))."""
+        total = sum(t.size for t in self.theta.values())
+        stride = max(1, math.ceil(total / DIVERGENCE_SAMPLE))
+        sq, n = 0.0, 0
+        for name, then in sample.items():
+            now = self.theta[name].reshape(-1)[::stride]
+            d = now.astype(np.float64) - then
+            sq += float(np.dot(d, d))
+            n += d.size
+        return math.sqrt(sq * total / n) if n else 0.0
+
+    # -- checksum and checkpoints --------------------------------------------------------------
 
     def checksum(self) -> str:
         """theta_crc32(theta), computed once per change of theta."""
@@ -131,9 +359,19 @@ class ParamStore:
                 "version": self.version, "opt_steps": self.opt_steps}
 
     def load_state_dict(self, sd: Mapping) -> None:
-        self.theta = {n: np.array(t, copy=True) for n, t in sd["theta"].items()}
-        self.state = {n: {k: np.array(v, copy=True) for k, v in s.items()}
-                      for n, s in sd.get("optimizer_state", {}).items()}
         self.version = int(sd["version"])
         self.opt_steps = int(sd.get("opt_steps", self.version))
-        self._snapshot = self._checksum = None
+        self._adopt({n: np.array(t, copy=True) for n, t in sd["theta"].items()}, sd.get("optimizer_state", {}))
+
+
+def _finite(g: np.ndarray) -> bool:
+    """All values finite? One read-only pass without a temporary: a sum is finite when every term is
+    (NaN and Inf propagate); only when the sum is not (also on overflow) are the values checked one by one."""
+    if g.size == 0:
+        return True
+    # torch's sum runs on all threads: worth it for big tensors, not the thread wake-ups for small ones
+    with np.errstate(over="ignore", invalid="ignore"):   # overflow is handled below
+        total = torch.sum(_tensor(g)).item() if g.size >= 1 << 20 else np.sum(g)
+    if np.isfinite(total):
+        return True
+    return bool(np.isfinite(g).all())

@@ -154,3 +154,156 @@ def test_welcome_carries_layout_theta_and_version(live):
     assert welcome.meta["layout"] == {"w": ["float32", [2, 3]], "b": ["float32", [2]]}
     np.testing.assert_array_equal(welcome.tensors["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert welcome.version == 0
+
+
+# -- chunked frames and 16-bit wire dtypes ---------------------------------------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    import common.protocol as protocol
+    monkeypatch.setattr(protocol, "CHUNK_BYTES", 40)
+    return 40
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES + [(41,), (3, 7, 5)])
+def test_chunked_round_trip(small_chunks, dtype, shape):
+    rng = np.random.default_rng(1)
+    arr = (rng.standard_normal(shape) * 10).astype(dtype)
+    small = np.arange(3, dtype=np.int8)
+    frames = encode(Message(MsgType.PARAMS, tensors={"big": arr, "small": small}))
+    nbytes = arr.nbytes
+    assert len(frames) == 1 + max(1, -(-nbytes // small_chunks)) + 1
+    assert all(len(memoryview(f)) <= small_chunks for f in frames[1:])
+    back = decode([bytes(memoryview(f)) for f in frames])
+    assert back.tensors["big"].dtype == np.dtype(dtype) and back.tensors["big"].shape == shape
+    np.testing.assert_array_equal(back.tensors["big"], arr)
+    np.testing.assert_array_equal(back.tensors["small"], small)
+
+
+def test_chunked_frames_are_checked(small_chunks):
+    frames = [bytes(memoryview(f)) for f in encode(Message(MsgType.PUSH, tensors={"x": np.zeros(25, np.float32)}))]
+    assert len(frames) == 4                                      # 100 bytes in chunks of 40
+    with pytest.raises(ProtocolError, match="announces 3 tensor frame"):
+        decode(frames[:-1])
+    with pytest.raises(ProtocolError, match="in chunks of 40"):
+        decode(frames[:1] + [frames[1][:-4], frames[2] + frames[2][:4], frames[3]])
+    header = msgpack.unpackb(frames[0])
+    header["ck"] = 0
+    with pytest.raises(ProtocolError, match="'ck' must be a positive integer"):
+        decode([msgpack.packb(header)] + frames[1:])
+
+
+def test_real_chunk_size_keeps_frames_under_25mb():
+    from common.protocol import CHUNK_BYTES
+    arr = np.zeros(60 << 20 >> 2, np.float32)                   # 60 MiB in one tensor
+    frames = encode(Message(MsgType.PARAMS, tensors={"x": arr}))
+    assert len(frames) == 4 and max(len(memoryview(f)) for f in frames[1:]) == CHUNK_BYTES <= 25 << 20   # ~25 MB
+    back = decode(frames)
+    assert back.tensors["x"].shape == arr.shape
+
+
+@pytest.mark.parametrize("wire, rel, top", [("bf16", 2 ** -8, 3e38), ("fp16", 2 ** -11, 6e4)])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_wire_dtype_round_trip_error_bound(monkeypatch, wire, rel, top, chunked):
+    import common.protocol as protocol
+    if chunked:
+        monkeypatch.setattr(protocol, "CHUNK_BYTES", 64)
+    rng = np.random.default_rng(2)
+    smallest = 1e-30 if wire == "bf16" else 6.2e-5              # the normal range of each format
+    mag = np.exp(rng.uniform(np.log(smallest), np.log(top), 5000))
+    x = (mag * rng.choice([-1, 1], 5000)).astype(np.float32).reshape(50, 100)
+    ids = np.arange(4, dtype=np.int64)
+    frames = encode(Message(MsgType.PUSH, tensors={"x": x, "ids": ids}, wire=wire))
+    assert sum(len(memoryview(f)) for f in frames[1:]) == x.size * 2 + ids.nbytes   # half the bytes
+    back = decode(frames)
+    assert back.wire == wire and back.tensors["x"].dtype == np.float32 and back.tensors["ids"].dtype == np.int64
+    np.testing.assert_allclose(back.tensors["x"], x, rtol=rel, atol=0)
+    raw = decode(frames, raw=True).tensors["x"]
+    assert raw.bits.dtype == (np.uint16 if wire == "bf16" else np.float16) and raw.bits.shape == x.shape
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0], np.float32)
+    out = decode(encode(Message(MsgType.PUSH, tensors={"s": special}, wire=wire))).tensors["s"]
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == -np.inf and list(out[3:]) == [0, 0, 1]
+    if wire == "fp16":   # beyond fp16's range a value becomes Inf (and the server refuses it)
+        over = decode(encode(Message(MsgType.PUSH, tensors={"s": np.array([7e4], np.float32)}, wire=wire)))
+        assert over.tensors["s"][0] == np.inf
+
+
+def test_bf16_is_round_to_nearest_even():
+    from common.protocol import encode_wire
+    # 1 + 2^-8 is halfway between two bf16 values: rounds to the even one (1.0); a hair more rounds up
+    x = np.array([1 + 2 ** -8, 1 + 2 ** -8 + 2 ** -20, 1 + 3 * 2 ** -8], np.float32)
+    bits = encode_wire(x, "bf16").bits
+    assert list(bits) == [0x3F80, 0x3F81, 0x3F82]
+
+
+def test_bad_wire_is_named():
+    with pytest.raises(ProtocolError, match="unknown wire dtype 'fp8'"):
+        encode(Message(MsgType.PUSH, tensors={"x": np.zeros(2, np.float32)}, wire="fp8"))
+    header = _header(ts=[["x", "float32", [2], "fp8"]])
+    with pytest.raises(ProtocolError, match="encoding 'fp8'"):
+        decode([header, b"\0" * 4])
+    with pytest.raises(ValueError, match="--wire-dtype"):
+        PSClient("tcp://127.0.0.1:1", wire_dtype="int8")
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_server_decodes_16_bit_pushes_and_keeps_fp32_theta(start_server, wire):
+    from common.protocol import decode_wire, encode_wire
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=1.0, aggregate="sum")
+    theta0 = np.linspace(-1, 1, 300, dtype=np.float32)
+    g = np.linspace(0.001, 3, 300, dtype=np.float32)
+    with PSClient(srv.address, worker=0, server_timeout=10, wire_dtype=wire) as ps:
+        ps.register(init={"w": theta0})
+        p = ps.pull()
+        np.testing.assert_array_equal(p.tensors["w"], decode_wire(encode_wire(theta0, wire)))
+        ps.push({"w": g}, version=p.version, clock=p.clock)
+        expected = theta0 - decode_wire(encode_wire(g, wire))   # exactly what was sent, applied in fp32
+        theta = srv.server.store.theta["w"]
+        assert theta.dtype == np.float32
+        np.testing.assert_array_equal(theta, expected)
+        raw = ps.pull(raw=True)
+        assert raw.version == 1 and raw.tensors["w"].wire == wire
+        np.testing.assert_array_equal(raw.tensors["w"].to_float32(), decode_wire(encode_wire(expected, wire)))
+        with pytest.raises(ServerError, match="non-finite"):   # NaN survives the 16-bit trip and is refused
+            ps.push({"w": np.full(300, np.nan, np.float32)}, version=1, clock=1)
+        np.testing.assert_array_equal(srv.server.store.theta["w"], expected)
+
+
+def test_unknown_wire_in_pull_is_refused(live):
+    srv, ps = live
+    ps.wire_dtype = "fp8"    # as if an other client asked for it
+    with pytest.raises(ServerError, match="bad_wire"):
+        ps.pull()
+
+
+# -- a slow reader never sees theta change ---------------------------------------------------------
+
+def test_slow_reader_never_sees_a_torn_theta(start_server):
+    """Over inproc the reader's frames are the server's own buffer (zero-copy all the way), held for as
+    long as the reader keeps the reply: the updates meanwhile must land elsewhere."""
+    import gc
+    srv = start_server(bind="inproc://ps-slow-reader", num_workers=2, mode="async", optimizer="sgd", lr=1.0,
+                       aggregate="sum")
+    n = 100_000
+    g = {"w": np.ones(n, np.float32), "b": np.ones(3, np.float32)}
+    with PSClient(srv.address, worker=0, server_timeout=10) as reader, \
+            PSClient(srv.address, worker=1, server_timeout=10) as pusher:
+        reader.register(init={"w": np.zeros(n, np.float32), "b": np.zeros(3, np.float32)})
+        pusher.register()
+        held = [reader.pull()]
+        assert np.shares_memory(held[0].tensors["w"], srv.server.store.theta["w"])   # really zero-copy
+        for k in range(12):
+            p = pusher.pull()
+            pusher.push(g, version=p.version, clock=p.clock)
+            if k % 4 == 3:
+                held.append(reader.pull())     # more readers of later versions, all held
+        for h in held:
+            for t in h.tensors.values():
+                assert (t == -float(h.version)).all(), f"theta of version {h.version} changed under its reader"
+        store = srv.server.store
+        assert store.copies >= len(held)
+        del held, h, t, p
+        gc.collect()
+        assert pusher.pull().version == 12
+        assert store.in_flight() <= 2

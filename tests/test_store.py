@@ -76,3 +76,184 @@ def test_checksum_follows_every_change_of_theta():
     assert at_init != empty and at_init == theta_crc32(store.theta)
     store.apply({"w": np.ones(2, np.float32)})
     assert store.checksum() != at_init and store.checksum() == theta_crc32(store.theta)
+
+
+# -- the torch apply -------------------------------------------------------------------------------
+
+SHAPES = {"w": (7, 5), "b": (5,), "s": (), "e": (0, 3)}
+
+
+def _grads(rng):
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_many_steps_with_scales_equal_torch_optim(optimizer):
+    """300 steps with a changing gradient scale (sync mean) and learning-rate scale (async lr/N) stay
+    within 1e-6 of torch.optim fed scale * g at lr * lr_scale."""
+    rng = np.random.default_rng(7)
+    theta0 = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    store = ParamStore(optimizer=optimizer, lr=0.01, momentum=0.8, beta1=0.85, beta2=0.99, eps=1e-7)
+    store.init(theta0)
+    params = [torch.nn.Parameter(torch.from_numpy(theta0[n].copy())) for n in SHAPES]
+    opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.01),
+           "momentum": lambda: torch.optim.SGD(params, lr=0.01, momentum=0.8),
+           "adam": lambda: torch.optim.Adam(params, lr=0.01, betas=(0.85, 0.99), eps=1e-7)}[optimizer]()
+    for step in range(300):
+        g = _grads(rng)
+        scale, lr_scale = [1.0, 0.5, 0.25, 1 / 3][step % 4], [1.0, 0.5][step % 2]
+        store.apply(g, scale=scale, lr_scale=lr_scale)
+        for p, n in zip(params, SHAPES):
+            p.grad = torch.from_numpy(np.asarray(g[n] * np.float32(scale)))
+        for group in opt.param_groups:
+            group["lr"] = 0.01 * lr_scale
+        opt.step()
+    assert store.version == store.opt_steps == 300
+    for p, n in zip(params, SHAPES):
+        np.testing.assert_allclose(store.theta[n], p.detach().numpy(), atol=1e-6, rtol=0)
+
+
+def test_optimizer_state_is_allocated_once_and_theta_updated_in_place():
+    store = ParamStore("adam", lr=0.01)
+    store.init({"w": np.zeros(1000, np.float32)})
+    g = {"w": np.ones(1000, np.float32)}
+    store.apply(g)
+    slots = {k: v.__array_interface__["data"][0] for k, v in store.state["w"].items()}
+    theta_at = store.theta["w"].__array_interface__["data"][0]
+    for _ in range(5):
+        store.apply(g, scale=0.5)
+    assert {k: v.__array_interface__["data"][0] for k, v in store.state["w"].items()} == slots
+    assert store.theta["w"].__array_interface__["data"][0] == theta_at   # no snapshot out: no copy
+    assert store.copies == 0 and store.allocations == 0
+
+
+def test_gradient_is_not_modified_by_apply():
+    for optimizer in ("sgd", "momentum", "adam"):
+        store = ParamStore(optimizer, lr=0.1)
+        store.init({"w": np.ones(50, np.float32)})
+        g = np.linspace(-1, 1, 50, dtype=np.float32)
+        before = g.copy()
+        store.apply({"w": g}, scale=0.5)
+        store.apply({"w": g})
+        np.testing.assert_array_equal(g, before)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_state_dict_round_trip_continues_identically(optimizer):
+    rng = np.random.default_rng(3)
+    store = ParamStore(optimizer, lr=0.05)
+    store.init({"w": rng.standard_normal((4, 4)).astype(np.float32)})
+    for _ in range(3):
+        store.apply({"w": rng.standard_normal((4, 4)).astype(np.float32)})
+    other = ParamStore(optimizer, lr=0.05)
+    other.load_state_dict(store.state_dict())
+    for _ in range(3):
+        g = {"w": rng.standard_normal((4, 4)).astype(np.float32)}
+        store.apply(g)
+        other.apply(g)
+    np.testing.assert_array_equal(store.theta["w"], other.theta["w"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_anywhere_is_rejected(bad):
+    store = ParamStore()
+    store.init({"w": np.zeros(100_000, np.float32), "h": np.zeros(3, np.float16)})
+    for where in (0, 54_321, 99_999):
+        g = {"w": np.zeros(100_000, np.float32), "h": np.zeros(3, np.float16)}
+        g["w"][where] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            store.check_gradient(g)
+    g = {"w": np.zeros(100_000, np.float32), "h": np.array([0, bad, 0], np.float16)}
+    with pytest.raises(ValueError, match="non-finite"):
+        store.check_gradient(g)
+    # finite values whose sum overflows are accepted (the fast check falls back to the exact one)
+    store.check_gradient({"w": np.full(100_000, 3e38, np.float32), "h": np.full(3, 60000, np.float16)})
+
+
+# -- the snapshot pool ---------------------------------------------------------------------------
+
+class FakeTracker:
+    """Stands in for pyzmq's MessageTracker: `done` once ZeroMQ has released the frames."""
+
+    def __init__(self):
+        self.done = False
+
+
+def _addr(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_pool_never_hands_out_a_buffer_still_being_sent():
+    store = ParamStore("sgd", lr=1.0)
+    store.init({"w": np.zeros(1000, np.float32)})
+    g = {"w": np.ones(1000, np.float32)}
+    v0, snap0 = store.snapshot()
+    t0 = FakeTracker()
+    store.track(v0, t0)
+    store.apply(g)                                   # snap0 is being sent: theta moves (copy on write)
+    assert store.copies == 1 and not np.shares_memory(store.theta["w"], snap0["w"])
+    store.apply(g)                                   # nothing out: in place
+    assert store.copies == 1
+    v2, snap2 = store.snapshot()
+    t2 = FakeTracker()
+    store.track(v2, t2)
+    store.apply(g)                                   # snap0 still in flight: must not be reused
+    assert not np.shares_memory(store.theta["w"], snap0["w"])
+    assert not np.shares_memory(store.theta["w"], snap2["w"])
+    assert (snap0["w"] == 0).all() and (snap2["w"] == -2).all() and v0 == 0 and v2 == 2
+    with pytest.raises(ValueError):
+        snap0["w"][0] = 1.0                          # snapshots are read-only
+    t0.done = True                                   # ZeroMQ let go of snap0's buffer
+    v3, snap3 = store.snapshot()
+    store.track(v3, FakeTracker())
+    store.apply(g)                                   # now its buffer is recycled, not a new allocation
+    assert _addr(store.theta["w"]) == _addr(snap0["w"])
+    assert store.allocations == 2                    # two buffers ever allocated for four versions sent
+    assert (snap2["w"] == -2).all() and (snap3["w"] == -3).all() and (store.theta["w"] == -4).all()
+
+
+def test_untracked_snapshot_is_never_recycled():
+    store = ParamStore("sgd", lr=1.0)
+    store.init({"w": np.zeros(10, np.float32)})
+    _, kept = store.snapshot()                       # e.g. a send that failed: nobody will report it done
+    for _ in range(5):
+        _, s = store.snapshot()
+        store.track(store.version, type("T", (), {"done": True})())
+        store.apply({"w": np.ones(10, np.float32)})
+    assert (kept["w"] == 0).all()
+
+
+@pytest.mark.parametrize("wire, rel", [("bf16", 2 ** -8), ("fp16", 2 ** -11)])
+def test_wire_snapshot_once_per_version_within_rounding(wire, rel):
+    rng = np.random.default_rng(0)
+    store = ParamStore("sgd", lr=0.1)
+    store.init({"w": rng.standard_normal(1000).astype(np.float32), "d": np.ones(2, np.float64)})
+    v, a = store.snapshot(wire)
+    _, b = store.snapshot(wire)
+    assert np.shares_memory(a["w"].bits, b["w"].bits)          # made once per version
+    assert a["d"].dtype == np.float64 and (a["d"] == 1).all()   # only float32 travels narrowed
+    w = a["w"].to_float32()
+    np.testing.assert_allclose(w, store.theta["w"], rtol=rel, atol=0)
+    store.track(v, FakeTracker(), wire)
+    store.track(v, FakeTracker(), wire)
+    store.apply({"w": np.ones(1000, np.float32), "d": np.ones(2, np.float64)})
+    _, c = store.snapshot(wire)
+    assert not np.shares_memory(c["w"].bits, a["w"].bits)      # a is still being sent
+    np.testing.assert_array_equal(a["w"].to_float32(), w)
+    assert store.theta["w"].dtype == np.float32                 # the master copy stays fp32
+
+
+def test_divergence_is_exact_for_small_models_and_estimated_for_large():
+    from paramserver import store as store_mod
+    store = ParamStore("sgd", lr=1.0)
+    store.init({"w": np.zeros(100, np.float32)})
+    _, sample = store.sample()
+    store.apply({"w": np.full(100, 0.5, np.float32)})
+    assert store.distance(sample) == pytest.approx(5.0)         # sqrt(100 * 0.25), exact
+    big = ParamStore("sgd", lr=1.0)
+    big.init({"a": np.zeros(store_mod.DIVERGENCE_SAMPLE * 3, np.float32), "b": np.zeros(1001, np.float32)})
+    _, sample = big.sample()
+    assert sum(s.size for s in sample.values()) <= store_mod.DIVERGENCE_SAMPLE + 2
+    big.apply({"a": np.full(store_mod.DIVERGENCE_SAMPLE * 3, 2.0, np.float32), "b": np.full(1001, 2.0, np.float32)})
+    exact = 2.0 * np.sqrt(store_mod.DIVERGENCE_SAMPLE * 3 + 1001)
+    assert big.distance(sample) == pytest.approx(exact, rel=1e-3)

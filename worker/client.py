@@ -28,8 +28,8 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import (ROLE_HEARTBEAT, ROLE_REQUESTS, Message, MsgType, decode, encode, new_session,
-                             routing_id)
+from common.protocol import (ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode, encode,
+                             encode_wire, new_session, routing_id)
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
@@ -50,8 +50,13 @@ class ServerUnavailable(RuntimeError):
 class PSClient:
     def __init__(self, server: str, worker: int = -1, request_timeout: float = 2.0, server_timeout: float = 120.0,
                  heartbeat: float = 0.0, context: zmq.Context | None = None, drop: float = 0.0,
-                 duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = ""):
+                 duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = "",
+                 wire_dtype: str = "fp32"):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"unknown --wire-dtype {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
         self.server, self.worker = server, worker
+        self.wire_dtype = wire_dtype   # how float32 gradients go out and theta comes back
+        self._wire_out: dict[str, np.ndarray] = {}   # 16-bit push buffers, reused
         self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
@@ -120,13 +125,26 @@ class PSClient:
             self._hb_thread.start()
         return reply
 
-    def pull(self, clock: int = 0) -> Message:
-        """theta by name at the version the consistency policy allows (may wait at a barrier)."""
-        return self._request(Message(MsgType.PULL, clock=clock))
+    def pull(self, clock: int = 0, raw: bool = False) -> Message:
+        """theta by name at the version the consistency policy allows (may wait at a barrier). It travels
+        in this client's wire dtype; `raw`: 16-bit tensors stay `Encoded` (else they are widened to float32)."""
+        meta = {"wire": self.wire_dtype} if self.wire_dtype != "fp32" else {}
+        return self._request(Message(MsgType.PULL, clock=clock, meta=meta), raw=raw)
 
     def push(self, grads: Mapping[str, np.ndarray], version: int, clock: int, **meta) -> Message:
-        """Send gradients computed on theta `version` for `clock`; returns the ACK (meta: status, reason)."""
-        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=dict(grads), meta=meta))
+        """Send gradients computed on theta `version` for `clock`; returns the ACK (meta: status, reason).
+        float32 gradients go in this client's wire dtype; `Encoded` ones as they are."""
+        tensors = dict(grads)
+        if self.wire_dtype != "fp32":   # narrow into buffers kept for the next push (free once it is answered)
+            for name, g in tensors.items():
+                if isinstance(g, np.ndarray) and g.dtype == np.float32:
+                    out = self._wire_out.get(name)
+                    if out is None or out.shape != g.shape:
+                        out = None
+                    tensors[name] = encode_wire(g, self.wire_dtype, out=out)
+                    self._wire_out[name] = tensors[name].bits
+        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=tensors, meta=meta,
+                                     wire=self.wire_dtype))
 
     def leave(self, reason: str = "done") -> None:
         """Leave the job: the server stops waiting for this worker."""
@@ -152,7 +170,7 @@ class PSClient:
             except zmq.Again:
                 pass  # queue full while the server is away: the resend will try again
 
-    def _request(self, msg: Message, reregister: bool = True) -> Message:
+    def _request(self, msg: Message, reregister: bool = True, raw: bool = False) -> Message:
         if not msg.seq:   # a retry keeps the sequence number it was first sent with
             self.seq += 1
             msg.seq = self.seq
@@ -164,7 +182,7 @@ class PSClient:
         first_sent = sent_at = time.monotonic()
         while True:
             if self.sock.poll(int(min(timeout, 1.0) * 1000)):
-                reply = decode(self.sock.recv_multipart(copy=False))
+                reply = decode(self.sock.recv_multipart(copy=False), raw=raw)
                 self.last_heard = time.monotonic()
                 if self._drop and self._rng.random() < self._drop:
                     self.stats["dropped_by_fault"] += 1
@@ -179,7 +197,7 @@ class PSClient:
                         self.register(*self._register_args)
                         # the same seq: if the server had applied this request before forgetting the worker,
                         # it answers from its record instead of applying it again
-                        return self._request(msg, reregister=False)
+                        return self._request(msg, reregister=False, raw=raw)
                     raise ServerError(code, reply.meta.get("error", ""))
                 return reply
             now = time.monotonic()

@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -28,9 +29,9 @@ from worker.client import PSClient
 from worker.sharded import ShardedClient
 from worker.shmclient import ShmClient
 from worker.overlap import OverlapClient
-from worker.pinned import PinnedIO
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
+from worker.transfer import Transfer
 
 log = logging.getLogger("worker.train")
 
@@ -57,7 +58,8 @@ def make_client(cfg: WorkerConfig):
     With --overlap it is wrapped in an OverlapClient (pushes in the background, async prefetch)."""
     kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
                   heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
-                  fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
+                  fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret,
+                  wire_dtype=cfg.wire_dtype)
     addresses = parse_addresses(cfg.server)
     client = ShmClient if cfg.shm else PSClient
     if len(addresses) > 1:
@@ -74,9 +76,11 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
     shard, stream = batch_stream(cfg, job.n_samples)
-    io = PinnedIO(job.model) if device == "cuda" else None   # pinned, non-blocking host<->device copies
     own = client is None
     client = client or make_client(cfg)
+    io = Transfer(job.model, device, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
+    # a plain client can hand 16-bit theta over undecoded (Transfer widens it on the way into the model)
+    pull_raw = "raw" in inspect.signature(client.pull).parameters
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
          "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
@@ -103,7 +107,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
                 break
             t0 = time.perf_counter()
-            params = client.pull()
+            params = client.pull(raw=True) if pull_raw else client.pull()
             t1 = time.perf_counter()
             gated = 0.0
             if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
@@ -113,17 +117,15 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             if params.meta.get("stop"):
                 log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
                 break
-            io.load(params.tensors) if io is not None else job.load_params(params.tensors)
-            job.model.zero_grad(set_to_none=True)
+            io.load(params.tensors)
+            job.model.zero_grad(set_to_none=False)   # backward accumulates into the same .grad buffers
             loss_sum = 0.0
             for idx in micro:
                 x, y = job.batch(idx)
                 loss = job.loss(x, y) / cfg.accum
                 loss.backward()
                 loss_sum += loss.item()
-            grads = io.grads() if io is not None else job.grads_numpy()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            grads = io.grads()   # (on cuda: waits for the copies to the pinned buffers)
             t2 = time.perf_counter()
             slept = 0.0
             if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:

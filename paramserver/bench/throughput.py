@@ -1,0 +1,412 @@
+"""`paramserver bench throughput`: the server and the wire against their limits, measured in one run.
+
+For each parameter count P (split into `--tensors` equal float32 tensors, like a model's layers) it
+measures, in this order and on this machine:
+
+* limits: a raw ZeroMQ round trip (DEALER -> ROUTER in another process: send P float32, receive P
+  float32, zero-copy, the same transport and the same frames as paramserver's), and in-place
+  updates with torch on the server's thread count (`_foreach_add_`, `Adam(fused=True)`);
+* paramserver: the push+pull round trip of one worker against a `paramserver server` process
+  (async, sgd); the server's apply time per optimizer (gradient check + update, in process); the
+  async server's capacity (pushes applied per second) with 1, 2 and 4 pushing processes (Adam),
+  and the server's resident memory (VmHWM) against theta's fp32 size;
+* the same round trip and capacity with every `--wire-dtypes` (bf16, fp16: half the bytes).
+
+Optionally (`--convergence-steps N`) it trains the default GPT job with 4 workers for N sync steps
+per wire dtype and compares the held-out loss. It prints a table and writes `throughput.json`.
+
+Usage::
+
+    paramserver bench throughput --sizes 1M,10M,25M --out runs/throughput
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import ServerConfig, opt
+
+WIRE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _count(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if mult > 1 else text) * mult)
+    except ValueError:
+        raise ValueError(f"--sizes: {text!r} is not a parameter count (e.g. 1M, 250K, 25000000)") from None
+
+
+@dataclass
+class ThroughputConfig:
+    """Configuration of `paramserver bench throughput`."""
+
+    sizes: str = opt("1M,10M,25M", "comma-separated parameter counts (K/M suffixes), each one benchmark")
+    tensors: int = opt(16, "theta is split into this many equal float32 tensors")
+    reps: int = opt(8, "round trips / applies measured per figure (the best is reported: other load on the "
+                       "machine only adds time)")
+    seconds: float = opt(4.0, "seconds each capacity measurement pushes for")
+    workers: str = opt("1,2,4", "comma-separated numbers of pushing processes for the async capacity")
+    optimizers: str = opt("sgd,momentum,adam", "comma-separated optimizers whose apply time is measured")
+    wire_dtypes: str = opt("fp32,bf16", "comma-separated wire dtypes for the round trip and capacity")
+    convergence_steps: int = opt(0, "also train the default GPT job (4 workers, sync) this many steps per wire "
+                                    "dtype and compare held-out losses (0: skip)")
+    out: str = opt("runs/throughput", "output folder for throughput.json")
+
+    def __post_init__(self):
+        self.size_list  # validates
+        if self.tensors < 1 or self.reps < 1 or self.seconds <= 0:
+            raise ValueError("--tensors and --reps must be >= 1 and --seconds > 0")
+        for w in self.wire_list:
+            if w not in WIRE:
+                raise ValueError(f"unknown wire dtype {w!r} in --wire-dtypes; choose from {', '.join(WIRE)}")
+        for o in self.optimizer_list:
+            if o not in ("sgd", "momentum", "adam"):
+                raise ValueError(f"unknown optimizer {o!r} in --optimizers; choose from sgd, momentum, adam")
+
+    @property
+    def size_list(self) -> list[int]:
+        return [_count(s) for s in self.sizes.split(",") if s.strip()]
+
+    @property
+    def worker_list(self) -> list[int]:
+        return [int(s) for s in self.workers.split(",") if s.strip()]
+
+    @property
+    def optimizer_list(self) -> list[str]:
+        return [s.strip() for s in self.optimizers.split(",") if s.strip()]
+
+    @property
+    def wire_list(self) -> list[str]:
+        return [s.strip() for s in self.wire_dtypes.split(",") if s.strip()]
+
+
+def make_theta(p: int, tensors: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = [p // tensors + (1 if i < p % tensors else 0) for i in range(tensors)]
+    return {f"layer{i:03d}.weight": (rng.standard_normal(n, dtype=np.float32) * 0.02) for i, n in enumerate(sizes)}
+
+
+def _best_ms(xs: list[float]) -> float:
+    """The best of the repetitions, in ms: on a shared machine other load only ever adds time, so the
+    minimum is the steadiest estimate of what the code costs (the same rule for limits and paramserver)."""
+    return round(float(np.min(xs)) * 1e3, 3)
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+def _raw_echo(address_q, p: int, tensors: int) -> None:
+    """ROUTER in its own process: answer every request with P float32 (preallocated, zero-copy)."""
+    import zmq
+    from common.protocol import encode, Message, MsgType
+    theta = make_theta(p, tensors, seed=1)
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:*")
+    address_q.put(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+    reply = encode(Message(MsgType.PARAMS, tensors=theta))
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 2 and frames[1].bytes == b"stop":
+            break
+        sock.send_multipart([frames[0]] + reply, copy=False)
+    sock.close(linger=0)
+
+
+def raw_round_trip(p: int, tensors: int, reps: int) -> float:
+    """Best ms of: send P float32 and receive P float32 over ZeroMQ, with paramserver's frames."""
+    import zmq
+    from common.protocol import encode, Message, MsgType
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_raw_echo, args=(q, p, tensors), daemon=True)
+    proc.start()
+    address = q.get(timeout=120)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    frames = encode(Message(MsgType.PUSH, tensors=make_theta(p, tensors, seed=2)))
+    times = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        sock.send_multipart(frames, copy=False)
+        sock.recv_multipart(copy=False)
+        if i:   # the first one warms up the connection and buffers
+            times.append(time.perf_counter() - t0)
+    sock.send_multipart([b"stop"])
+    proc.join(timeout=30)
+    sock.close(linger=0)
+    return _best_ms(times)
+
+
+def torch_limits(p: int, tensors: int, reps: int) -> dict:
+    """Best ms of torch's in-place updates on this process's threads: foreach add_, fused Adam."""
+    import torch
+    theta = [torch.from_numpy(a) for a in make_theta(p, tensors).values()]
+    grads = [torch.from_numpy(a) for a in make_theta(p, tensors, seed=3).values()]
+    add = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        torch._foreach_add_(theta, grads, alpha=-1e-3)
+        add.append(time.perf_counter() - t0)
+    for t, g in zip(theta, grads):
+        t.grad = g
+    adam = torch.optim.Adam(theta, lr=1e-3, fused=True)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        adam.step()
+        times.append(time.perf_counter() - t0)
+    return {"add_ms": _best_ms(add[1:]), "adam_fused_ms": _best_ms(times[1:]), "threads": torch.get_num_threads()}
+
+
+# -- paramserver --------------------------------------------------------------------------------
+
+def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
+    """Best ms of the server's work per push (gradient check + update) per optimizer, in process;
+    "check" is the gradient check alone."""
+    from paramserver.store import ParamStore
+    out = {}
+    grads = make_theta(p, tensors, seed=3)
+    checks = []
+    for o in optimizers:
+        store = ParamStore(o, lr=1e-3)
+        store.init(make_theta(p, tensors))
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            store.check_gradient(grads)
+            t1 = time.perf_counter()
+            store.apply(grads)
+            times.append(time.perf_counter() - t0)
+            checks.append(t1 - t0)
+        out[o] = _best_ms(times[1:])
+        del store
+    out["check"] = _best_ms(checks)
+    return out
+
+
+def _client(address: str, worker: int, wire: str):
+    from worker.client import PSClient
+    kwargs = {"wire_dtype": wire} if wire != "fp32" else {}
+    return PSClient(address, worker=worker, request_timeout=30, server_timeout=120, **kwargs)
+
+
+def _start_server(out: str, num_workers: int, optimizer: str):
+    from paramserver.cluster import start_server
+    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=num_workers, mode="async", optimizer=optimizer,
+                        lr=1e-4, log_level="warning", worker_timeout=600, max_message_mb=4096)
+    return start_server(scfg, out)
+
+
+def _stop_server(proc, address: str) -> dict:
+    from paramserver.cluster import shutdown
+    from worker.client import PSClient
+    with PSClient(address, server_timeout=30) as ps:
+        status = ps.status()
+    mem = _proc_memory(proc.pid)
+    shutdown(address)
+    proc.wait(timeout=120)
+    return {"status": status, **mem}
+
+
+def _proc_memory(pid: int) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    key, value = line.split(":")
+                    out[key.lower() + "_mb"] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def ps_round_trip(p: int, tensors: int, reps: int, wire: str, out: str) -> dict:
+    """Best ms of one worker's push (P values) + pull (P values) against a server process (async, sgd)."""
+    proc, address = _start_server(out, 1, "sgd")
+    theta = make_theta(p, tensors)
+    grads = make_theta(p, tensors, seed=3)
+    times = []
+    try:
+        with _client(address, 0, wire) as ps:
+            ps.register(init=theta)
+            params = ps.pull()
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                ps.push(grads, version=params.version, clock=params.clock)
+                params = ps.pull(raw=True)   # as a worker takes theta (worker/transfer.py widens it into the model)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            ps.leave()
+    finally:
+        info = _stop_server(proc, address)
+    return {"round_trip_ms": _best_ms(times), "server_handle_ms": info["status"].get("handle_ms", {})}
+
+
+def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire: str, ready, start,
+            result_q) -> None:
+    import torch
+    torch.set_num_threads(1)
+    grads = make_theta(p, tensors, seed=10 + rank)
+    n = 0
+    with _client(address, rank, wire) as ps:
+        if rank:
+            ready.wait(timeout=300)   # rank 0 brings theta
+        ps.register(init=make_theta(p, tensors) if rank == 0 else None)
+        if not rank:
+            ready.set()
+        start.wait()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            params = ps.pull(raw=True)
+            ack = ps.push(grads, version=params.version, clock=params.clock)
+            n += ack.meta.get("status") == "applied"
+        ps.leave()
+    result_q.put(n)
+
+
+def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str) -> dict:
+    """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can."""
+    proc, address = _start_server(out, workers, "adam")
+    idle = _proc_memory(proc.pid).get("vmrss_mb", 0.0)
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(workers + 1)
+    ready = ctx.Event()
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_pusher, args=(address, r, p, tensors, seconds, wire, ready, start, q), daemon=True)
+             for r in range(workers)]
+    try:
+        for pr in procs:
+            pr.start()
+        start.wait(timeout=300)
+        t0 = time.perf_counter()
+        counts = [q.get(timeout=seconds + 300) for _ in procs]
+        wall = time.perf_counter() - t0
+        for pr in procs:
+            pr.join(timeout=60)
+    finally:
+        for pr in procs:
+            if pr.is_alive():
+                pr.kill()
+        info = _stop_server(proc, address)
+    theta_mb = p * 4 / 2**20
+    return {"pushes_per_s": round(sum(counts) / wall, 2), "applied": sum(counts),
+            "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
+            "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
+            "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2)}
+
+
+def convergence(steps: int, wire: str, out: str) -> dict:
+    """The default GPT job, 4 workers, sync, `steps` steps: the final held-out loss with this wire dtype."""
+    from common.config import ClusterConfig, WorkerConfig
+    from paramserver.cluster import run_cluster
+    folder = os.path.join(out, f"convergence_{wire}")
+    ccfg = ClusterConfig(workers=4, out=folder, sample_bytes=0, progress_every=1e9)
+    scfg = ServerConfig(num_workers=4, log_level="warning")
+    extra = {"wire_dtype": wire} if wire != "fp32" else {}
+    wcfg = WorkerConfig(num_workers=4, steps=steps, log_every=0, eval_every=0, log_level="warning", **extra)
+    t0 = time.perf_counter()
+    run_cluster(ccfg, scfg, wcfg)
+    with open(os.path.join(folder, "metrics.json")) as f:
+        summary = json.load(f)["summary"]
+    return {"final_eval_loss": summary.get("final_eval_loss"), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run_throughput(cfg: ThroughputConfig) -> dict:
+    os.makedirs(cfg.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="ps-throughput-")
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    results = {"config": dataclasses.asdict(cfg), "machine": machine, "sizes": []}
+    t_start = time.perf_counter()
+    for p in cfg.size_list:
+        r = {"params": p, "theta_mb": round(p * 4 / 2**20, 1)}
+        print(f"P = {p:,}: limits ...", flush=True)
+        r["raw_zmq_ms"] = raw_round_trip(p, cfg.tensors, cfg.reps)
+        r["torch"] = torch_limits(p, cfg.tensors, cfg.reps)
+        print(f"P = {p:,}: apply ...", flush=True)
+        r["apply_ms"] = apply_times(p, cfg.tensors, cfg.reps, cfg.optimizer_list)
+        r["wire"] = {}
+        for wire in cfg.wire_list:
+            w = {"bytes": p * WIRE[wire]}
+            print(f"P = {p:,}, wire {wire}: round trip ...", flush=True)
+            w.update(ps_round_trip(p, cfg.tensors, cfg.reps, wire, tmp))
+            w["capacity"] = {}
+            for n in cfg.worker_list:
+                print(f"P = {p:,}, wire {wire}: capacity with {n} workers ...", flush=True)
+                w["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, wire, tmp)
+            r["wire"][wire] = w
+        results["sizes"].append(r)
+        _write(cfg, results)
+    if cfg.convergence_steps:
+        results["convergence"] = {}
+        for wire in cfg.wire_list:
+            print(f"convergence: default GPT job, {cfg.convergence_steps} sync steps, wire {wire} ...", flush=True)
+            results["convergence"][wire] = convergence(cfg.convergence_steps, wire, tmp)
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    _write(cfg, results)
+    return results
+
+
+def _write(cfg: ThroughputConfig, results: dict) -> None:
+    with open(os.path.join(cfg.out, "throughput.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table (ratios against the limits measured in the same run)."""
+    workers = " / ".join(results["config"]["workers"].split(","))
+    rows = ["| P | wire | MB per push | raw zmq RT ms | push+pull RT ms | raw / push+pull | apply ms sgd / momentum / "
+            "adam (check) | torch add_ / fused Adam ms | adam / fused Adam | add_ / sgd | async pushes/s "
+            f"({workers} workers) | server peak RSS / theta (above idle) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["sizes"]:
+        ap = r["apply_ms"]
+        tl = r["torch"]
+        for wire, w in r["wire"].items():
+            cap = w["capacity"]
+            caps = " / ".join(str(cap[k]["pushes_per_s"]) for k in cap)
+            last = cap[list(cap)[-1]] if cap else {}
+            adam = f"{ap['adam'] / tl['adam_fused_ms']:.2f}x" if "adam" in ap else "-"
+            sgd = f"{tl['add_ms'] / ap['sgd']:.2f}x" if "sgd" in ap else "-"
+            rows.append(
+                f"| {r['params'] / 1e6:g}M | {wire} | {w['bytes'] / 1e6:g} | {r['raw_zmq_ms']} | "
+                f"{w['round_trip_ms']} | {r['raw_zmq_ms'] / w['round_trip_ms']:.2f}x | "
+                f"{' / '.join(str(ap.get(o, '-')) for o in ('sgd', 'momentum', 'adam'))} ({ap.get('check', '-')}) | "
+                f"{tl['add_ms']} / {tl['adam_fused_ms']} | {adam} | {sgd} | "
+                f"{caps} | {last.get('peak_rss_over_theta', '-')}x ({last.get('peak_minus_idle_over_theta', '-')}x) |")
+    for r in results["sizes"]:
+        fp32 = r["wire"].get("fp32")
+        for wire, w in r["wire"].items():
+            if wire != "fp32" and fp32:
+                caps = ", ".join(f"{k} workers {w['capacity'][k]['pushes_per_s'] / c['pushes_per_s']:.2f}x"
+                                 for k, c in fp32["capacity"].items() if k in w["capacity"] and c["pushes_per_s"])
+                rows.append(f"\n{r['params'] / 1e6:g}M, {wire} vs fp32: bytes {w['bytes'] / fp32['bytes']:.2f}x, "
+                            f"round trip {fp32['round_trip_ms'] / w['round_trip_ms']:.2f}x faster, "
+                            f"capacity {caps}")
+    conv = results.get("convergence")
+    if conv:
+        rows.append("")
+        rows.append("| wire | held-out loss after the run | vs fp32 | wall s |")
+        rows.append("|---|---|---|---|")
+        base = conv.get("fp32", {}).get("final_eval_loss")
+        for wire, c in conv.items():
+            rel = f"{(c['final_eval_loss'] / base - 1) * 100:+.2f}%" if base and c.get("final_eval_loss") else "-"
+            rows.append(f"| {wire} | {c.get('final_eval_loss')} | {rel} | {c['wall_s']} |")
+    return "\n".join(rows)
+
+
+def print_throughput(results: dict) -> None:
+    print(f"bench throughput: {results['machine']['cpus']} CPUs, torch threads "
+          f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s")
+    print(table(results))
