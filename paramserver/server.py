@@ -563,7 +563,7 @@ class Server:
         if self.finished:
             return self._stop_reply(msg)
         # at most one PARAMS per worker in ZeroMQ's queue: a client that never reads pins one snapshot, not many
-        if self.policy.pull_ready(msg.worker) and not state.params_in_flight():
+        if self.policy.pull_ready(msg.worker) and not self._in_flight(state):
             return self._params_reply(msg, 0.0)
         if msg.worker not in self.pending:
             self.pending[msg.worker] = (identity, msg, time.monotonic())
@@ -602,10 +602,16 @@ class Server:
                        tensors=theta, snapshot=(version, wire),
                        meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
 
+    def _in_flight(self, state: WorkerState) -> bool:
+        """Is this worker's last PARAMS still in ZeroMQ's hands? Over inproc (a client in this process) the
+        receiver holds the server's own buffers for as long as it keeps the reply, so there is nothing queued
+        to bound there and the gate would only stall it."""
+        return not self.cfg.bind.startswith("inproc://") and state.params_in_flight()
+
     def _deferred_since(self) -> float | None:
         """When the oldest pull that is ready but held for an in-flight PARAMS arrived (None: there is none)."""
         times = [since for w, (_, _, since) in self.pending.items()
-                 if self.workers[w].params_in_flight() and self.policy.pull_ready(w)]
+                 if self._in_flight(self.workers[w]) and self.policy.pull_ready(w)]
         return min(times) if times else None
 
     def _send_params(self, worker: int, identity: bytes, reply: Message) -> None:
@@ -620,7 +626,7 @@ class Server:
             if self.finished:
                 del self.pending[worker]
                 self._send(identity, self._stop_reply(msg))
-            elif self.policy.pull_ready(worker) and not self.workers[worker].params_in_flight():
+            elif self.policy.pull_ready(worker) and not self._in_flight(self.workers[worker]):
                 del self.pending[worker]
                 self._send_params(worker, identity, self._params_reply(msg, time.monotonic() - since))
 

@@ -59,11 +59,11 @@ class LosesFirstPushAck(PSClient):
 
     lost = False
 
-    def _request(self, msg, reregister=True):
+    def _request(self, msg, reregister=True, **kw):
         if msg.type == MsgType.PUSH and not self.lost:
             self.lost = True
             self._drop_next_reply = True
-        return super()._request(msg, reregister)
+        return super()._request(msg, reregister, **kw)
 
     def _send(self, frames):
         super()._send(frames)
