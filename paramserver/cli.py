@@ -42,7 +42,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     m = run_worker(cfg)
     s = summarize(m)
-    print(f"worker {cfg.rank} done: {s['steps']} steps in {s['wall_s']:.1f}s "
+    print(f"worker {s['rank']} done: {s['steps']} steps in {s['wall_s']:.1f}s "
           f"(compute {s['compute_s']:.1f}s, wait {s['wait_s']:.1f}s, comm {s['comm_s']:.1f}s)", flush=True)
     return 0
 

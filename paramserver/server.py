@@ -87,8 +87,11 @@ class Server:
             MsgType.LEAVE: self._on_leave, MsgType.HEARTBEAT: self._on_heartbeat,
             MsgType.STATUS: self._on_status, MsgType.SHUTDOWN: self._on_shutdown,
         }
-        if cfg.resume:
-            self._resume(cfg.resume)
+        self.prom = None         # the Prometheus exporter (paramserver/prom.py) when --metrics-port is set
+        if cfg.resume or (cfg.auto_resume and os.path.exists(cfg.checkpoint)):
+            self._resume(cfg.resume or cfg.checkpoint)
+        elif cfg.auto_resume:
+            log.info("--auto-resume: no checkpoint at %s yet; starting fresh", cfg.checkpoint)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +113,9 @@ class Server:
             self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
             self._monitor = self.sock.get_monitor_socket(MONITORED)
             log.info("listening on %s (mode=%s, workers=%d)", self.address, self.cfg.mode, self.cfg.num_workers)
+            if self.cfg.metrics_port:
+                from paramserver.prom import PromExporter
+                self.prom = PromExporter(self, self.cfg.metrics_port)
         return self.address
 
     def stop(self) -> None:
@@ -121,6 +127,8 @@ class Server:
         if self.sock is None:
             return
         self.save_outputs()
+        if self.prom is not None:
+            self.prom.close()
         self.sock.disable_monitor()
         self._monitor.close()
         self.sock.close()
@@ -157,6 +165,8 @@ class Server:
             if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
                 self.write_checkpoint()
                 next_ckpt = now + self.cfg.checkpoint_every
+            if self.prom is not None:
+                self.prom.publish()
 
     def _connection_events(self) -> None:
         """Say when ZeroMQ drops a connection: it does so without a message for an oversized message
@@ -192,6 +202,8 @@ class Server:
             self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
             self.record.handle_s.append(time.perf_counter() - t0)
+            if self.prom is not None:
+                self.prom.handled(self.record.handle_s[-1])
 
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]

@@ -51,18 +51,22 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     if device == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
-    shard, stream = batch_stream(cfg, job.n_samples)
     own = client is None
     client = client or PSClient(cfg.server, worker=cfg.rank, request_timeout=cfg.request_timeout,
                                 server_timeout=cfg.server_timeout, heartbeat=cfg.heartbeat, drop=cfg.fault_drop,
                                 duplicate=cfg.fault_dup, fault_seed=cfg.seed * 1000 + cfg.rank,
                                 curve_server=cfg.curve_server, curve_secret=cfg.curve_secret)
-    m = {"rank": cfg.rank, "device": device, "data": job.description, "shard_size": int(len(shard)),
+    m = {"rank": cfg.rank, "device": device, "data": job.description,
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
-    slow_rng = straggler_rng(cfg)
     t_start = time.time()
     try:
         welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
+        if cfg.rank < 0:   # --rank -1 / PS_RANK=auto: the id the server assigned is the rank (the data shard)
+            cfg = _assigned_rank(cfg, welcome.worker)
+            m["rank"], m["worker_id"] = cfg.rank, welcome.worker
+        shard, stream = batch_stream(cfg, job.n_samples)
+        m["shard_size"] = int(len(shard))
+        slow_rng = straggler_rng(cfg)
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
         if cfg.rank == 0 and cfg.eval_every:
@@ -134,9 +138,22 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     m["t0_epoch"] = t_start
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, f"worker{cfg.rank}.json"), "w") as f:
+        with open(os.path.join(cfg.out, f"worker{m.get('worker_id', cfg.rank)}.json"), "w") as f:
             json.dump(m, f)
     return m
+
+
+def _assigned_rank(cfg: WorkerConfig, worker_id: int) -> WorkerConfig:
+    """The config of a worker whose rank the server assigned at registration (WELCOME's worker id).
+
+    An id beyond --num-workers (a replacement that joined while the worker it replaces was still
+    counted live) trains on shard id mod N, so it still trains instead of failing."""
+    rank = worker_id % cfg.num_workers
+    if rank != worker_id:
+        log.warning("the server assigned worker id %d, beyond --num-workers %d: training on shard %d",
+                    worker_id, cfg.num_workers, rank)
+    log.info("rank assigned by the server: %d", rank)
+    return dataclasses.replace(cfg, rank=rank)
 
 
 def _job_meta(cfg: WorkerConfig) -> dict:
