@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from common.config import ConfigError, ServerConfig, WorkerConfig, from_args
+from common.config import ConfigError, JobConfig, ServerConfig, WorkerConfig, from_args
 from paramserver.server import Server
 from tests.conftest import ROOT, run_worker_thread
+from worker.models import build_job
 from worker.train import run_worker
 
 
@@ -38,7 +39,8 @@ def test_auto_ranks_cover_every_shard_once(start_server):
     assert all(m["rank"] == m["worker_id"] and len(m["steps"]) == 10 for m in results)
     assert set(srv.server.workers) == {0, 1, 2} and all(s.left for s in srv.server.workers.values())
     assert srv.server.policy.counters["applied"] == 30
-    assert sum(m["shard_size"] for m in results) == WorkerConfig(job="mlp").n_samples   # every sample, once
+    n_train = build_job(JobConfig(job="mlp"), "cpu").n_samples
+    assert sum(m["shard_size"] for m in results) == n_train    # three disjoint shards: every sample once
 
 
 def test_auto_rank_worker_process_reports_its_rank(start_server):
