@@ -51,7 +51,7 @@ cleanup() {
         for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E "^(${PROJECT}_|ps-0|worker-)"); do
             echo "--- $c"; podman logs --tail 8 "$c" 2>&1 | grep -v 'level=error msg=".*systemd' | tail -8
         done
-        tail -20 "$WORK/compose.log" 2>/dev/null
+        grep -v -e 'level=error msg=".*systemd' -e '^exit code' -e '^podman ' -e '^\[' "$WORK/compose.log" 2>/dev/null | tail -8
     fi
     if command -v podman >/dev/null; then
         [ -f "$WORK/workers.yaml" ] && podman kube down "$WORK/workers.yaml" >/dev/null 2>&1
@@ -161,7 +161,10 @@ check "image $IMAGE built offline from deploy/wheels: $(podman image inspect "$I
 phase_end
 
 # leftovers of an interrupted earlier run
-compose down -v; podman volume rm -f "${PROJECT}_results" >/dev/null 2>&1; podman network rm -f "${PROJECT}_default" >/dev/null 2>&1
+compose down -v
+podman pod rm -f ps-0 worker-0 worker-1 worker-2 >/dev/null 2>&1
+podman volume rm -f "${PROJECT}_results" checkpoints-ps-0 >/dev/null 2>&1
+podman network rm -f "${PROJECT}_default" "$K8S_NET" >/dev/null 2>&1
 
 # ------------------------------------------------------------------------------------------------
 phase_start "compose sync: up, training, loss"
@@ -192,7 +195,7 @@ v_dead=$(status version)
 wait_for 120 "sync training to go on with 2 workers" ge version $((v_dead + 30))
 [ "$(status live)" = 2 ] || fail "live workers after the kill: $(status live), want 2"
 m_dead=$(metric 'paramserver_workers{state="dead"}')
-check "sync, podman kill of worker 3: declared dead $("$PY" -c "print(round($t_dead - $t_kill, 1))")s after the kill (--worker-timeout $WORKER_TIMEOUT), barrier went on with 2 live workers: version $v_dead -> $(status version); /metrics dead workers $m_dead"
+check "sync, podman kill of worker 3: seen dead (polled through podman exec) $("$PY" -c "print(round($t_dead - $t_kill, 1))")s after the kill (--worker-timeout $WORKER_TIMEOUT), barrier went on with 2 live workers: version $v_dead -> $(status version); /metrics dead workers $m_dead"
 phase_end
 
 phase_start "compose sync: stop and start the server"
