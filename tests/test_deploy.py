@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import yaml
 
 from common.config import ConfigError, JobConfig, ServerConfig, WorkerConfig, from_args
 from paramserver.server import Server
@@ -94,3 +96,82 @@ def test_auto_resume_needs_checkpoint():
         from_args(ServerConfig, argparse.Namespace(auto_resume=True))
     with pytest.raises(ConfigError, match="--auto-resume"):
         from_args(ServerConfig, argparse.Namespace(auto_resume=True, checkpoint="a.pt", resume="b.pt"))
+
+
+# -- the deploy files' commands are valid command lines of today's CLI ----------------------------------
+
+DEPLOY = os.path.join(ROOT, "deploy")
+
+
+def _parse(argv: list[str], env: dict[str, str]):
+    """The config `paramserver ARGV` builds under env (PS_* variables), via the real parser."""
+    from paramserver.cli import build_parser
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PS_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("PS_")})
+    try:
+        args = build_parser().parse_args(argv)
+        return from_args(ServerConfig if args.command == "server" else WorkerConfig, args)
+    finally:
+        for k in [k for k in os.environ if k.startswith("PS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+def _compose_defaults(value) -> str:
+    """Compose's interpolation with every variable unset: ${VAR:-default} -> default."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), str(value))
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.curve.yml"]])
+def test_compose_commands_are_valid(files):
+    services: dict = {}
+    for name in files:   # an override file's command and secrets replace the base file's
+        with open(os.path.join(DEPLOY, name)) as f:
+            for svc, desc in yaml.safe_load(f)["services"].items():
+                services.setdefault(svc, {}).update(desc)
+    env = {svc: {k: _compose_defaults(v) for k, v in desc.get("environment", {}).items()}
+           for svc, desc in services.items()}
+    server = _parse([_compose_defaults(a) for a in services["server"]["command"]], env["server"])
+    worker = _parse([_compose_defaults(a) for a in services["worker"]["command"]], env["worker"])
+    assert server.bind == "tcp://0.0.0.0:5555" and server.auto_resume and server.checkpoint.startswith("/data/")
+    assert server.metrics_port == 9100 and server.num_workers == worker.num_workers == 3
+    assert worker.rank == -1 and worker.server == "tcp://server:5555"
+    assert int(_compose_defaults(services["worker"]["deploy"]["replicas"])) == worker.num_workers
+    if len(files) == 2:
+        assert server.curve_secret and server.auth and worker.curve_server and worker.curve_secret
+
+
+def _k8s_command(kind: str, tmp_path, extra_env: dict[str, str]):
+    """Run a manifest's container command in sh with a stand-in `paramserver` that records argv and env."""
+    docs = []
+    for name in ("configmap.yaml", "ps.yaml", "workers.yaml"):
+        with open(os.path.join(DEPLOY, "k8s", name)) as f:
+            docs += [d for d in yaml.safe_load_all(f) if d]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (obj,) = [d for d in docs if d["kind"] == kind]
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    fake = tmp_path / "paramserver"
+    fake.write_text("#!/bin/sh\nenv | grep '^PS_' > \"$OUT.env\"\nprintf '%s\\n' \"$@\" > \"$OUT.argv\"\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "OUT": str(tmp_path / "out"), **cm["data"],
+           **{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}, **extra_env}
+    subprocess.run(c["command"] + c["args"], env=env, check=True)
+    argv = (tmp_path / "out.argv").read_text().splitlines()
+    ps_env = dict(line.split("=", 1) for line in (tmp_path / "out.env").read_text().splitlines())
+    return _parse(argv, ps_env), ps_env, obj
+
+
+def test_k8s_server_command_is_valid(tmp_path):
+    cfg, env, sts = _k8s_command("StatefulSet", tmp_path, {"HOSTNAME": "ps-2"})
+    assert env["PS_SHARD_INDEX"] == "2" and env["PS_NUM_SHARDS"] == "1"    # the shard index is the ordinal
+    assert cfg.bind == "tcp://0.0.0.0:5555" and cfg.auto_resume and cfg.metrics_port == 9100
+    assert cfg.num_workers == 3 and cfg.mode == "sync"
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(cfg.metrics_port)
+
+
+@pytest.mark.parametrize("index, rank", [("1", 1), (None, -1)])
+def test_k8s_worker_command_is_valid(tmp_path, index, rank):
+    cfg, env, job = _k8s_command("Job", tmp_path, {"JOB_COMPLETION_INDEX": index} if index else {})
+    assert cfg.rank == rank          # the Indexed Job's completion index, else assigned by the server
+    assert cfg.server == "tcp://ps-0.ps:5555" and cfg.num_workers == job["spec"]["completions"] == 3
