@@ -79,12 +79,15 @@ status() {
     podman exec "${2:-${PROJECT}_server_1}" paramserver status --json --timeout 5 2>/dev/null \
         | "$PY" -c 'import json, sys; s = json.load(sys.stdin); print(eval(sys.argv[1], {}, s))' "$1" 2>/dev/null
 }
-# metric 'NAME{labels}': one sample from the server's /metrics on the host port
+# scrape: fetch the server's /metrics on the host port; metric 'NAME{labels}': one sample of the last scrape
+scrape() {
+    "$PY" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+        "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/metrics.txt" 2>/dev/null || fail "GET /metrics"
+}
 metric() {
-    "$PY" - "http://127.0.0.1:$METRICS_PORT/metrics" "$1" <<'EOF' 2>/dev/null
-import sys, urllib.request
-text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
-for line in text.splitlines():
+    "$PY" - "$WORK/metrics.txt" "$1" <<'EOF' 2>/dev/null
+import sys
+for line in open(sys.argv[1]).read().splitlines():
     name, _, value = line.rpartition(" ")
     if name == sys.argv[2]:
         print(float(value)); break
@@ -135,7 +138,7 @@ else
     $SUDO debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
         bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 || { tail "$WORK/debootstrap.log"; fail "debootstrap"; }
     $SUDO tar -C "$WORK/rootfs" -c . | podman import \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$BASE" >/dev/null \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$BASE" >"$WORK/import.log" 2>&1 \
         || fail "podman import"
     $SUDO rm -rf "$WORK/rootfs"
 fi
@@ -178,6 +181,7 @@ wait_for 240 "version $((v1 + 100))" ge version $((v1 + 100))
 v2=$(status version); l2=$(status 'round(loss, 4)')
 fgt "$l1" "$l2" || fail "train loss did not fall: $l1 at version $v1 -> $l2 at version $v2"
 check "compose sync: 3 workers with ranks $ranks assigned by the server; train loss $l1 at version $v1 -> $l2 at version $v2"
+scrape
 m_version=$(metric paramserver_theta_version); m_live=$(metric 'paramserver_workers{state="live"}')
 m_applied=$(metric paramserver_gradients_applied_total); m_stale=$(metric paramserver_gradient_staleness_count)
 m_handled=$(metric paramserver_message_handling_seconds_count)
@@ -194,7 +198,7 @@ t_dead=$(date +%s.%N)
 v_dead=$(status version)
 wait_for 120 "sync training to go on with 2 workers" ge version $((v_dead + 30))
 [ "$(status live)" = 2 ] || fail "live workers after the kill: $(status live), want 2"
-m_dead=$(metric 'paramserver_workers{state="dead"}')
+scrape; m_dead=$(metric 'paramserver_workers{state="dead"}')
 silent=$(podman logs "${PROJECT}_server_1" 2>&1 | grep -o 'silent for [0-9.]*s: declared dead' | tail -1 | awk '{print $3}')
 check "sync, podman kill of worker 3: declared dead after $silent of silence (server log; --worker-timeout $WORKER_TIMEOUT), seen dead through podman exec $("$PY" -c "print(round($t_dead - $t_kill, 1))")s after the kill, barrier went on with 2 live workers: version $v_dead -> $(status version); /metrics dead workers $m_dead"
 phase_end
@@ -230,9 +234,9 @@ MODE=async compose up -d || fail "podman-compose up (async)"
 wait_for 180 "3 live workers and version 30" ge 'live * 1000 + min(version, 999)' 3030
 # read through /metrics (an HTTP request from the host, faster than `podman exec`): well inside --worker-timeout
 podman kill "${PROJECT}_worker_3" >/dev/null || fail "podman kill"
-v_kill=$(metric paramserver_theta_version)
+scrape; v_kill=$(metric paramserver_theta_version)
 sleep 1.5
-v_2s=$(metric paramserver_theta_version); dead_2s=$(metric 'paramserver_events_total{event="dead"}')
+scrape; v_2s=$(metric paramserver_theta_version); dead_2s=$(metric 'paramserver_events_total{event="dead"}')
 [ "${dead_2s:-0}" = 0 ] || [ "${dead_2s:-0}" = 0.0 ] || fail "the worker was declared dead within 1.5s (--worker-timeout $WORKER_TIMEOUT)"
 fgt "$v_2s" "$v_kill" || fail "async did not go on after the kill: version $v_kill -> $v_2s"
 wait_for 60 "the killed worker to be declared dead" ge 'counters.get("dead", 0)' 1

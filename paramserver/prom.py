@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version as package_version
 from urllib.parse import urlsplit
@@ -51,15 +52,23 @@ def _package_version() -> str:
 
 
 class _Snapshot:
-    """Reads the snapshot the server loop last published (called by the HTTP thread on a scrape)."""
+    """Reads the snapshot the server loop last published (called by the HTTP thread on a scrape).
 
-    def __init__(self):
+    The staleness histogram is read under the same lock as the snapshot, so a scrape never sees more
+    staleness observations than applied gradients."""
+
+    def __init__(self, staleness: Histogram, handling: Histogram):
         self.state: dict | None = None
+        self.lock = threading.Lock()
+        self.staleness, self.handling = staleness, handling
 
     def collect(self):
-        s = self.state
-        if s is None:
-            return
+        with self.lock:
+            s = self.state
+            families = list(self._families(s)) + list(self.staleness.collect()) if s else []
+        return families + list(self.handling.collect())
+
+    def _families(self, s: dict):
         yield InfoMetricFamily("paramserver", "paramserver build and job",
                                value={"version": s["package_version"], "mode": s["mode"]})
         g = GaugeMetricFamily("paramserver_theta_version", "version of theta (updates applied since the start)")
@@ -121,14 +130,14 @@ class PromExporter:
 
     def __init__(self, server, port: int, host: str | None = None):
         self.server = server
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.snapshot = _Snapshot()
-        self.registry.register(self.snapshot)
         self.staleness = Histogram("paramserver_gradient_staleness", "staleness of each applied gradient "
                                    "(server version when applied - version it was computed on)",
-                                   buckets=STALENESS_BUCKETS, registry=self.registry)
+                                   buckets=STALENESS_BUCKETS, registry=None)
         self.handling = Histogram("paramserver_message_handling_seconds", "time the server loop spent "
-                                  "handling one message", buckets=HANDLE_BUCKETS, registry=self.registry)
+                                  "handling one message", buckets=HANDLE_BUCKETS, registry=None)
+        self.snapshot = _Snapshot(self.staleness, self.handling)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.snapshot)
         self._seen_updates = 0
         self._next_publish = 0.0
         self._version = _package_version()
@@ -154,8 +163,7 @@ class PromExporter:
         self._next_publish = now + 0.5
         srv = self.server
         updates = srv.record.updates
-        for row in updates[self._seen_updates:]:
-            self.staleness.observe(row[3])
+        new_rows = updates[self._seen_updates:]
         self._seen_updates = len(updates)
         states = {"live": 0, "dead": 0, "left": 0}
         for w in srv.workers.values():
@@ -168,7 +176,7 @@ class PromExporter:
         else:
             checkpoint_at = checkpoint_version = None
         recent = list(srv.record.recent)[-20:]
-        self.snapshot.state = {
+        state = {
             "package_version": self._version, "mode": srv.cfg.mode, "version": srv.store.version,
             "step": srv.policy.step, "workers": states, "num_workers": srv.cfg.num_workers,
             "waiting_pulls": len(srv.pending), "min_clock": srv.policy.min_clock(),
@@ -176,6 +184,10 @@ class PromExporter:
             "counters": dict(srv.policy.counters), "checkpoint_at": checkpoint_at,
             "checkpoint_version": checkpoint_version, "started_at": srv.record.started_at,
         }
+        with self.snapshot.lock:
+            for row in new_rows:
+                self.staleness.observe(row[3])
+            self.snapshot.state = state
 
     def close(self) -> None:
         """Stop the HTTP thread. Safe to call twice."""

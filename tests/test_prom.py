@@ -127,7 +127,8 @@ def test_metrics_listen_where_the_server_binds():
 
 
 def test_scrape_while_training_never_breaks_the_loop(start_server):
-    """Scrapes from another thread while the loop applies updates: every scrape parses, versions only grow."""
+    """Scrapes from another thread while the loop applies updates: every scrape parses and is consistent,
+    versions only grow."""
     port = free_port()
     srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.05, metrics_port=port)
     results: dict = {}
@@ -137,9 +138,14 @@ def test_scrape_while_training_never_breaks_the_loop(start_server):
     seen = []
     stop = threading.Event()
 
+    pairs = []
+
     def scraper():
         while not stop.is_set():
-            seen.append(value(scrape(port), "paramserver_theta_version"))
+            m = scrape(port)
+            seen.append(value(m, "paramserver_theta_version"))
+            pairs.append((value(m, "paramserver_gradients_applied_total"),
+                          value(m, "paramserver_gradient_staleness_count")))
 
     s = threading.Thread(target=scraper, daemon=True)
     s.start()
@@ -149,5 +155,7 @@ def test_scrape_while_training_never_breaks_the_loop(start_server):
     s.join(timeout=30)
     assert all(isinstance(results[r], dict) for r in range(2)), results
     assert len(seen) >= 2 and seen == sorted(seen)
+    # one scrape is one consistent snapshot: as many staleness observations as applied gradients
+    assert all(applied == observed for applied, observed in pairs), pairs
     wait_for(lambda: value(scrape(port), "paramserver_theta_version") == srv.server.store.version == 120,
              what="the final version on /metrics")
