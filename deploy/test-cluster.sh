@@ -38,7 +38,7 @@ phase_start() { PHASE_NAME=$1; PHASE_T0=$(date +%s); say "== $1"; }
 phase_end() { PHASES+=("$(printf '%-42s %4ds' "$PHASE_NAME" $(( $(date +%s) - PHASE_T0 )))"); }
 
 # the compose cluster's settings (deploy/docker-compose.yml reads these); a short --worker-timeout for the kill
-export WORKERS=3 JOB=gpt MAX_BYTES=1000000 STEPS=100000 WORKER_TIMEOUT=4 HEARTBEAT=0.5 CHECKPOINT_EVERY=5 \
+export WORKERS=3 JOB=gpt MAX_BYTES=1000000 STEPS=100000 WORKER_TIMEOUT=6 HEARTBEAT=0.5 CHECKPOINT_EVERY=5 \
        LOG_EVERY=200 SERVER_TIMEOUT=300 METRICS_PORT BASE_IMAGE=$BASE
 compose() { podman-compose -p "$PROJECT" -f "$COMPOSE_FILE" "$@" >>"$WORK/compose.log" 2>&1; }
 project_containers() { podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT"; }

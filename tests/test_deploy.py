@@ -175,3 +175,43 @@ def test_k8s_worker_command_is_valid(tmp_path, index, rank):
     cfg, env, job = _k8s_command("Job", tmp_path, {"JOB_COMPLETION_INDEX": index} if index else {})
     assert cfg.rank == rank          # the Indexed Job's completion index, else assigned by the server
     assert cfg.server == "tcp://ps-0.ps:5555" and cfg.num_workers == job["spec"]["completions"] == 3
+
+
+def test_auto_rank_register_is_not_resent_while_the_server_is_slow():
+    """A REGISTER with id -1 that is sent again is a second registration (another id, a phantom worker that
+    is later declared dead): a worker with --rank -1 waits for the first answer instead of resending."""
+    import zmq
+    from common.protocol import Message, MsgType, decode, encode
+    from worker.client import PSClient
+    from worker.train import _register
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    received = []
+
+    def slow_server():   # answers the first REGISTER after 1.5 s, counting every REGISTER it gets meanwhile
+        deadline = time.monotonic() + 1.5
+        first = None
+        while time.monotonic() < deadline:
+            if router.poll(50):
+                frames = router.recv_multipart()
+                msg = decode(frames[1:])
+                received.append(msg.seq)
+                first = first or (frames[0], msg)
+        router.send_multipart([first[0]] + encode(Message(MsgType.WELCOME, worker=0, seq=first[1].seq)))
+
+    class Job:
+        def params_numpy(self):
+            return {}
+
+    t = threading.Thread(target=slow_server, daemon=True)
+    t.start()
+    cfg = WorkerConfig(server=f"tcp://127.0.0.1:{port}", rank=-1, num_workers=2, job="mlp", request_timeout=0.2)
+    with PSClient(cfg.server, worker=-1, request_timeout=0.2, server_timeout=10) as ps:
+        welcome = _register(ps, cfg, Job())
+        assert ps.request_timeout == 0.2          # restored for the requests that follow
+    t.join(timeout=10)
+    router.close()
+    assert welcome.worker == 0
+    assert len(received) == 1, f"REGISTER sent {len(received)} times"

@@ -32,6 +32,8 @@ log = logging.getLogger("worker.train")
 #: one row of a worker's (or DDP rank's) "steps" and "evals" series
 STEP_FIELDS = ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s", "status"]
 EVAL_FIELDS = ["time_s", "step", "version", "eval_loss"]
+#: seconds a worker with --rank -1 waits for WELCOME before it sends REGISTER again
+AUTO_RANK_TIMEOUT = 30.0
 
 
 def straggler_rng(cfg: WorkerConfig) -> random.Random:
@@ -60,7 +62,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     t_start = time.time()
     try:
-        welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
+        welcome = _register(client, cfg, job)
         if cfg.rank < 0:   # --rank -1 / PS_RANK=auto: the id the server assigned is the rank (the data shard)
             cfg = _assigned_rank(cfg, welcome.worker)
             m["rank"], m["worker_id"] = cfg.rank, welcome.worker
@@ -141,6 +143,19 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         with open(os.path.join(cfg.out, f"worker{m.get('worker_id', cfg.rank)}.json"), "w") as f:
             json.dump(m, f)
     return m
+
+
+def _register(client: PSClient, cfg: WorkerConfig, job):
+    """REGISTER (the first worker's parameters initialise theta). With --rank -1 a resend would be a
+    second registration under another id, so the first answer is awaited longer: ZeroMQ delivers the
+    request once the server is up, and a resend is needed only if the server lost it (a restart)."""
+    if cfg.rank >= 0:
+        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
+    saved, client.request_timeout = client.request_timeout, max(client.request_timeout, AUTO_RANK_TIMEOUT)
+    try:
+        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
+    finally:
+        client.request_timeout = saved
 
 
 def _assigned_rank(cfg: WorkerConfig, worker_id: int) -> WorkerConfig:
