@@ -199,7 +199,7 @@ v_dead=$(status version)
 wait_for 120 "sync training to go on with 2 workers" ge version $((v_dead + 30))
 [ "$(status live)" = 2 ] || fail "live workers after the kill: $(status live), want 2"
 scrape; m_dead=$(metric 'paramserver_workers{state="dead"}')
-silent=$(podman logs "${PROJECT}_server_1" 2>&1 | grep -o 'silent for [0-9.]*s: declared dead' | tail -1 | awk '{print $3}')
+silent=$(podman logs "${PROJECT}_server_1" 2>&1 | grep -o 'silent for [0-9.]*s: declared dead' | tail -1 | awk '{print $3}' | tr -d :)
 check "sync, podman kill of worker 3: declared dead after $silent of silence (server log; --worker-timeout $WORKER_TIMEOUT), seen dead through podman exec $("$PY" -c "print(round($t_dead - $t_kill, 1))")s after the kill, barrier went on with 2 live workers: version $v_dead -> $(status version); /metrics dead workers $m_dead"
 phase_end
 
