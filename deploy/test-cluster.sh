@@ -49,7 +49,8 @@ cleanup() {
     if [ "$rc" != 0 ]; then
         say "cleaning up after a failure (exit $rc); the last lines of the logs:"
         for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep -E "^(${PROJECT}_|ps-0|worker-)"); do
-            echo "--- $c"; podman logs --tail 8 "$c" 2>&1 | grep -v 'level=error msg=".*systemd' | tail -8
+            echo "--- $c"; podman logs "$c" 2>&1 | grep -v -e 'level=error msg=".*systemd' -e 'peer on .* disconnected' \
+                | tail -"$([[ $c == *server* || $c == ps-0* ]] && echo 30 || echo 8)"
         done
         grep -v -e 'level=error msg=".*systemd' -e '^exit code' -e '^podman ' -e '^\[' "$WORK/compose.log" 2>/dev/null | tail -8
     fi
