@@ -31,7 +31,7 @@ ENV_VARS = {
     "PS_ROLE": ("role", "what `paramserver` runs when no subcommand is given: server or worker"),
     "PS_SERVER": ("server", "address workers connect to, e.g. tcp://10.0.0.5:5555"),
     "PS_BIND": ("bind", "address the server binds, e.g. tcp://0.0.0.0:5555"),
-    "PS_RANK": ("rank", "this worker's rank, 0..N-1 (its data shard)"),
+    "PS_RANK": ("rank", "this worker's rank, 0..N-1 (its data shard); auto (or -1): the server assigns one"),
     "PS_NUM_WORKERS": ("num_workers", "number of workers in the job (shards; the server's start gate)"),
     "PS_SHARD_INDEX": ("shard_index", "which part of theta this server holds, 0..K-1 (see PS_NUM_SHARDS)"),
     "PS_NUM_SHARDS": ("num_shards", "number of server shards theta is split over"),
@@ -93,6 +93,10 @@ class ServerConfig:
     resume: str = opt("", "checkpoint to restore theta, optimizer state, version and clocks from")
     checkpoint: str = opt("", "path of the checkpoint written on shutdown (and periodically); empty: none")
     checkpoint_every: float = opt(0.0, "seconds between periodic checkpoints (0: only on shutdown)")
+    auto_resume: bool = opt(False, "resume from --checkpoint when that file exists, else start fresh (a restarted "
+                                   "server continues on its own)")
+    metrics_port: int = opt(0, "serve Prometheus metrics on http://HOST:PORT/metrics, HOST from --bind "
+                               "(0: off)")
     metrics: str = opt("", "path of the JSON metrics file written on shutdown; empty: none")
     max_gradients: int = opt(0, "end the job once this many gradients have been applied: every worker is told "
                                 "to stop (0: no limit; workers stop after their --steps)")
@@ -153,6 +157,12 @@ class ServerConfig:
             raise ValueError(f"--resume {self.resume!r} is a folder; give the checkpoint file")
         if self.resume and not os.path.exists(self.resume):
             raise ValueError(f"--resume {self.resume!r}: no such file")
+        if self.auto_resume and not self.checkpoint:
+            raise ValueError("--auto-resume resumes from --checkpoint: give --checkpoint PATH too")
+        if self.auto_resume and self.resume:
+            raise ValueError("--auto-resume and --resume exclude each other (--auto-resume reads --checkpoint)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("--metrics-port must be a TCP port in [1, 65535] (0: off)")
 
 
 @dataclass
@@ -188,7 +198,8 @@ class WorkerConfig(JobConfig):
 
     server: str = opt("tcp://127.0.0.1:5555", "server address to connect to; with K shards, the K shard addresses "
                                               "comma-separated in shard order")
-    rank: int = opt(0, "this worker's rank 0..N-1: picks its data shard and its worker id")
+    rank: int = opt(0, "this worker's rank 0..N-1: picks its data shard and its worker id (-1: the server "
+                       "assigns one at registration)")
     num_workers: int = opt(1, "number of workers (data shards)")
     shard: str = opt("random", "how samples are split over workers", SHARDINGS)
     batch_size: int = opt(16, "samples per micro-batch")
@@ -223,9 +234,9 @@ class WorkerConfig(JobConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.rank < self.num_workers:
+        if not -1 <= self.rank < self.num_workers:
             raise ValueError(f"--rank {self.rank} must be in [0, {self.num_workers - 1}] for --num-workers "
-                             f"{self.num_workers}")
+                             f"{self.num_workers}, or -1 (PS_RANK=auto) for a rank assigned by the server")
         if self.batch_size < 1 or self.accum < 1 or self.steps < 0:
             raise ValueError("--batch-size and --accum must be >= 1 and --steps >= 0")
         if self.slowdown < 1.0:
@@ -302,6 +313,8 @@ def env_overrides(cls) -> dict[str, Any]:
     for var, (fname, _) in ENV_VARS.items():
         if var in os.environ and fname in names:
             raw = os.environ[var]
+            if var == "PS_RANK" and raw.strip().lower() == "auto":
+                raw = "-1"
             try:
                 out[fname] = hints[fname](raw)
             except ValueError:

@@ -101,7 +101,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"paramserver worker {cfg.rank}: error: {exc}", file=sys.stderr, flush=True)
         return 1
     s = summarize(m)
-    print(f"worker {cfg.rank} done: {s['steps']} steps in {s['wall_s']:.1f}s "
+    print(f"worker {s['rank']} done: {s['steps']} steps in {s['wall_s']:.1f}s "
           f"(compute {s['compute_s']:.1f}s, wait {s['wait_s']:.1f}s, comm {s['comm_s']:.1f}s)", flush=True)
     return 0
 

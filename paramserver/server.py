@@ -155,8 +155,11 @@ class Server:
             MsgType.LEAVE: self._on_leave, MsgType.HEARTBEAT: self._on_heartbeat,
             MsgType.STATUS: self._on_status, MsgType.SHUTDOWN: self._on_shutdown,
         }
-        if cfg.resume:
-            self._resume(cfg.resume)
+        self.prom = None         # the Prometheus exporter (paramserver/prom.py) when --metrics-port is set
+        if cfg.resume or (cfg.auto_resume and os.path.exists(cfg.checkpoint)):
+            self._resume(cfg.resume or cfg.checkpoint)
+        elif cfg.auto_resume:
+            log.info("--auto-resume: no checkpoint at %s yet; starting fresh", cfg.checkpoint)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -183,6 +186,9 @@ class Server:
             self._monitor = self.sock.get_monitor_socket(MONITORED)
             log.info("listening on %s (mode=%s, workers=%d%s)", self.address, self.cfg.mode, self.cfg.num_workers,
                      f", shard {self.cfg.shard_index} of {self.cfg.num_shards}" if self.cfg.num_shards > 1 else "")
+            if self.cfg.metrics_port:
+                from paramserver.prom import PromExporter
+                self.prom = PromExporter(self, self.cfg.metrics_port)
         return self.address
 
     def _set_max_message(self) -> None:
@@ -208,6 +214,8 @@ class Server:
         self.save_outputs()
         if self.transport is not None:
             self.transport.close()
+        if self.prom is not None:
+            self.prom.close()
         self.sock.disable_monitor()
         self._monitor.close()
         self.sock.close()
@@ -251,6 +259,8 @@ class Server:
             if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
                 self.write_checkpoint()
                 next_ckpt = now + self.cfg.checkpoint_every
+            if self.prom is not None:
+                self.prom.publish()
 
     def _connection_events(self) -> None:
         """Say when ZeroMQ drops a connection: it does so without a message for an oversized message
@@ -317,6 +327,8 @@ class Server:
             self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
             self.record.handle_s.append(time.perf_counter() - t0)
+            if self.prom is not None:
+                self.prom.handled(self.record.handle_s[-1])
 
     def _refuse(self, identity: bytes, msg: Message, code: str, text: str) -> None:
         self.policy.counters[f"refused:{code}"] += 1
@@ -507,6 +519,9 @@ class Server:
         """The worker id a REGISTER gets, or RequestError: identity binding and the --max-workers cap."""
         session, key = self._peer
         worker = msg.worker
+        mine = [w for w, s in self.workers.items() if s.session == session and s.alive]
+        if worker < 0 and mine:   # a resent automatic REGISTER: the id this session already has
+            worker = mine[0]
         if worker < 0:
             # automatic: the lowest rank of the job never used, else the lowest id whose worker is dead or left
             # (not one a resumed server is waiting for), else a new id

@@ -39,6 +39,8 @@ log = logging.getLogger("worker.train")
 #: one row of a worker's (or DDP rank's) "steps" and "evals" series
 STEP_FIELDS = ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s", "status"]
 EVAL_FIELDS = ["time_s", "step", "version", "eval_loss"]
+#: seconds a worker with --rank -1 waits for WELCOME before it sends REGISTER again
+AUTO_RANK_TIMEOUT = 30.0
 
 
 def straggler_rng(cfg: WorkerConfig) -> random.Random:
@@ -75,21 +77,24 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     if device == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     job = build_job(subset(cfg, JobConfig), device)
-    shard, stream = batch_stream(cfg, job.n_samples)
     own = client is None
     client = client or make_client(cfg)
     io = Transfer(job.model, device, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
     # a plain client can hand 16-bit theta over undecoded (Transfer widens it on the way into the model)
     pull_raw = "raw" in inspect.signature(client.pull).parameters
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
-         "shard_size": int(len(shard)),
          "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
-    slow_rng = straggler_rng(cfg)
     t_start = time.time()
     m["exit"] = "done"
     gate = None
     try:
-        welcome = client.register(init=job.params_numpy(), job=_job_meta(cfg))
+        welcome = _register(client, cfg, job)
+        if cfg.rank < 0:   # --rank -1 / PS_RANK=auto: the id the server assigned is the rank (the data shard)
+            cfg = _assigned_rank(cfg, welcome.worker)
+            m["rank"], m["worker_id"] = cfg.rank, welcome.worker
+        shard, stream = batch_stream(cfg, job.n_samples)
+        m["shard_size"] = int(len(shard))
+        slow_rng = straggler_rng(cfg)
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
         gate = _GateReporter(cfg, client)
@@ -180,10 +185,36 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
 def write_metrics(m: dict, cfg: WorkerConfig) -> None:
     """Write workerN.json atomically (a signal during the write leaves the previous file or none)."""
     os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, f"worker{cfg.rank}.json")
+    path = os.path.join(cfg.out, f"worker{m.get('worker_id', cfg.rank)}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(m, f)
     os.replace(path + ".tmp", path)
+
+
+def _register(client: PSClient, cfg: WorkerConfig, job):
+    """REGISTER (the first worker's parameters initialise theta). With --rank -1 a resend would be a
+    second registration under another id, so the first answer is awaited longer: ZeroMQ delivers the
+    request once the server is up, and a resend is needed only if the server lost it (a restart)."""
+    if cfg.rank >= 0:
+        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
+    saved, client.request_timeout = client.request_timeout, max(client.request_timeout, AUTO_RANK_TIMEOUT)
+    try:
+        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
+    finally:
+        client.request_timeout = saved
+
+
+def _assigned_rank(cfg: WorkerConfig, worker_id: int) -> WorkerConfig:
+    """The config of a worker whose rank the server assigned at registration (WELCOME's worker id).
+
+    An id beyond --num-workers (a replacement that joined while the worker it replaces was still
+    counted live) trains on shard id mod N, so it still trains instead of failing."""
+    rank = worker_id % cfg.num_workers
+    if rank != worker_id:
+        log.warning("the server assigned worker id %d, beyond --num-workers %d: training on shard %d",
+                    worker_id, cfg.num_workers, rank)
+    log.info("rank assigned by the server: %d", rank)
+    return dataclasses.replace(cfg, rank=rank)
 
 
 def _job_meta(cfg: WorkerConfig) -> dict:
