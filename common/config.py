@@ -104,8 +104,9 @@ class ServerConfig:
                                        "65536 values, else estimated from 65536 sampled coordinates, under 1 percent of an apply)")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
     max_message_mb: float = opt(0.0, "largest message frame accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
-                                     "more is disconnected. 0: automatic (1024 until theta is known, then what the "
-                                     "largest tensor needs plus the header, for connections made from then on)")
+                                     "more is disconnected. 0: automatic: the largest frame the protocol sends (a "
+                                     "24 MiB chunk) plus the 1 MiB header limit, or less when a resumed server "
+                                     "knows theta's largest tensor")
     min_workers: int = opt(1, "sync: below this many live workers the server holds every pull and says so")
     max_workers: int = opt(0, "most worker ids the server keeps (live, dead or left); more registrations are "
                               "refused. 0: 2 x --num-workers + 4")
@@ -153,14 +154,14 @@ class ServerConfig:
         check_address("--bind", self.bind)
         if self.staleness != 3 and self.mode != "ssp":   # 3 is the default: only a value the user gave
             raise ValueError("--staleness only applies to --mode ssp")
-        if self.resume and os.path.isdir(self.resume):
-            raise ValueError(f"--resume {self.resume!r} is a folder; give the checkpoint file")
-        if self.resume and not os.path.exists(self.resume):
-            raise ValueError(f"--resume {self.resume!r}: no such file")
         if self.auto_resume and not self.checkpoint:
             raise ValueError("--auto-resume resumes from --checkpoint: give --checkpoint PATH too")
         if self.auto_resume and self.resume:
             raise ValueError("--auto-resume and --resume exclude each other (--auto-resume reads --checkpoint)")
+        if self.resume and os.path.isdir(self.resume):
+            raise ValueError(f"--resume {self.resume!r} is a folder; give the checkpoint file")
+        if self.resume and not os.path.exists(self.resume):
+            raise ValueError(f"--resume {self.resume!r}: no such file")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("--metrics-port must be a TCP port in [1, 65535] (0: off)")
 

@@ -26,7 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import (MAX_HEADER_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded, Message, MsgType, ProtocolError,
+from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded, Message, MsgType, ProtocolError,
                              decode, decode_wire, encode, error_reply, session_of)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
@@ -54,8 +54,6 @@ REFUSALS = frozenset({"identity", "worker_live", "bad_seq", "too_many_workers", 
 MAX_SEQ_JUMP = 10_000
 #: replies queued per connection before ZeroMQ drops more (a client that never reads pins no more than this)
 SEND_HWM = 8
-#: the start-up frame limit while theta is unknown (the first REGISTER carries it)
-STARTUP_MAX_MESSAGE_MB = 1024.0
 
 
 #: flags a checkpoint must have been written with to be resumed (unless --resume-override)
@@ -192,15 +190,16 @@ class Server:
         return self.address
 
     def _set_max_message(self) -> None:
-        """ZMQ_MAXMSGSIZE (per frame): the flag's value, or (automatic) what theta's largest tensor needs when
-        theta is known at bind time (a resumed server), else the start-up limit. ZeroMQ's listener copies its
+        """ZMQ_MAXMSGSIZE (per frame): the flag's value, or (automatic) the largest frame the protocol sends
+        (a CHUNK_BYTES chunk, plus the header limit), lowered to theta's largest tensor when theta is known at
+        bind time (a resumed server). ZeroMQ's listener copies its
         options when it binds, so the limit is set once; every message is checked against theta anyway."""
         if self.cfg.max_message_mb > 0:
             limit = int(self.cfg.max_message_mb * 2**20)
         elif self.store.initialized:
-            limit = max(t.nbytes for t in self.store.theta.values()) + MAX_HEADER_BYTES
-        else:
-            limit = int(STARTUP_MAX_MESSAGE_MB * 2**20)
+            limit = min(max(t.nbytes for t in self.store.theta.values()), CHUNK_BYTES) + MAX_HEADER_BYTES
+        else:   # tensors travel in frames of at most CHUNK_BYTES (protocol.encode splits larger ones)
+            limit = CHUNK_BYTES + MAX_HEADER_BYTES
         self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
 
     def stop(self) -> None:

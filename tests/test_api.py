@@ -74,12 +74,16 @@ def _run_api_worker(model, data, address, rank, steps, accum, batch_size, out):
         out[rank] = exc
 
 
-@pytest.mark.parametrize("accum", [1, 3])
-def test_api_sync_equals_single_process_training(start_server, accum):
+@pytest.mark.parametrize("accum, shards", [(1, 1), (3, 1), (1, 2)])
+def test_api_sync_equals_single_process_training(start_server, accum, shards):
     """Two workers training a CNN (no built-in job has one) through DistributedOptimizer in sync mode end
-    at the θ of single-process SGD on the union of their batches (with --accum k: of their k micro-batches)."""
+    at the θ of single-process SGD on the union of their batches (with --accum k: of their k micro-batches);
+    also with θ split over 2 server shards (the API is given both addresses)."""
     steps, bs = 4, 8
-    srv = start_server(num_workers=N, mode="sync", optimizer="sgd", lr=LR, aggregate="mean")
+    servers = [start_server(num_workers=N, mode="sync", optimizer="sgd", lr=LR, aggregate="mean", shard_index=i,
+                            num_shards=shards) for i in range(shards)]
+    srv = servers[0]
+    address = ",".join(s.address for s in servers)
     x, y = make_images(320, seed=1)
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     torch.manual_seed(0)
@@ -87,14 +91,14 @@ def test_api_sync_equals_single_process_training(start_server, accum):
     init = copy.deepcopy(model0.state_dict())
     out: dict = {}
     threads = [threading.Thread(target=_run_api_worker, daemon=True,
-                                args=(copy.deepcopy(model0), data, srv.address, r, steps, accum, bs, out))
+                                args=(copy.deepcopy(model0), data, address, r, steps, accum, bs, out))
                for r in range(N)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert out == {0: steps, 1: steps}, out
-    assert srv.server.store.version == steps
+    assert all(s.server.store.version == steps for s in servers)
     assert all(isinstance(u[4], float) for u in srv.server.record.updates)   # step(loss=...) labels each push
 
     ref = SmallCNN()
@@ -106,7 +110,11 @@ def test_api_sync_equals_single_process_training(start_server, accum):
         sgd.zero_grad()
         F.cross_entropy(ref(data.tensors[0][idx]), data.tensors[1][idx]).backward()
         sgd.step()
-    theta = srv.server.store.theta
+    if shards == 1:
+        theta = srv.server.store.theta
+    else:   # the shards' pieces joined back into whole tensors
+        from common.shards import merge_states
+        theta = merge_states([s.server.state_dict() for s in servers])["theta"]
     worst = max(float(np.abs(theta[n] - p.detach().numpy()).max()) for n, p in ref.named_parameters())
     assert worst <= 1e-5, f"max |theta_ps - theta_single_process| = {worst}"
     moved = max(float(np.abs(theta[n] - init[n].numpy()).max()) for n in init)
@@ -209,7 +217,11 @@ def test_numpy_worker_and_torch_worker_train_in_one_job(start_server, tmp_path):
         sgd.zero_grad()
         F.mse_loss(ref(torch.from_numpy(x[idx])), torch.from_numpy(y[idx])).backward()
         sgd.step()
-    theta = srv.server.store.theta
+    if shards == 1:
+        theta = srv.server.store.theta
+    else:   # the shards' pieces joined back into whole tensors
+        from common.shards import merge_states
+        theta = merge_states([s.server.state_dict() for s in servers])["theta"]
     worst = max(float(np.abs(theta[n] - p.detach().numpy()).max()) for n, p in ref.named_parameters())
     assert worst <= 1e-5, f"max |theta_ps - theta_single_process| = {worst}"
     assert float(np.abs(theta["weight"] - init_params(3)["weight"]).max()) > 1e-2

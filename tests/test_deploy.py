@@ -178,8 +178,9 @@ def _k8s_command(kind: str, tmp_path, extra_env: dict[str, str]):
 
 
 def test_k8s_server_command_is_valid(tmp_path):
-    cfg, env, sts = _k8s_command("StatefulSet", tmp_path, {"HOSTNAME": "ps-2"})
-    assert env["PS_SHARD_INDEX"] == "2" and env["PS_NUM_SHARDS"] == "1"    # the shard index is the ordinal
+    cfg, env, sts = _k8s_command("StatefulSet", tmp_path, {"HOSTNAME": "ps-2", "SHARDS": "3"})
+    assert env["PS_SHARD_INDEX"] == "2" and env["PS_NUM_SHARDS"] == "3"    # the shard index is the ordinal
+    assert (cfg.shard_index, cfg.num_shards) == (2, 3)
     assert cfg.bind == "tcp://0.0.0.0:5555" and cfg.auto_resume and cfg.metrics_port == 9100
     assert cfg.num_workers == 3 and cfg.mode == "sync"
     annotations = sts["spec"]["template"]["metadata"]["annotations"]

@@ -427,3 +427,18 @@ def test_under_auth_the_same_key_does_not_take_over_a_live_worker(start_server, 
         assert info.value.code == "worker_live"
         first.push(GRAD, version=0, clock=0)         # the first one trains on
     assert srv.server.store.version == 1
+
+
+def test_the_automatic_frame_limit_is_the_protocols_largest_frame(start_server):
+    """Before theta is known the limit is one 24 MiB chunk plus the header: a 26 MiB frame is refused
+    by ZeroMQ; a 40 MiB tensor sent by `encode` (in chunks) is accepted."""
+    from common.protocol import CHUNK_BYTES
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    with _raw_socket(srv.address) as s:
+        frames = encode(Message(MsgType.STATUS, seq=1))
+        s.send_multipart(frames + [b"\0" * (CHUNK_BYTES + 2 * 2**20)])   # one oversized frame
+        assert not s.poll(1000)
+    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
+    with PSClient(srv.address, worker=0, server_timeout=30) as ps:
+        welcome = ps.register(init={"w": np.zeros(10 * 2**20, np.float32)})          # 40 MiB, chunked
+        assert welcome.tensors["w"].shape == (10 * 2**20,)

@@ -59,14 +59,14 @@ def client_options(cfg: WorkerConfig) -> dict:
 
 
 def _make_client(addresses: list[str], **options) -> PSClient:
-    """The one place a user's worker gets its client: one address, one PSClient.
-
-    (With shards, `--server` lists one address per shard and a sharded client with the same verbs
-    takes over here.)
+    """The one place a user's worker gets its client: one address, one PSClient; with shards (`--server`
+    lists one address per shard, in shard order) a ShardedClient with the same verbs, one connection per shard.
     """
-    if len(addresses) != 1:
-        raise ConfigError(f"--server lists {len(addresses)} addresses, but this build talks to one server; "
-                          "give one address")
+    if not addresses:
+        raise ConfigError("--server names no address; give tcp://HOST:PORT (one per shard)")
+    if len(addresses) > 1:
+        from worker.sharded import ShardedClient
+        return ShardedClient(addresses, client=PSClient, **options)
     return PSClient(addresses[0], **options)
 
 
