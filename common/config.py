@@ -248,8 +248,8 @@ class WorkerConfig(JobConfig):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
-        check_address("--server", self.server)
         parse_addresses(self.server)
+        check_address("--server", self.server)
 
 
 @dataclass

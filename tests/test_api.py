@@ -217,11 +217,7 @@ def test_numpy_worker_and_torch_worker_train_in_one_job(start_server, tmp_path):
         sgd.zero_grad()
         F.mse_loss(ref(torch.from_numpy(x[idx])), torch.from_numpy(y[idx])).backward()
         sgd.step()
-    if shards == 1:
-        theta = srv.server.store.theta
-    else:   # the shards' pieces joined back into whole tensors
-        from common.shards import merge_states
-        theta = merge_states([s.server.state_dict() for s in servers])["theta"]
+    theta = srv.server.store.theta
     worst = max(float(np.abs(theta[n] - p.detach().numpy()).max()) for n, p in ref.named_parameters())
     assert worst <= 1e-5, f"max |theta_ps - theta_single_process| = {worst}"
     assert float(np.abs(theta["weight"] - init_params(3)["weight"]).max()) > 1e-2

@@ -68,7 +68,7 @@ def test_metrics_of_a_training_run(start_server, tmp_path):
         t.join(timeout=120)
     assert all(isinstance(results[r], dict) for r in range(2)), results
     # one wrong gradient: counted as dropped with its reason
-    with PSClient(srv.address, server_timeout=10) as ps:
+    with PSClient(srv.address, worker=2, server_timeout=10) as ps:   # (an automatic id would reuse a left one)
         ps.register()
         with pytest.raises(ServerError):
             ps.push({"nope": np.zeros(3, np.float32)}, version=0, clock=0)
