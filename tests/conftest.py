@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -73,3 +74,13 @@ def counts_add_up(status: dict) -> None:
     c = status["counters"]
     dropped = sum(v for k, v in c.items() if k.startswith("dropped:"))
     assert c.get("received", 0) == c.get("applied", 0) + dropped + status["pending_gradients"], c
+
+
+def wait_for(pred, timeout: float = 60.0, what: str = "condition", every: float = 0.05) -> None:
+    """Poll `pred` until it holds; a hang guard, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

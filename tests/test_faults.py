@@ -16,22 +16,13 @@ import pytest
 import zmq
 
 from common.config import WorkerConfig
-from common.protocol import Message, MsgType, decode, encode
+from common.protocol import Message, MsgType, encode
 from common.checkpoint import load_checkpoint
 from paramserver.store import theta_crc32
-from tests.conftest import ROOT, counts_add_up, worker_process
+from tests.conftest import ROOT, counts_add_up, wait_for as _wait_for, worker_process
 from worker.client import PSClient, ServerUnavailable
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
-
-
-def _wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _workers(address, n, steps, **kw):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import socket
 import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.config import ConfigError, ServerConfig, WorkerConfig, from_args
 from paramserver.prom import metrics_host
 from paramserver.server import Server
-from tests.conftest import run_worker_thread
+from tests.conftest import run_worker_thread, wait_for
 from worker.client import PSClient, ServerError
 
 
@@ -38,15 +37,6 @@ def scrape(port: int) -> dict:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples[(name, frozenset(labels.items()))]
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_metrics_of_a_training_run(start_server, tmp_path):

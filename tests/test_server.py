@@ -2,12 +2,12 @@
 resume barrier, --step-timeout, and bounded memory. Each test runs against a live server."""
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,20 +17,14 @@ from common.checkpoint import load_checkpoint
 from common.config import ConfigError, ServerConfig
 from common.protocol import Message, MsgType, decode, encode
 from paramserver.server import Server
-from tests.conftest import ROOT, RunningServer
+from tests.conftest import ROOT, RunningServer, wait_for
 from worker.client import PSClient, ServerError
 
 THETA = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
 GRAD = {"w": np.full((2, 3), 0.5, np.float32), "b": np.full(2, 0.25, np.float32)}
 
 
-def _wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait_for = functools.partial(wait_for, timeout=30.0, every=0.02)
 
 
 def _raw_socket(address: str, routing_id: bytes = b"") -> zmq.Socket:
