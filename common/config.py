@@ -123,9 +123,14 @@ class ServerConfig:
                               "shard addresses in this order)")
     num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
     shm: bool = opt(True, "answer workers on this host through shared memory (/dev/shm) when they offer it")
+    threads: int = opt(0, "torch threads for the update (0: torch's default, one per core; `paramserver cluster` "
+                          "gives cores / (workers + shards)). Fewer threads than cores avoids stalls when workers "
+                          "share the machine")
 
     def __post_init__(self):
         _validate_choices(self)
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's default), not {self.threads}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"--shard-index {self.shard_index} must be in [0, {self.num_shards - 1}] for "
                              f"--num-shards {self.num_shards}")

@@ -71,8 +71,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     _passive_openmp()
     import zmq
     from paramserver.server import Server
+    from common.tuning import keep_freed_memory, set_threads
     cfg = from_args(ServerConfig, args)
     _setup_logging(cfg.log_level)
+    keep_freed_memory()
+    set_threads(cfg.threads)
     server = Server(cfg)
     try:
         server.bind()
@@ -91,9 +94,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.train import run_worker, summarize
     from worker.client import ServerError, ServerUnavailable
+    from common.tuning import keep_freed_memory
     cfg = from_args(WorkerConfig, args)
     _setup_logging(cfg.log_level)
     _check_resolves("--server", cfg.server)
+    keep_freed_memory()
     signal.signal(signal.SIGTERM, _exit_once)
     try:
         m = run_worker(cfg)

@@ -268,6 +268,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
         scfg.curve_secret = os.path.join(keys, "server.key_secret")
         scfg.auth = os.path.join(keys, "clients")
     threads = wcfg.threads or max(1, (os.cpu_count() or 1) // ccfg.workers)
+    scfg.threads = scfg.threads or max(1, (os.cpu_count() or 1) // (ccfg.workers + ccfg.shards))
     mode = scfg.mode + (f" (staleness bound {scfg.staleness})" if scfg.mode == "ssp" else "") + \
         (f" ({scfg.backup_workers} backup workers)" if scfg.backup_workers else "")
     straggler = (f", straggler: worker {ccfg.workers - 1} x{ccfg.straggler:g}"

@@ -198,14 +198,19 @@ class ParamStore:
     def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0) -> int:
         """One optimizer step with gradient `scale * grads` (already checked) and learning rate
         `lr_scale * lr`. Returns the new version."""
-        self._writable()
-        self.opt_steps += 1
         lr = self.lr * lr_scale
         g = [_tensor(np.asarray(grads[n])) for n in self.theta]
         if self.optimizer == "sgd":
-            # theta -= (lr * scale) * g: one pass, no temporary
-            torch._foreach_add_(self._params, g, alpha=-lr * scale)
+            # theta -= (lr * scale) * g: one pass, no temporary. When a send still reads theta, the result is
+            # written into a recycled buffer instead (the same pass: no copy of theta first)
+            old = self._writable(copy=False)
+            if old is None:
+                torch._foreach_add_(self._params, g, alpha=-lr * scale)
+            else:
+                for p, src, x in zip(self._params, old.values(), g):
+                    torch.add(_tensor(src), x, alpha=-lr * scale, out=p)
         else:
+            self._writable()
             if scale != 1.0:
                 if self._scratch is None:
                     self._scratch = [torch.empty_like(p) for p in self._params]
@@ -219,6 +224,7 @@ class ParamStore:
             self._opt.step()
             for p in self._params:
                 p.grad = None
+        self.opt_steps += 1
         self.version += 1
         self._live.version = self.version
         self._checksum = None
@@ -279,24 +285,29 @@ class ParamStore:
             return cur
         return next((b for w, b in self._wire_frozen if w == wire and b.version == version), None)
 
-    def _writable(self) -> None:
-        """Before theta changes: if anyone may still read the live buffer, move theta (copy on write)."""
+    def _writable(self, copy: bool = True) -> dict | None:
+        """Before theta changes: if anyone may still read the live buffer, move theta to another buffer (copy
+        on write; `copy=False`: the caller fills the new buffer itself). Returns the old arrays when theta
+        moved, else None."""
         self._recycle()
         if not self._live.busy():
-            return
+            return None
         arrays = self._free.pop() if self._free else None
         if arrays is None:
             self.allocations += 1
             arrays = {n: np.empty_like(t) for n, t in self.theta.items()}
-        for n, t in self.theta.items():
-            np.copyto(arrays[n], t)
+        old = self.theta
+        if copy:
+            for n, t in old.items():
+                np.copyto(arrays[n], t)
+            self.copies += 1
         if self._live.leases == 0:      # tracked: it comes back to the pool when its sends are done
             self._frozen.append(self._live)
         self._live = _Buffer(arrays, self.version)
         self.theta = arrays
         for p, a in zip(self._params, arrays.values()):
             p.set_(torch.from_numpy(a))
-        self.copies += 1
+        return old
 
     def _recycle(self) -> None:
         still = []
@@ -369,9 +380,10 @@ def _finite(g: np.ndarray) -> bool:
     (NaN and Inf propagate); only when the sum is not (also on overflow) are the values checked one by one."""
     if g.size == 0:
         return True
-    # torch's sum runs on all threads: worth it for big tensors, not the thread wake-ups for small ones
+    # torch's sum is vectorized and runs on the server's threads: 0.58 ms for 16 x 625K floats on 2 threads
+    # (numpy's pairwise sum: 1.76 ms); below 64K values the call overhead dominates and numpy is as good
     with np.errstate(over="ignore", invalid="ignore"):   # overflow is handled below
-        total = torch.sum(_tensor(g)).item() if g.size >= 1 << 20 else np.sum(g)
+        total = torch.sum(_tensor(g)).item() if g.size >= 1 << 16 else np.sum(g)
     if np.isfinite(total):
         return True
     return bool(np.isfinite(g).all())

@@ -184,7 +184,7 @@ def _addr(a):
 
 
 def test_pool_never_hands_out_a_buffer_still_being_sent():
-    store = ParamStore("sgd", lr=1.0)
+    store = ParamStore("momentum", lr=1.0, momentum=0.0)   # in-place optimizers copy theta away first
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
     v0, snap0 = store.snapshot()
@@ -210,6 +210,28 @@ def test_pool_never_hands_out_a_buffer_still_being_sent():
     assert _addr(store.theta["w"]) == _addr(snap0["w"])
     assert store.allocations == 2                    # two buffers ever allocated for four versions sent
     assert (snap2["w"] == -2).all() and (snap3["w"] == -3).all() and (store.theta["w"] == -4).all()
+
+
+def test_sgd_writes_around_a_snapshot_being_sent_with_the_same_bits_and_no_copy():
+    rng = np.random.default_rng(0)
+    theta = {"w": rng.standard_normal(5000, dtype=np.float32), "b": rng.standard_normal(7, dtype=np.float32)}
+    grads = [{n: rng.standard_normal(t.shape, dtype=np.float32) for n, t in theta.items()} for _ in range(6)]
+    moved, inplace = ParamStore("sgd", lr=0.37), ParamStore("sgd", lr=0.37)
+    moved.init(theta)
+    inplace.init(theta)
+    sent = []
+    for i, g in enumerate(grads):
+        v, snap = moved.snapshot()
+        moved.track(v, FakeTracker())                # every version is still on the wire when the next comes
+        sent.append((snap, {n: a.copy() for n, a in snap.items()}))
+        moved.apply(g, scale=0.5, lr_scale=1.5)
+        inplace.apply(g, scale=0.5, lr_scale=1.5)
+        assert not np.shares_memory(moved.theta["w"], snap["w"])
+    assert moved.copies == 0 and moved.allocations == len(grads)    # written around, never copied first
+    for n in theta:
+        assert np.array_equal(moved.theta[n], inplace.theta[n])      # bit for bit the in-place update
+    for snap, then in sent:
+        assert all(np.array_equal(snap[n], then[n]) for n in theta)  # no snapshot changed under its send
 
 
 def test_untracked_snapshot_is_never_recycled():

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import ServerConfig, opt
+from common.tuning import keep_freed_memory
 
 WIRE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -108,6 +109,7 @@ def _raw_echo(address_q, p: int, tensors: int) -> None:
     """ROUTER in its own process: answer every request with P float32 (preallocated, zero-copy)."""
     import zmq
     from common.protocol import encode, Message, MsgType
+    keep_freed_memory()   # as in paramserver's processes: the limit is what ZeroMQ can do at its best
     theta = make_theta(p, tensors, seed=1)
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.bind("tcp://127.0.0.1:*")
@@ -256,6 +258,7 @@ def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire:
             result_q) -> None:
     import torch
     torch.set_num_threads(1)
+    keep_freed_memory()   # as `paramserver worker` does
     grads = make_theta(p, tensors, seed=10 + rank)
     n = 0
     with _client(address, rank, wire) as ps:
@@ -324,6 +327,7 @@ def convergence(steps: int, wire: str, out: str) -> dict:
 # -- the run ------------------------------------------------------------------------------------
 
 def run_throughput(cfg: ThroughputConfig) -> dict:
+    keep_freed_memory()   # this process is the client of the round trips (raw and paramserver alike)
     os.makedirs(cfg.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ps-throughput-")
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
