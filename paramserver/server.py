@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -783,6 +784,7 @@ class Server:
             "resumed_from": self.resumed_from, "shard": self.shard,
             "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,
                           "allocated": self.store.allocations},
+            "threads": torch.get_num_threads(),
             **self.record.summary(),
         }
 

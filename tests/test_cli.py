@@ -80,6 +80,9 @@ def test_cluster_trains_and_writes_checkpoint_and_metrics(tmp_path):
     s = metrics["summary"]
     assert s["final_eval_loss"] < s["initial_eval_loss"]
     assert len(metrics["server"]["updates"]) == 30
+    # the server's torch threads: the cores shared by the workers and the server, as it ran with them
+    server = json.loads((out / "server_metrics.json").read_text())
+    assert server["status"]["threads"] == server["config"]["threads"] == max(1, (os.cpu_count() or 1) // 3)
     assert set(metrics["workers"]) == {"0", "1"}
     assert np.isfinite(s["final_bits_per_byte"])
 
