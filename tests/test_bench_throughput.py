@@ -23,6 +23,7 @@ def test_tiny_throughput_run(tmp_path):
         for n in ("1", "2"):
             cap = w["capacity"][n]
             assert cap["applied"] > 0 and cap["pushes_per_s"] > 0 and cap["peak_rss_mb"] > cap["idle_rss_mb"] > 0
+            assert cap["peak_anon_over_theta"] > 0 and cap["peak_shmem_over_theta"] >= 0
     text = table(r)
     assert "| 0.05M | bf16 | 0.1 |" in text and "bf16 vs fp32: bytes 0.50x" in text
 

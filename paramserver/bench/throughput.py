@@ -123,29 +123,32 @@ def _raw_echo(address_q, p: int, tensors: int) -> None:
     sock.close(linger=0)
 
 
-def raw_round_trip(p: int, tensors: int, reps: int) -> float:
-    """Best ms of: send P float32 and receive P float32 over ZeroMQ, with paramserver's frames."""
-    import zmq
-    from common.protocol import encode, Message, MsgType
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_raw_echo, args=(q, p, tensors), daemon=True)
-    proc.start()
-    address = q.get(timeout=120)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(address)
-    frames = encode(Message(MsgType.PUSH, tensors=make_theta(p, tensors, seed=2)))
-    times = []
-    for i in range(reps + 1):
+class _RawEcho:
+    """The limit: a ROUTER in another process answering each request with P float32 (zero-copy)."""
+
+    def __init__(self, p: int, tensors: int):
+        import zmq
+        from common.protocol import encode, Message, MsgType
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        self.proc = ctx.Process(target=_raw_echo, args=(q, p, tensors), daemon=True)
+        self.proc.start()
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.connect(q.get(timeout=120))
+        self.frames = encode(Message(MsgType.PUSH, tensors=make_theta(p, tensors, seed=2)))
+        self.once()   # warms up the connection and buffers
+
+    def once(self) -> float:
+        """Seconds for one request of P float32 and its reply of P float32."""
         t0 = time.perf_counter()
-        sock.send_multipart(frames, copy=False)
-        sock.recv_multipart(copy=False)
-        if i:   # the first one warms up the connection and buffers
-            times.append(time.perf_counter() - t0)
-    sock.send_multipart([b"stop"])
-    proc.join(timeout=30)
-    sock.close(linger=0)
-    return _best_ms(times)
+        self.sock.send_multipart(self.frames, copy=False)
+        self.sock.recv_multipart(copy=False)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.send_multipart([b"stop"])
+        self.proc.join(timeout=30)
+        self.sock.close(linger=0)
 
 
 def torch_limits(p: int, tensors: int, reps: int) -> dict:
@@ -232,26 +235,42 @@ def _proc_memory(pid: int) -> dict:
     return out
 
 
-def ps_round_trip(p: int, tensors: int, reps: int, wire: str, out: str) -> dict:
-    """Best ms of one worker's push (P values) + pull (P values) against a server process (async, sgd)."""
-    proc, address = _start_server(out, 1, "sgd")
+def round_trips(p: int, tensors: int, reps: int, wires: list[str], out: str) -> dict:
+    """Best ms of the raw ZeroMQ round trip and of one worker's push (P values) + pull (P values) against a
+    server process (async, sgd), per wire dtype. The repetitions interleave (raw, then each wire, then raw
+    again ...), so that on a shared machine both sides of every ratio see the same moments of load."""
+    proc, address = _start_server(out, len(wires), "sgd")
     theta = make_theta(p, tensors)
     grads = make_theta(p, tensors, seed=3)
-    times = []
+    echo, clients, params = None, [], []
+    times: dict[str, list[float]] = {"raw": [], **{w: [] for w in wires}}
     try:
-        with _client(address, 0, wire) as ps:
-            ps.register(init=theta)
-            params = ps.pull()
-            for i in range(reps + 1):
+        echo = _RawEcho(p, tensors)
+        for rank, wire in enumerate(wires):
+            clients.append(_client(address, rank, wire))
+            clients[-1].register(init=theta if rank == 0 else None)
+        params = [ps.pull(raw=True) for ps in clients]
+        for i in range(reps + 1):
+            raw = echo.once()
+            for k, (ps, wire) in enumerate(zip(clients, wires)):
                 t0 = time.perf_counter()
-                ps.push(grads, version=params.version, clock=params.clock)
-                params = ps.pull(raw=True)   # as a worker takes theta (worker/transfer.py widens it into the model)
-                if i:
-                    times.append(time.perf_counter() - t0)
+                ps.push(grads, version=params[k].version, clock=params[k].clock)
+                params[k] = ps.pull(raw=True)   # as a worker takes theta (worker/transfer.py widens it into the model)
+                if i:   # the first one warms up the buffers
+                    times[wire].append(time.perf_counter() - t0)
+            if i:
+                times["raw"].append(raw)
+        for ps in clients:
             ps.leave()
     finally:
+        for ps in clients:
+            ps.close()
+        if echo is not None:
+            echo.close()
         info = _stop_server(proc, address)
-    return {"round_trip_ms": _best_ms(times), "server_handle_ms": info["status"].get("handle_ms", {})}
+    return {"raw_zmq_ms": _best_ms(times["raw"]),
+            "wire": {w: {"round_trip_ms": _best_ms(times[w])} for w in wires},
+            "server_handle_ms": info["status"].get("handle_ms", {})}
 
 
 def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire: str, ready, start,
@@ -277,6 +296,34 @@ def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire:
     result_q.put(n)
 
 
+class _MemoryWatch:
+    """Samples a process's resident memory every 20 ms in a thread: the peaks of its private (anonymous)
+    pages and of the shared-memory pages it maps, which VmHWM does not tell apart."""
+
+    def __init__(self, pid: int):
+        import threading
+        self.pid, self.peak = pid, {"rssanon_mb": 0.0, "rssshmem_mb": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        key = line.split(":")[0].lower() + "_mb"
+                        if key in self.peak:
+                            self.peak[key] = max(self.peak[key], round(int(line.split()[1]) / 1024, 1))
+            except (OSError, ValueError, IndexError):
+                return
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return dict(self.peak)
+
+
 def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str) -> dict:
     """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can."""
     proc, address = _start_server(out, workers, "adam")
@@ -287,6 +334,7 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
     q = ctx.Queue()
     procs = [ctx.Process(target=_pusher, args=(address, r, p, tensors, seconds, wire, ready, start, q), daemon=True)
              for r in range(workers)]
+    watch = _MemoryWatch(proc.pid)
     try:
         for pr in procs:
             pr.start()
@@ -300,9 +348,12 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
         for pr in procs:
             if pr.is_alive():
                 pr.kill()
+        peaks = watch.stop()
         info = _stop_server(proc, address)
     theta_mb = p * 4 / 2**20
     return {"pushes_per_s": round(sum(counts) / wall, 2), "applied": sum(counts),
+            "peak_anon_over_theta": round(peaks["rssanon_mb"] / theta_mb, 2),
+            "peak_shmem_over_theta": round(peaks["rssshmem_mb"] / theta_mb, 2),
             "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
             "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
             "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2)}
@@ -336,15 +387,15 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     for p in cfg.size_list:
         r = {"params": p, "theta_mb": round(p * 4 / 2**20, 1)}
         print(f"P = {p:,}: limits ...", flush=True)
-        r["raw_zmq_ms"] = raw_round_trip(p, cfg.tensors, cfg.reps)
         r["torch"] = torch_limits(p, cfg.tensors, cfg.reps)
         print(f"P = {p:,}: apply ...", flush=True)
         r["apply_ms"] = apply_times(p, cfg.tensors, cfg.reps, cfg.optimizer_list)
+        print(f"P = {p:,}: round trips, raw ZeroMQ and {', '.join(cfg.wire_list)} interleaved ...", flush=True)
+        trips = round_trips(p, cfg.tensors, cfg.reps, cfg.wire_list, tmp)
+        r["raw_zmq_ms"], r["server_handle_ms"] = trips["raw_zmq_ms"], trips["server_handle_ms"]
         r["wire"] = {}
         for wire in cfg.wire_list:
-            w = {"bytes": p * WIRE[wire]}
-            print(f"P = {p:,}, wire {wire}: round trip ...", flush=True)
-            w.update(ps_round_trip(p, cfg.tensors, cfg.reps, wire, tmp))
+            w = {"bytes": p * WIRE[wire], **trips["wire"][wire]}
             w["capacity"] = {}
             for n in cfg.worker_list:
                 print(f"P = {p:,}, wire {wire}: capacity with {n} workers ...", flush=True)
@@ -372,7 +423,7 @@ def table(results: dict) -> str:
     workers = " / ".join(results["config"]["workers"].split(","))
     rows = ["| P | wire | MB per push | raw zmq RT ms | push+pull RT ms | raw / push+pull | apply ms sgd / momentum / "
             "adam (check) | torch add_ / fused Adam ms | adam / fused Adam | add_ / sgd | async pushes/s "
-            f"({workers} workers) | server peak RSS / theta (above idle) |",
+            f"({workers} workers) | server peak RSS / theta (above idle; private pages) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
         ap = r["apply_ms"]
@@ -388,7 +439,8 @@ def table(results: dict) -> str:
                 f"{w['round_trip_ms']} | {r['raw_zmq_ms'] / w['round_trip_ms']:.2f}x | "
                 f"{' / '.join(str(ap.get(o, '-')) for o in ('sgd', 'momentum', 'adam'))} ({ap.get('check', '-')}) | "
                 f"{tl['add_ms']} / {tl['adam_fused_ms']} | {adam} | {sgd} | "
-                f"{caps} | {last.get('peak_rss_over_theta', '-')}x ({last.get('peak_minus_idle_over_theta', '-')}x) |")
+                f"{caps} | {last.get('peak_rss_over_theta', '-')}x ({last.get('peak_minus_idle_over_theta', '-')}x; "
+                f"{last.get('peak_anon_over_theta', '-')}x) |")
     for r in results["sizes"]:
         fp32 = r["wire"].get("fp32")
         for wire, w in r["wire"].items():
