@@ -226,12 +226,7 @@ class Consistency:
             w = min(self._held)
             if not final and any(x < w and c <= self.step for x, c in self.clocks.items()):
                 return
-            g = self._held.pop(w)
-            if self._acc is None:
-                self._acc = {n: np.array(t, copy=True) for n, t in g.items()}
-            else:
-                for n, t in g.items():
-                    self._acc[n] += t
+            self._acc = self.store.accumulate(self._acc, self._held.pop(w))
 
     def _maybe_complete_step(self) -> bool:
         if self.mode != "sync" or not self._contrib:

@@ -111,6 +111,7 @@ class ParamStore:
         self._params: list[torch.Tensor] = []   # torch views of theta, in self.theta's order
         self._opt: torch.optim.Optimizer | None = None
         self._scratch: list[torch.Tensor] | None = None   # scale * g, allocated once when needed
+        self._sum: dict[str, np.ndarray] | None = None     # sync: the step's gradient sum, allocated once
         self._sample: tuple[int, dict[str, np.ndarray]] | None = None
         self.copies = 0         # copy-on-write moves of theta (a send was still reading it)
         self.allocations = 0    # snapshot buffers allocated (not recycled)
@@ -136,7 +137,7 @@ class ParamStore:
         self._live = _Buffer(theta, self.version)
         self._frozen, self._free, self._wire, self._wire_frozen, self._wire_free = [], [], {}, [], {}
         self._params = [_tensor(a) for a in theta.values()]
-        self._scratch = None
+        self._scratch = self._sum = None
         self._sample = self._checksum = None
         fused = all(p.dtype in (torch.float32, torch.float64) for p in self._params)
         if self.optimizer == "adam":
@@ -211,7 +212,9 @@ class ParamStore:
                     torch.add(_tensor(src), x, alpha=-lr * scale, out=p)
         else:
             self._writable()
-            if scale != 1.0:
+            if scale != 1.0 and grads is self._sum:   # our own sum buffer: scaled where it is
+                torch._foreach_mul_(g, scale)
+            elif scale != 1.0:
                 if self._scratch is None:
                     self._scratch = [torch.empty_like(p) for p in self._params]
                 for s, x in zip(self._scratch, g):
@@ -229,6 +232,21 @@ class ParamStore:
         self._live.version = self.version
         self._checksum = None
         return self.version
+
+    def accumulate(self, total: Mapping[str, np.ndarray] | None, g: Mapping[str, np.ndarray]) -> Mapping:
+        """A sync step's running sum: `total + g` (`total` None: g itself, not copied). The sum lives in one
+        theta-shaped buffer allocated at the first step and reused by every step after it (torch adds, on
+        the server's threads), so a step of N gradients costs N - 1 passes and no allocation."""
+        if total is None:
+            return g
+        if total is not self._sum:   # total is a gradient as it came: total + g into the buffer
+            if self._sum is None:
+                self._sum = {n: np.empty_like(t) for n, t in self.theta.items()}
+            for n in self.theta:
+                torch.add(_tensor(np.asarray(total[n])), _tensor(np.asarray(g[n])), out=_tensor(self._sum[n]))
+            return self._sum
+        torch._foreach_add_([_tensor(total[n]) for n in self.theta], [_tensor(np.asarray(g[n])) for n in self.theta])
+        return total
 
     # -- snapshots ------------------------------------------------------------------------------
 

@@ -234,6 +234,34 @@ def test_sgd_writes_around_a_snapshot_being_sent_with_the_same_bits_and_no_copy(
         assert all(np.array_equal(snap[n], then[n]) for n in theta)  # no snapshot changed under its send
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sync_sum_buffer_is_reused_and_equals_numpy_in_id_order(optimizer):
+    rng = np.random.default_rng(1)
+    theta = {"w": rng.standard_normal(3000, dtype=np.float32), "h": rng.standard_normal(5).astype(np.float16)}
+    summed, reference = ParamStore(optimizer, lr=0.01), ParamStore(optimizer, lr=0.01)
+    summed.init(theta)
+    reference.init(theta)
+    addresses = set()
+    for step in range(4):
+        grads = [{n: rng.standard_normal(t.shape).astype(t.dtype) for n, t in theta.items()} for _ in range(3)]
+        kept = [{n: a.copy() for n, a in g.items()} for g in grads]
+        total = None
+        for g in grads:
+            total = summed.accumulate(total, g)
+        addresses.add(_addr(total["w"]))
+        expect = {n: grads[0][n].copy() for n in theta}
+        for g in grads[1:]:
+            for n in theta:
+                expect[n] += g[n]
+        assert all(np.array_equal(total[n], expect[n]) for n in theta)     # numpy's sum, bit for bit
+        summed.apply(total, scale=1 / 3)
+        reference.apply(expect, scale=1 / 3)
+        assert all(np.array_equal(grads[i][n], kept[i][n]) for i in range(3) for n in theta)  # inputs untouched
+    assert len(addresses) == 1                                                  # one buffer for every step
+    assert all(np.array_equal(summed.theta[n], reference.theta[n]) for n in theta)
+    assert summed.accumulate(None, grads[0]) is grads[0]                        # a single gradient is not copied
+
+
 def test_untracked_snapshot_is_never_recycled():
     store = ParamStore("sgd", lr=1.0)
     store.init({"w": np.zeros(10, np.float32)})
