@@ -123,12 +123,18 @@ class ServerConfig:
                               "shard addresses in this order)")
     num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
     shm: bool = opt(True, "answer workers on this host through shared memory (/dev/shm) when they offer it")
+    snapshot_buffers: int = opt(2, "theta-sized buffers that pulls still being sent may hold besides theta: an "
+                                   "update that needs one more waits for the oldest send to finish (a reader "
+                                   "stalled for 0.5 s is not waited for). Bounds memory to theta + optimizer "
+                                   "state + this many")
     threads: int = opt(0, "torch threads for the update (0: torch's default, one per core; `paramserver cluster` "
                           "gives cores / (workers + shards)). Fewer threads than cores avoids stalls when workers "
                           "share the machine")
 
     def __post_init__(self):
         _validate_choices(self)
+        if self.snapshot_buffers < 1:
+            raise ValueError(f"--snapshot-buffers must be at least 1, not {self.snapshot_buffers}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: torch's default), not {self.threads}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

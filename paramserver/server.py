@@ -122,7 +122,8 @@ class WorkerState:
 class Server:
     def __init__(self, cfg: ServerConfig, context: zmq.Context | None = None):
         self.cfg = cfg
-        self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps)
+        self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps,
+                                spares=cfg.snapshot_buffers)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
                                   cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update,
                                   follower=cfg.shard_index > 0)
@@ -783,7 +784,8 @@ class Server:
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             "resumed_from": self.resumed_from, "shard": self.shard,
             "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,
-                          "allocated": self.store.allocations},
+                          "allocated": self.store.allocations, "waited_s": round(self.store.waited_s, 3),
+                          "over_cap": self.store.over_cap},
             "threads": torch.get_num_threads(),
             **self.record.summary(),
         }

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import zlib
 from typing import Mapping
@@ -36,6 +37,9 @@ from common.protocol import WIRE_DTYPES, Encoded, encode_wire
 DIVERGENCE_SAMPLE = 65536
 #: free snapshot buffers kept for reuse (more are released to the allocator)
 POOL_KEEP = 2
+#: a frozen theta buffer whose sends have taken longer than this belongs to a slow or stalled reader: it no
+#: longer counts against the store's `spares` (so one stalled worker cannot make every update wait)
+PINNED_S = 0.5
 
 
 def theta_crc32(theta: dict[str, np.ndarray]) -> str:
@@ -66,10 +70,11 @@ def _readonly(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class _Buffer:
     """One set of theta-shaped arrays and the sends that still read it."""
 
-    __slots__ = ("arrays", "version", "trackers", "leases")
+    __slots__ = ("arrays", "version", "trackers", "leases", "frozen_at")
 
     def __init__(self, arrays: dict, version: int = -1):
         self.arrays, self.version, self.trackers, self.leases = arrays, version, [], 0
+        self.frozen_at = 0.0
 
     def busy(self) -> bool:
         """Somebody may still read it: an untracked hand-out, or a send ZeroMQ has not finished."""
@@ -94,8 +99,13 @@ def _warm_up() -> None:
 
 class ParamStore:
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, spares: int = 2):
         _warm_up()
+        if spares < 1:
+            raise ValueError(f"--snapshot-buffers must be at least 1, not {spares}")
+        self.spares = spares    # theta-sized buffers that sends in flight may hold besides theta itself
+        self.waited_s = 0.0     # time updates spent waiting for a send to release a buffer (the cap)
+        self.over_cap = 0       # buffers allocated beyond the cap because the sends were slow (pinned)
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.theta: dict[str, np.ndarray] = {}
@@ -310,16 +320,14 @@ class ParamStore:
         self._recycle()
         if not self._live.busy():
             return None
-        arrays = self._free.pop() if self._free else None
-        if arrays is None:
-            self.allocations += 1
-            arrays = {n: np.empty_like(t) for n, t in self.theta.items()}
+        arrays = self._spare()
         old = self.theta
         if copy:
             for n, t in old.items():
                 np.copyto(arrays[n], t)
             self.copies += 1
         if self._live.leases == 0:      # tracked: it comes back to the pool when its sends are done
+            self._live.frozen_at = time.monotonic()
             self._frozen.append(self._live)
         self._live = _Buffer(arrays, self.version)
         self.theta = arrays
@@ -327,14 +335,39 @@ class ParamStore:
             p.set_(torch.from_numpy(a))
         return old
 
+    def _spare(self) -> dict:
+        """A theta-shaped buffer to move theta into. At most `spares` buffers are held by sends in flight
+        (frozen) or kept free: when all are taken, the update waits for the oldest send to finish (ZeroMQ's
+        I/O thread is copying it out at memory speed), except that a buffer frozen for over PINNED_S (a slow or
+        stalled reader) is not waited for and no longer counts. So memory is theta + optimizer state +
+        `spares` buffers + one per stalled reader (at most one PARAMS per worker is ever in flight)."""
+        if self._free:
+            return self._free.pop()
+        while True:
+            now = time.monotonic()
+            young = [b for b in self._frozen if now - b.frozen_at < PINNED_S]
+            if len(young) < self.spares:
+                break
+            t0 = now
+            while young[0].busy() and time.monotonic() - young[0].frozen_at < PINNED_S:
+                time.sleep(0.0005)
+            self.waited_s += time.monotonic() - t0
+            self._recycle()
+            if self._free:
+                return self._free.pop()
+        pinned = len(self._frozen) - len(young)
+        self.allocations += 1
+        self.over_cap += pinned > 0 and len(self._frozen) >= self.spares
+        return {n: np.empty_like(t) for n, t in self.theta.items()}
+
     def _recycle(self) -> None:
-        still = []
+        still, done = [], []
         for b in self._frozen:
-            if b.busy():
-                still.append(b)
-            elif len(self._free) < POOL_KEEP:
-                self._free.append(b.arrays)
+            (still if b.busy() else done).append(b)
         self._frozen = still
+        for b in done:   # frozen + free never exceed the cap
+            if len(self._free) + len(still) < min(POOL_KEEP, self.spares):
+                self._free.append(b.arrays)
         wstill = []
         for w, b in self._wire_frozen:
             if b.leases:    # handed out untracked: never reused

@@ -262,6 +262,43 @@ def test_sync_sum_buffer_is_reused_and_equals_numpy_in_id_order(optimizer):
     assert summed.accumulate(None, grads[0]) is grads[0]                        # a single gradient is not copied
 
 
+def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_stalled_one():
+    import threading
+    from paramserver.store import PINNED_S
+    store = ParamStore("adam", lr=0.1, spares=1)
+    store.init({"w": np.zeros(1000, np.float32)})
+    g = {"w": np.ones(1000, np.float32)}
+    v0, snap0 = store.snapshot()
+    t0 = FakeTracker()
+    store.track(v0, t0)
+    store.apply(g)                                   # snap0 on the wire: theta moves to the one spare buffer
+    assert store.allocations == 1
+    v1, snap1 = store.snapshot()
+    t1 = FakeTracker()
+    store.track(v1, t1)
+    threading.Timer(0.05, lambda: setattr(t0, "done", True)).start()   # the send of snap0 finishes a bit later
+    store.apply(g)                                   # no spare left: waits for snap0's send, then reuses it
+    assert store.allocations == 1 and store.waited_s > 0
+    assert _addr(store.theta["w"]) == _addr(snap0["w"])
+    before = snap1["w"].copy()
+    stalled_waits = store.waited_s
+    v2, snap2 = store.snapshot()
+    store.track(v2, FakeTracker())                   # never done (a reader that stopped reading), nor is t1
+    store.apply(g)                                   # waits for snap1 until it counts as stalled, then allocates
+    assert store.allocations == 2 and store.waited_s - stalled_waits >= PINNED_S * 0.9
+    waited = [store.waited_s]
+    for _ in range(4):                               # snap2's stalled buffer is waited for once, until it ages
+        v, _snap = store.snapshot()
+        t = FakeTracker()
+        store.track(v, t)
+        store.apply(g)
+        t.done = True                                # other readers' sends finish
+        waited.append(store.waited_s)
+    assert waited[1] > waited[0] and waited[1] == waited[2] == waited[3] == waited[4]   # then never again
+    assert np.array_equal(snap1["w"], before)        # nothing in flight was ever overwritten
+    assert store.in_flight() == 2                    # the two stalled sends hold their buffers
+
+
 def test_untracked_snapshot_is_never_recycled():
     store = ParamStore("sgd", lr=1.0)
     store.init({"w": np.zeros(10, np.float32)})
