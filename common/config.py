@@ -123,6 +123,9 @@ class ServerConfig:
                               "shard addresses in this order)")
     num_shards: int = opt(1, "number of server shards theta is split over (each a `paramserver server`)")
     shm: bool = opt(True, "answer workers on this host through shared memory (/dev/shm) when they offer it")
+    max_pushes_in_flight: int = opt(2, "workers that may send a gradient at once (each asks first: ZeroMQ receives a "
+                                       "message whole, so this bounds the gradients in the server's memory "
+                                       "whatever the number of workers); 0: no limit")
     snapshot_buffers: int = opt(2, "theta-sized buffers that pulls still being sent may hold besides theta: an "
                                    "update that needs one more waits for the oldest send to finish (a reader "
                                    "stalled for 0.5 s is not waited for). Bounds memory to theta + optimizer "
@@ -133,6 +136,8 @@ class ServerConfig:
 
     def __post_init__(self):
         _validate_choices(self)
+        if self.max_pushes_in_flight < 0:
+            raise ValueError(f"--max-pushes-in-flight must be >= 0 (0: no limit), not {self.max_pushes_in_flight}")
         if self.snapshot_buffers < 1:
             raise ValueError(f"--snapshot-buffers must be at least 1, not {self.snapshot_buffers}")
         if self.threads < 0:

@@ -130,6 +130,10 @@ class Server:
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
         self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, sample of theta) it computes on
+        # push admission (--max-pushes-in-flight): workers allowed to send a gradient now (-> when), and
+        # workers waiting for that (-> their held reservation)
+        self.push_slots: dict[int, float] = {}
+        self.push_queue: dict[int, tuple[bytes, Message, float]] = {}
         self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
@@ -406,6 +410,10 @@ class Server:
     def _duplicate(self, identity: bytes, msg: Message, state: WorkerState) -> bool:
         """A request we have seen (a resend after a timeout, or a duplicated message). Returns False when
         it must be handled as new (a pull of a worker that is no longer live: the handler says so)."""
+        queued = self.push_queue.get(msg.worker)
+        if queued and queued[1].seq == msg.seq:   # a reservation still waiting: answer on the newest route
+            self.push_queue[msg.worker] = (identity, queued[1], queued[2])
+            return True
         if msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply:
             # answered from the record even if the worker was declared dead meanwhile: applied exactly once
             self.policy.counters["duplicates"] += 1
@@ -513,7 +521,8 @@ class Server:
         return Message(MsgType.WELCOME, worker=worker, seq=msg.seq, clock=clock, version=version, tensors=theta,
                        meta={"layout": self.store.layout(), "mode": self.cfg.mode, "staleness": self.cfg.staleness,
                              "aggregate": self.cfg.aggregate, "num_workers": self.cfg.num_workers,
-                             "shard": self.shard, "backup_workers": self.cfg.backup_workers},
+                             "shard": self.shard, "backup_workers": self.cfg.backup_workers,
+                             "push_slots": self.cfg.max_pushes_in_flight},
                        snapshot=(version, "fp32"))
 
     def _worker_id_for(self, msg: Message) -> int:
@@ -646,8 +655,16 @@ class Server:
                 del self.pending[worker]
                 self._send_params(worker, identity, self._params_reply(msg, time.monotonic() - since))
 
-    def _on_push(self, identity: bytes, msg: Message) -> Message:
+    def _on_push(self, identity: bytes, msg: Message) -> Message | None:
         self._known(msg)
+        if msg.meta.get("reserve") is True and not msg.tensors:
+            return self._reserve(identity, msg)
+        try:
+            return self._push_gradient(msg)
+        finally:
+            self._release_slot(msg.worker)   # its gradient is handled: the next worker may send
+
+    def _push_gradient(self, msg: Message) -> Message:
         if msg.meta.get("skip") is True and not msg.tensors:
             # shards + backup workers: shard 0 dropped this worker's gradient for the step, so this shard
             # must not use it either; the worker only passes the step (see ShardedClient.push)
@@ -676,6 +693,43 @@ class Server:
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                        meta={"status": result.status, "reason": result.reason, "stop": self.finished,
                              **({"members": result.members} if result.members is not None else {})})
+
+    # -- push admission: how many workers send a gradient at once ----------------------------------
+
+    def _reserve(self, identity: bytes, msg: Message) -> Message | None:
+        """A worker asks to send a gradient (PUSH with meta reserve). At most --max-pushes-in-flight workers may
+        at once: ZeroMQ receives every message whole, so this bounds the gradients in the server's memory to
+        that many, whatever the number of workers. Others wait here, answered in turn (in sync mode lowest id
+        first, which is the order the step sums them in)."""
+        limit = self.cfg.max_pushes_in_flight
+        if limit <= 0 or msg.worker in self.push_slots or len(self.push_slots) < limit:
+            self.push_slots[msg.worker] = time.monotonic()
+            return self._reserved(msg)
+        self.push_queue[msg.worker] = (identity, msg, time.monotonic())
+        return None
+
+    @staticmethod
+    def _reserved(msg: Message) -> Message:
+        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, meta={"status": "reserved"})
+
+    def _release_slot(self, worker: int) -> None:
+        """The worker's slot is free (its gradient came, it is gone, or it let the slot lapse): admit the next."""
+        self.push_slots.pop(worker, None)
+        limit = self.cfg.max_pushes_in_flight
+        while self.push_queue and (limit <= 0 or len(self.push_slots) < limit):
+            nxt = min(self.push_queue) if self.cfg.mode == "sync" else next(iter(self.push_queue))
+            identity, msg, _ = self.push_queue.pop(nxt)
+            self.push_slots[nxt] = time.monotonic()
+            reply = encode(self._reserved(msg))
+            self.workers[nxt].last_reply = reply   # a resend of the reservation gets this answer again
+            self._send(identity, reply)
+
+    def _sweep_slots(self, now: float) -> None:
+        """A slot not used within --worker-timeout (the worker crashed or changed its mind) is given back."""
+        for worker, since in list(self.push_slots.items()):
+            if now - since > self.cfg.worker_timeout:
+                log.warning("worker %d reserved a push %.1fs ago and sent none: slot given back", worker, now - since)
+                self._release_slot(worker)
 
     def _divergence(self, worker: int, base_version: int) -> float | None:
         """L2 distance between the theta this gradient was computed on and the server's theta now: exact
@@ -721,6 +775,8 @@ class Server:
         self.pending.pop(worker, None)
         self.held.pop(worker, None)
         self.policy.leave(worker)
+        self.push_queue.pop(worker, None)
+        self._release_slot(worker)
 
     def _sweep_dead(self, now: float) -> None:
         for worker, state in self.workers.items():
@@ -739,6 +795,7 @@ class Server:
                 self._say_why_waiting()
         if self.cfg.step_timeout > 0 and self.cfg.mode == "sync":
             self._sweep_hung(now)
+        self._sweep_slots(now)
         self._serve_pending()
         if self.pending:
             self._say_why_waiting()
@@ -778,6 +835,8 @@ class Server:
                                      "awaited" if w in self.policy.awaiting else "dead")),
                                  "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pending),
+            "push_slots": {"in_use": len(self.push_slots), "waiting": len(self.push_queue),
+                           "limit": self.cfg.max_pushes_in_flight},
             "started": self.policy.started, "registered": len(self.policy.last_clock),
             "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,

@@ -436,3 +436,75 @@ def test_the_automatic_frame_limit_is_the_protocols_largest_frame(start_server):
     with PSClient(srv.address, worker=0, server_timeout=30) as ps:
         welcome = ps.register(init={"w": np.zeros(10 * 2**20, np.float32)})          # 40 MiB, chunked
         assert welcome.tensors["w"].shape == (10 * 2**20,)
+
+
+# -- push admission (--max-pushes-in-flight) ---------------------------------------------------------
+
+BIG = {"w": np.zeros(1 << 18, np.float32)}          # 1 MiB: big enough to ask before sending
+
+
+def test_only_admitted_workers_send_gradients_and_the_rest_wait_their_turn(start_server):
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1)
+    a = PSClient(srv.address, worker=0, server_timeout=30)
+    b = PSClient(srv.address, worker=1, server_timeout=30)
+    a.register(init=BIG)
+    b.register()
+    assert a.push_slots == b.push_slots == 1                    # the WELCOME says so
+    pa, pb = a.pull(), b.pull()
+    # worker 0 takes the only slot (as PSClient.push does before a big gradient) and holds it
+    ack = a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
+    assert ack.meta["status"] == "reserved"
+    done = threading.Event()
+    threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
+                                     done.set()), daemon=True).start()
+    _wait_for(lambda: srv.server.push_queue, what="worker 1 to ask")
+    assert not done.wait(0.5) and srv.server.store.version == 0  # worker 1 waits: its gradient is not sent
+    assert srv.server.status()["push_slots"] == {"in_use": 1, "waiting": 1, "limit": 1}
+    a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)   # worker 0's gradient frees the slot
+    assert done.wait(30) and srv.server.store.version == 2
+    assert np.allclose(srv.server.store.theta["w"], -0.1)     # both applied once (lr/N each, mean of 2)
+    a.close(), b.close()
+
+
+def test_a_dead_workers_slot_is_given_back(start_server):
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1,
+                       worker_timeout=1.0)
+    a = PSClient(srv.address, worker=0, server_timeout=30)
+    b = PSClient(srv.address, worker=1, server_timeout=30, heartbeat=0.2)
+    a.register(init=BIG)
+    b.register()
+    pa, pb = a.pull(), b.pull()
+    a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
+    a.close()                                                  # dies holding the slot (no heartbeats)
+    ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)
+    assert ack.meta["status"] == "applied" and srv.server.policy.counters["dead"] == 1
+    b.close()
+
+
+def test_admission_under_lost_and_duplicated_messages_applies_every_gradient_once(start_server):
+    """Reservations are requests like any other: resent when lost, answered once, never a gradient twice."""
+    srv = start_server(num_workers=3, mode="sync", optimizer="sgd", lr=0.5, aggregate="sum",
+                       max_pushes_in_flight=1)
+    steps, errors = 6, []
+
+    def run(rank):
+        try:
+            with PSClient(srv.address, worker=rank, request_timeout=0.3, server_timeout=60, drop=0.15,
+                          duplicate=0.15, fault_seed=rank + 7) as ps:
+                ps.register(init=BIG if rank == 0 else None)
+                for _ in range(steps):
+                    p = ps.pull()
+                    ps.push({"w": np.full(1 << 18, rank + 1, np.float32)}, p.version, p.clock)
+                ps.leave()
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert srv.server.policy.step == steps
+    assert np.all(srv.server.store.theta["w"] == -0.5 * (1 + 2 + 3) * steps)   # every gradient exactly once
+    assert not srv.server.push_slots and not srv.server.push_queue

@@ -35,6 +35,15 @@ from common.security import client_curve
 log = logging.getLogger("worker.client")
 
 
+#: gradients smaller than this go without asking the server first (a round trip costs more than they pin)
+RESERVE_MIN_BYTES = 1 << 20
+
+
+def _wire_bytes(tensors: Mapping) -> int:
+    """Bytes the tensors take on the wire (`Encoded` ones as their 16-bit values)."""
+    return sum(getattr(t, "bits", t).nbytes for t in tensors.values())
+
+
 class ServerError(RuntimeError):
     """The server answered with an ERROR reply."""
 
@@ -65,6 +74,7 @@ class PSClient:
         self.seq = 0
         self.last_heard = time.monotonic()
         self.registered = False
+        self.push_slots = 0   # the server admits this many senders of gradients at once (0: no limit, no asking)
         self._register_args: tuple = ()
         self.stats = {"requests": 0, "resends": 0, "reregistrations": 0, "dropped_by_fault": 0}
         # fault injection for tests: drop this fraction of requests and replies, duplicate requests
@@ -121,6 +131,7 @@ class PSClient:
                 msg.seq = 0
         self.worker = reply.worker
         self.registered = True
+        self.push_slots = int(reply.meta.get("push_slots") or 0)
         if self._hb_thread is not None and not self._hb_thread.is_alive():
             self._hb_thread.start()
         return reply
@@ -143,8 +154,11 @@ class PSClient:
                         out = None
                     tensors[name] = encode_wire(g, self.wire_dtype, out=out)
                     self._wire_out[name] = tensors[name].bits
-        return self._request(Message(MsgType.PUSH, clock=clock, version=version, tensors=tensors, meta=meta,
-                                     wire=self.wire_dtype))
+        msg = Message(MsgType.PUSH, clock=clock, version=version, tensors=tensors, meta=meta, wire=self.wire_dtype)
+        if self.push_slots and _wire_bytes(tensors) >= RESERVE_MIN_BYTES:
+            # ask first (the server lets --max-pushes-in-flight workers send at once); the answer may wait
+            self._request(Message(MsgType.PUSH, clock=clock, version=version, meta={"reserve": True}))
+        return self._request(msg)
 
     def leave(self, reason: str = "done") -> None:
         """Leave the job: the server stops waiting for this worker."""
