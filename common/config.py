@@ -129,7 +129,7 @@ class ServerConfig:
     snapshot_buffers: int = opt(2, "theta-sized buffers that pulls still being sent may hold besides theta: an "
                                    "update that needs one more waits for the oldest send to finish (a reader "
                                    "stalled for 0.5 s is not waited for). Bounds memory to theta + optimizer "
-                                   "state + this many")
+                                   "state + this many. 0: never copy theta, updates wait for its sends")
     threads: int = opt(0, "torch threads for the update (0: torch's default, one per core; `paramserver cluster` "
                           "gives cores / (workers + shards)). Fewer threads than cores avoids stalls when workers "
                           "share the machine")
@@ -138,8 +138,8 @@ class ServerConfig:
         _validate_choices(self)
         if self.max_pushes_in_flight < 0:
             raise ValueError(f"--max-pushes-in-flight must be >= 0 (0: no limit), not {self.max_pushes_in_flight}")
-        if self.snapshot_buffers < 1:
-            raise ValueError(f"--snapshot-buffers must be at least 1, not {self.snapshot_buffers}")
+        if self.snapshot_buffers < 0:
+            raise ValueError(f"--snapshot-buffers must be >= 0, not {self.snapshot_buffers}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: torch's default), not {self.threads}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

@@ -70,18 +70,29 @@ def _readonly(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class _Buffer:
     """One set of theta-shaped arrays and the sends that still read it."""
 
-    __slots__ = ("arrays", "version", "trackers", "leases", "frozen_at")
+    __slots__ = ("arrays", "version", "trackers", "leases")
 
     def __init__(self, arrays: dict, version: int = -1):
-        self.arrays, self.version, self.trackers, self.leases = arrays, version, [], 0
-        self.frozen_at = 0.0
+        self.arrays, self.version, self.leases = arrays, version, 0
+        self.trackers: list = []   # (MessageTracker, when the send began)
 
     def busy(self) -> bool:
         """Somebody may still read it: an untracked hand-out, or a send ZeroMQ has not finished."""
         if self.leases:
             return True
-        self.trackers = [t for t in self.trackers if not t.done]
+        self.trackers = [(t, t0) for t, t0 in self.trackers if not t.done]
         return bool(self.trackers)
+
+    def stalled(self, now: float) -> bool:
+        """Has one of its sends been going on for over PINNED_S (a slow or stalled reader)?"""
+        return any(now - t0 > PINNED_S for t, t0 in self.trackers if not t.done)
+
+    def wait(self) -> float:
+        """Until no send reads it any more or one of them stalls; returns the seconds waited."""
+        t0 = time.monotonic()
+        while self.busy() and not self.stalled(time.monotonic()):
+            time.sleep(0.0005)
+        return time.monotonic() - t0
 
 
 _warm = False
@@ -101,8 +112,8 @@ class ParamStore:
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, spares: int = 2):
         _warm_up()
-        if spares < 1:
-            raise ValueError(f"--snapshot-buffers must be at least 1, not {spares}")
+        if spares < 0:
+            raise ValueError(f"--snapshot-buffers must be >= 0, not {spares}")
         self.spares = spares    # theta-sized buffers that sends in flight may hold besides theta itself
         self.waited_s = 0.0     # time updates spent waiting for a send to release a buffer (the cap)
         self.over_cap = 0       # buffers allocated beyond the cap because the sends were slow (pinned)
@@ -300,7 +311,7 @@ class ParamStore:
         buf = self._buffer(version, wire)
         if buf is not None and buf.leases:
             buf.leases -= 1
-            buf.trackers.append(tracker)
+            buf.trackers.append((tracker, time.monotonic()))
 
     def _buffer(self, version: int, wire: str) -> _Buffer | None:
         if wire == "fp32":
@@ -320,6 +331,10 @@ class ParamStore:
         self._recycle()
         if not self._live.busy():
             return None
+        if self.spares == 0 and not self._live.leases:   # no spare buffer: wait for the sends instead
+            self.waited_s += self._live.wait()
+            if not self._live.busy():
+                return None
         arrays = self._spare()
         old = self.theta
         if copy:
@@ -327,7 +342,6 @@ class ParamStore:
                 np.copyto(arrays[n], t)
             self.copies += 1
         if self._live.leases == 0:      # tracked: it comes back to the pool when its sends are done
-            self._live.frozen_at = time.monotonic()
             self._frozen.append(self._live)
         self._live = _Buffer(arrays, self.version)
         self.theta = arrays
@@ -343,21 +357,16 @@ class ParamStore:
         `spares` buffers + one per stalled reader (at most one PARAMS per worker is ever in flight)."""
         if self._free:
             return self._free.pop()
-        while True:
-            now = time.monotonic()
-            young = [b for b in self._frozen if now - b.frozen_at < PINNED_S]
+        while self.spares:
+            young = [b for b in self._frozen if not b.stalled(time.monotonic())]
             if len(young) < self.spares:
                 break
-            t0 = now
-            while young[0].busy() and time.monotonic() - young[0].frozen_at < PINNED_S:
-                time.sleep(0.0005)
-            self.waited_s += time.monotonic() - t0
+            self.waited_s += young[0].wait()
             self._recycle()
             if self._free:
                 return self._free.pop()
-        pinned = len(self._frozen) - len(young)
         self.allocations += 1
-        self.over_cap += pinned > 0 and len(self._frozen) >= self.spares
+        self.over_cap += len(self._frozen) >= self.spares
         return {n: np.empty_like(t) for n, t in self.theta.items()}
 
     def _recycle(self) -> None:

@@ -264,7 +264,6 @@ def test_sync_sum_buffer_is_reused_and_equals_numpy_in_id_order(optimizer):
 
 def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_stalled_one():
     import threading
-    from paramserver.store import PINNED_S
     store = ParamStore("adam", lr=0.1, spares=1)
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
@@ -285,7 +284,7 @@ def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_
     v2, snap2 = store.snapshot()
     store.track(v2, FakeTracker())                   # never done (a reader that stopped reading), nor is t1
     store.apply(g)                                   # waits for snap1 until it counts as stalled, then allocates
-    assert store.allocations == 2 and store.waited_s - stalled_waits >= PINNED_S * 0.9
+    assert store.allocations == 2 and store.waited_s > stalled_waits
     waited = [store.waited_s]
     for _ in range(4):                               # snap2's stalled buffer is waited for once, until it ages
         v, _snap = store.snapshot()
@@ -297,6 +296,26 @@ def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_
     assert waited[1] > waited[0] and waited[1] == waited[2] == waited[3] == waited[4]   # then never again
     assert np.array_equal(snap1["w"], before)        # nothing in flight was ever overwritten
     assert store.in_flight() == 2                    # the two stalled sends hold their buffers
+
+
+def test_without_snapshot_buffers_an_update_waits_for_the_send_and_never_copies():
+    import threading
+    store = ParamStore("adam", lr=0.1, spares=0)
+    store.init({"w": np.zeros(1000, np.float32)})
+    g = {"w": np.ones(1000, np.float32)}
+    v0, snap0 = store.snapshot()
+    t0 = FakeTracker()
+    store.track(v0, t0)
+    threading.Timer(0.05, lambda: setattr(t0, "done", True)).start()
+    store.apply(g)                                   # waits for the send, then updates theta in place
+    assert store.allocations == 0 and store.copies == 0 and store.waited_s > 0
+    assert _addr(store.theta["w"]) == _addr(snap0["w"])
+    v1, snap1 = store.snapshot()
+    store.track(v1, FakeTracker())                   # a reader that stopped reading
+    sent = snap1["w"].copy()
+    store.apply(g)                                   # not waited for beyond the stall: theta moves
+    assert store.allocations == 1 and not np.shares_memory(store.theta["w"], snap1["w"])
+    assert np.array_equal(snap1["w"], sent) and not np.array_equal(store.theta["w"], sent)
 
 
 def test_untracked_snapshot_is_never_recycled():

@@ -62,6 +62,8 @@ class ThroughputConfig:
     convergence_steps: int = opt(0, "also train the default GPT job (4 workers, sync) this many steps per wire "
                                     "dtype and compare held-out losses (0: skip)")
     out: str = opt("runs/throughput", "output folder for throughput.json")
+    max_pushes_in_flight: int = opt(2, "the capacity server's --max-pushes-in-flight (memory against speed)")
+    snapshot_buffers: int = opt(2, "the capacity server's --snapshot-buffers (memory against speed)")
 
     def __post_init__(self):
         self.size_list  # validates
@@ -204,10 +206,10 @@ def _client(address: str, worker: int, wire: str):
     return PSClient(address, worker=worker, request_timeout=30, server_timeout=120, **kwargs)
 
 
-def _start_server(out: str, num_workers: int, optimizer: str):
+def _start_server(out: str, num_workers: int, optimizer: str, **server):
     from paramserver.cluster import start_server
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=num_workers, mode="async", optimizer=optimizer,
-                        lr=1e-4, log_level="warning", worker_timeout=600, max_message_mb=4096)
+                        lr=1e-4, log_level="warning", worker_timeout=600, max_message_mb=4096, **server)
     return start_server(scfg, out)
 
 
@@ -324,9 +326,10 @@ class _MemoryWatch:
         return dict(self.peak)
 
 
-def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str) -> dict:
-    """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can."""
-    proc, address = _start_server(out, workers, "adam")
+def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str, **server) -> dict:
+    """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can.
+    `server`: more ServerConfig fields (--max-pushes-in-flight, --snapshot-buffers)."""
+    proc, address = _start_server(out, workers, "adam", **server)
     idle = _proc_memory(proc.pid).get("vmrss_mb", 0.0)
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(workers + 1)
@@ -399,7 +402,9 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
             w["capacity"] = {}
             for n in cfg.worker_list:
                 print(f"P = {p:,}, wire {wire}: capacity with {n} workers ...", flush=True)
-                w["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, wire, tmp)
+                w["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, wire, tmp,
+                                                 max_pushes_in_flight=cfg.max_pushes_in_flight,
+                                                 snapshot_buffers=cfg.snapshot_buffers)
             r["wire"][wire] = w
         results["sizes"].append(r)
         _write(cfg, results)
