@@ -65,3 +65,35 @@ def test_keep_freed_memory_is_idempotent_and_threads_are_set():
         assert set_threads(0) == 1          # 0 leaves the setting alone
     finally:
         torch.set_num_threads(before)
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
+def test_a_server_process_takes_pushes_and_answers_pulls_of_100_mb_without_page_faults(tmp_path):
+    """The real thing: `paramserver server` receiving 100 MB gradients (more than glibc's 64 MB per-thread
+    heap, which used to be unmapped and faulted in again: 10,700 faults per push) while a pull is kept."""
+    from paramserver.bench.throughput import _start_server, _stop_server, make_theta
+    from worker.client import PSClient
+    if not keep_freed_memory():
+        pytest.skip("this C library has no glibc mallopt")
+    proc, address = _start_server(str(tmp_path), 1, "sgd")
+    theta, grads = make_theta(25_000_000, 16), make_theta(25_000_000, 16, seed=3)
+    faults = []
+    try:
+        with PSClient(address, worker=0, request_timeout=60, server_timeout=120) as ps:
+            ps.register(init=theta)
+            params = ps.pull()
+            for i in range(7):
+                before = _minor_faults(proc.pid)
+                ps.push(grads, version=params.version, clock=params.clock)
+                params = ps.pull()
+                faults.append(_minor_faults(proc.pid) - before)
+            ps.leave()
+    finally:
+        _stop_server(proc, address)
+    pages = 25_000_000 * 4 // 4096
+    assert max(faults[3:]) < pages / 50, faults     # a handful, not one per page of the 100 MB received
