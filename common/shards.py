@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.protocol import Encoded
+
 PLAN_VERSION = 1
 #: the largest piece, in elements (4 MiB of float32, as BytePS's default partition)
 MAX_PIECE_ELEMS = 1 << 20
@@ -91,13 +93,11 @@ class ShardPlan:
         """Full tensors by name -> one {piece key: array} per shard (views where possible)."""
         out: list[dict[str, np.ndarray]] = [{} for _ in range(self.num_shards)]
         for p in self.pieces:
-            t = tensors[p.name]
-            out[p.shard][p.key] = t if p.whole else np.asarray(t).reshape(-1)[p.start:p.stop]
+            out[p.shard][p.key] = _piece(tensors[p.name], p)
         return out
 
     def shard_part(self, tensors: dict[str, np.ndarray], shard: int) -> dict[str, np.ndarray]:
-        return {p.key: (tensors[p.name] if p.whole else np.asarray(tensors[p.name]).reshape(-1)[p.start:p.stop])
-                for p in self.by_shard[shard]}
+        return {p.key: _piece(tensors[p.name], p) for p in self.by_shard[shard]}
 
     def join(self, parts: list[dict[str, np.ndarray]], out: dict[str, np.ndarray] | None = None
              ) -> dict[str, np.ndarray]:
@@ -115,6 +115,15 @@ class ShardPlan:
     def identity(self, shard: int) -> dict:
         """What a worker tells shard `shard` in REGISTER (checked by `check_identity`)."""
         return {"index": shard, "count": self.num_shards, "plan": self.hash}
+
+
+def _piece(t, p):
+    """The part of tensor `t` that piece `p` covers: a view (of the 16-bit values of an `Encoded` one)."""
+    if p.whole:
+        return t
+    if isinstance(t, Encoded):
+        return Encoded(t.bits.reshape(-1)[p.start:p.stop], t.wire)
+    return np.asarray(t).reshape(-1)[p.start:p.stop]
 
 
 def check_identity(index: int, count: int, plan_hash: str, offered: dict | None) -> str:

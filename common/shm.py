@@ -36,7 +36,7 @@ import secrets
 
 import numpy as np
 
-from common.protocol import DTYPES, Message, MsgType, ProtocolError
+from common.protocol import DTYPES, Encoded, Message, MsgType, ProtocolError, decode_wire
 
 log = logging.getLogger("common.shm")
 
@@ -252,8 +252,13 @@ class GradientWriter:
         self.seg = Segment(f"psg-{os.getpid()}-{secrets.token_hex(8)}", max(8, size), create=True)
 
     def write(self, grads: dict[str, np.ndarray]) -> dict:
+        """Copy the gradients into the segment (`Encoded` 16-bit values widened to float32 on the way)."""
         for name, dtype, shape, offset in self.specs:
-            np.copyto(self.seg.view(dtype, shape, offset), grads[name], casting="same_kind")
+            g, dst = grads[name], self.seg.view(dtype, shape, offset)
+            if isinstance(g, Encoded):
+                decode_wire(g, out=dst)
+            else:
+                np.copyto(dst, g, casting="same_kind")
         return {"name": self.seg.name, "specs": self.specs}
 
     def close(self) -> None:

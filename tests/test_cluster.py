@@ -136,3 +136,23 @@ def test_cluster_passes_slowdown_prob_and_threads_to_the_workers(tmp_path):
     slept = [s[7] for s in workers["1"]["steps"]]
     assert 0 < sum(x > 0 for x in slept) < len(slept)      # some steps slowed, not all
     assert all(s[7] == 0 for s in workers["0"]["steps"])
+
+
+def test_bf16_wire_trains_the_same_over_shared_memory_sockets_and_shards(tmp_path):
+    """--wire-dtype bf16 with the same-host shared memory (the default), over the socket, and over 2 shards:
+    the gradients are the same bf16 values every way (shared memory carries them widened). Through shared
+    memory theta comes back in fp32 (no bytes to save there), over the socket in bf16: so the shm runs agree
+    exactly and the socket run within bf16's rounding. bf16 with shared memory or with shards used to stop
+    every worker."""
+    losses = {}
+    for name, extra in {"shm": [], "tcp": ["--no-shm"], "shards": ["--shards", "2"]}.items():
+        out = tmp_path / name
+        r = ps("cluster", "--workers", "2", "--steps", "5", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+               "--context", "32", "--max-bytes", "200000", "--eval-every", "0", "--sample-bytes", "0",
+               "--wire-dtype", "bf16", "--out", str(out), *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        summary = json.loads((out / "metrics.json").read_text())["summary"]
+        assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+        losses[name] = summary["final_eval_loss"]
+    assert abs(losses["shards"] - losses["shm"]) < 1e-6, losses
+    assert abs(losses["shm"] - losses["tcp"]) < 1e-3 * losses["tcp"], losses

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.protocol import Message, MsgType
+from common.protocol import Encoded, Message, MsgType
 from common.shm import GradientWriter, ThetaReader
 from worker.client import PSClient, ServerError
 
@@ -66,9 +66,9 @@ class ShmClient(PSClient):
         if self.reader is None or not self.push_shm:
             return super().push(grads, version, clock, **meta)
         if self.writer is None:
-            try:
-                self.writer = GradientWriter({n: [np.asarray(g).dtype.name, list(np.shape(g))]
-                                              for n, g in grads.items()})
+            try:   # 16-bit wire values (--wire-dtype) are written widened: no socket to save bytes on here
+                self.writer = GradientWriter({n: ["float32" if isinstance(g, Encoded) else np.asarray(g).dtype.name,
+                                                  list(np.shape(g))] for n, g in grads.items()})
             except OSError as exc:   # /dev/shm full or not writable
                 log.warning("no shared memory for gradients (%s): pushing over the socket", exc.strerror or exc)
                 self.push_shm = False
