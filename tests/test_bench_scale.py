@@ -37,6 +37,8 @@ def test_quick_run_prints_the_table_and_writes_every_field(quick):
     assert set(runs) == {"single", "sync", "async"}
     single = runs["single"]
     assert single["samples_per_s"] > 0 and single["ratio"] == 1.0 and single["layout"] == "1 x 8"
+    assert single["compute_ms"] > 0 and single["apply_ms"] > 0
+    assert "global batch 8: fastest sync variant 'sync' at" in stdout
     for name in ("sync", "async"):
         r = runs[name]
         assert r["complete"] and not r["failure"], r["failure"]

@@ -41,7 +41,7 @@ WIRES = ("fp32", "bf16", "fp16")
 #: quick preset: field -> value, applied to the fields left at their default
 QUICK = {"n_layer": 1, "n_embd": 32, "n_head": 2, "context": 32, "max_bytes": 300_000, "workers": 2,
          "global_batches": "8,16", "steps": 8, "warmup": 2, "eval_batches": 4,
-         "variants": "sync;sync,shards=2,wire=bf16,overlap;ssp;async", "run_timeout": 120.0, "budget": 600.0}
+         "variants": "sync;sync,shards=2,overlap;sync,wire=bf16,tcp;ssp;async", "run_timeout": 120.0, "budget": 600.0}
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ScaleConfig(JobConfig):
     workers: int = opt(4, "worker processes of each paramserver run (a variant's workers=N overrides it)")
     global_batches: str = opt("64,256", "comma-separated global batches per update; each is B/(workers x accum) "
                                         "samples per worker micro-batch")
-    variants: str = opt("sync;sync,accum=4,batch=256;sync,shards=2;sync,shards=2,wire=bf16,overlap,tcp;async;ssp",
+    variants: str = opt("sync;sync,accum=4,batch=256;sync,shards=2;sync,wire=bf16,tcp;async;ssp",
                         "paramserver runs, separated by ';': a mode (sync, ssp, async), then comma-separated "
                         "options: shards=K, wire=fp32|bf16|fp16, shm or tcp, overlap, accum=A, staleness=S (ssp), "
                         "workers=N, batch=B[/B2] (run only at these global batches)")
@@ -211,27 +211,47 @@ def run_single(cfg: ScaleConfig, batch: int, device: str, workers: int) -> dict:
     streams = [batch_stream(c, job.n_samples)[1] for c in cfgs]
     opt_ = make_optimizer(job.model.parameters(), cfg.optimizer, cfg.lr)
     initial = job.eval_loss(cfg.eval_batches, cfg.eval_batch_size)
-    losses = []
+    losses, marks = [], []
+    cuda = device.startswith("cuda")
+    # the split (compute: batch, forward, backward; apply: the optimizer) without a synchronisation per step:
+    # CUDA events are read after the loop; on a CPU the clock is synchronous anyway
+    mark = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
     t_start = time.perf_counter()
     t_warm = t_start
     for step in range(cfg.steps):
         if step == cfg.warmup:
             _sync(device)
             t_warm = time.perf_counter()
+        m = [mark(), None, None]
+        if cuda:
+            m[0].record()
         idx = np.concatenate([next(s)[1] for s in streams])   # the union of the workers' batches
         opt_.zero_grad(set_to_none=True)
         loss = job.loss(*job.batch(idx))
         loss.backward()
+        m[1] = mark()
+        if cuda:
+            m[1].record()
         opt_.step()
+        m[2] = mark()
+        if cuda:
+            m[2].record()
         losses.append(loss.detach())
+        if step >= cfg.warmup:
+            marks.append(m)
     _sync(device)
     t_end = time.perf_counter()
+    if cuda:
+        split = np.array([[a.elapsed_time(b), b.elapsed_time(c)] for a, b, c in marks]).mean(axis=0)
+    else:
+        split = 1e3 * np.array([[b - a, c - b] for a, b, c in marks]).mean(axis=0)
     final = job.eval_loss(cfg.eval_batches, cfg.eval_batch_size)
     timed = cfg.steps - cfg.warmup
     result = {"kind": "single", "name": "single", "batch": batch, "layout": f"1 x {batch}", "device": device,
               "steps": cfg.steps, "samples": cfg.steps * batch,
               "samples_per_s": round(timed * batch / (t_end - t_warm), 1),
               "step_ms": round(1e3 * (t_end - t_warm) / timed, 3), "wall_s": round(t_end - t_start, 3),
+              "compute_ms": round(float(split[0]), 3), "apply_ms": round(float(split[1]), 3),
               "initial_eval_loss": round(initial, 5), "eval_loss": round(final, 6),
               "train_loss_last": round(float(torch.stack(losses[-5:]).mean()), 5), "complete": True}
     del job, opt_, losses
@@ -523,13 +543,37 @@ def print_scale(report: dict) -> None:
     print("samples/s after the warm-up; x single: against the single-process run at the same global batch B; "
           "held-out loss after the same samples and its difference from single; times in ms per worker step "
           "(compute: theta into the model, forward, backward, gradients out; wait: held at the barrier or "
-          "staleness bound; pull/push: communication; apply: the server's optimizer per update)")
+          "staleness bound; pull/push: communication; apply: the optimizer per update, the server's or the "
+          "single run's)")
+    for line in target_lines(report):
+        print(line)
     procs = max((r.get("variant", {}).get("workers", 0) + r.get("variant", {}).get("shards", 0)
                  for r in report["runs"]), default=0)
     if m["cpus"] and procs > m["cpus"]:
         print(f"note: up to {procs} processes (workers + server shards) on {m['cpus']} cores: oversubscribed, "
               "the figures measure contention as much as the parameter server")
     print(f"results: {os.path.join(c['out'], 'scale.json')}", flush=True)
+
+
+#: issue 10's target for sync mode on a GPU: at least this fraction of single-process samples/s, and the
+#: held-out loss within this many percent of the single run's
+TARGET_RATIO, TARGET_LOSS_PCT = 0.5, 2.0
+
+
+def target_lines(report: dict) -> list[str]:
+    """Per global batch: the fastest complete sync variant against the target (TARGET_RATIO, TARGET_LOSS_PCT)."""
+    lines = []
+    for b in sorted({r["batch"] for r in report["runs"]}):
+        syncs = [r for r in report["runs"] if r["batch"] == b and r["kind"] == "ps" and r.get("ratio") is not None
+                 and r["variant"]["mode"] == "sync" and r.get("loss_diff_pct") is not None]
+        if not syncs:
+            continue
+        best = max(syncs, key=lambda r: r["ratio"])
+        met = best["ratio"] >= TARGET_RATIO and abs(best["loss_diff_pct"]) <= TARGET_LOSS_PCT
+        lines.append(f"global batch {b}: fastest sync variant {best['name']!r} at {best['ratio']:.3f}x single, loss "
+                     f"{best['loss_diff_pct']:+.2f}% (issue 10's GPU target >= {TARGET_RATIO}x and within {TARGET_LOSS_PCT:g}%: "
+                     f"{'met' if met else 'missed'})")
+    return lines
 
 
 def _interrupted(signum, frame):   # pragma: no cover - SIGTERM while benchmarking: clean up the children
