@@ -200,8 +200,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: the single run's samples/s is measured over at least this many seconds: when its --steps are done sooner
+#: (a fast GPU: 40 steps in well under a second), it trains on, for timing only, after its held-out evaluation
+SINGLE_MIN_S = 3.0
+
+
 def run_single(cfg: ScaleConfig, batch: int, device: str, workers: int) -> dict:
-    """Single-process training at global batch `batch`: samples/s after the warm-up, held-out loss at the end."""
+    """Single-process training at global batch `batch`: held-out loss after --steps, samples/s after the warm-up
+    (over at least SINGLE_MIN_S seconds of steps), and the split of a step into compute and apply."""
     import torch
     from worker.ddp import make_optimizer
     from worker.models import build_job
@@ -211,51 +217,64 @@ def run_single(cfg: ScaleConfig, batch: int, device: str, workers: int) -> dict:
     streams = [batch_stream(c, job.n_samples)[1] for c in cfgs]
     opt_ = make_optimizer(job.model.parameters(), cfg.optimizer, cfg.lr)
     initial = job.eval_loss(cfg.eval_batches, cfg.eval_batch_size)
-    losses, marks = [], []
     cuda = device.startswith("cuda")
     # the split (compute: batch, forward, backward; apply: the optimizer) without a synchronisation per step:
     # CUDA events are read after the loop; on a CPU the clock is synchronous anyway
-    mark = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
-    t_start = time.perf_counter()
-    t_warm = t_start
-    for step in range(cfg.steps):
-        if step == cfg.warmup:
-            _sync(device)
-            t_warm = time.perf_counter()
-        m = [mark(), None, None]
-        if cuda:
-            m[0].record()
+    marks, losses = [], []
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def step(timed: bool) -> None:
+        m0 = mark()
         idx = np.concatenate([next(s)[1] for s in streams])   # the union of the workers' batches
         opt_.zero_grad(set_to_none=True)
         loss = job.loss(*job.batch(idx))
         loss.backward()
-        m[1] = mark()
-        if cuda:
-            m[1].record()
+        m1 = mark()
         opt_.step()
-        m[2] = mark()
-        if cuda:
-            m[2].record()
+        m2 = mark()
         losses.append(loss.detach())
-        if step >= cfg.warmup:
-            marks.append(m)
+        if timed:
+            marks.append((m0, m1, m2))
+
+    t_start = time.perf_counter()
+    for _ in range(cfg.warmup):
+        step(False)
+    _sync(device)
+    t_warm = time.perf_counter()
+    for _ in range(cfg.steps - cfg.warmup):
+        step(True)
     _sync(device)
     t_end = time.perf_counter()
+    timed_s, timed_n = t_end - t_warm, cfg.steps - cfg.warmup
+    final = job.eval_loss(cfg.eval_batches, cfg.eval_batch_size)    # after exactly --steps steps
+    if timed_s < SINGLE_MIN_S:   # too short to time reliably: go on, for timing only (the loss is taken)
+        extra = max(1, int(timed_n * (SINGLE_MIN_S - timed_s) / timed_s))
+        t0 = time.perf_counter()
+        for _ in range(extra):
+            step(True)
+        _sync(device)
+        timed_s += time.perf_counter() - t0
+        timed_n += extra
     if cuda:
         split = np.array([[a.elapsed_time(b), b.elapsed_time(c)] for a, b, c in marks]).mean(axis=0)
     else:
         split = 1e3 * np.array([[b - a, c - b] for a, b, c in marks]).mean(axis=0)
-    final = job.eval_loss(cfg.eval_batches, cfg.eval_batch_size)
-    timed = cfg.steps - cfg.warmup
     result = {"kind": "single", "name": "single", "batch": batch, "layout": f"1 x {batch}", "device": device,
-              "steps": cfg.steps, "samples": cfg.steps * batch,
-              "samples_per_s": round(timed * batch / (t_end - t_warm), 1),
-              "step_ms": round(1e3 * (t_end - t_warm) / timed, 3), "wall_s": round(t_end - t_start, 3),
+              "steps": cfg.steps, "samples": cfg.steps * batch, "timed_steps": timed_n,
+              "samples_per_s": round(timed_n * batch / timed_s, 1), "step_ms": round(1e3 * timed_s / timed_n, 3),
+              "wall_s": round(t_end - t_start, 3),
               "compute_ms": round(float(split[0]), 3), "apply_ms": round(float(split[1]), 3),
               "initial_eval_loss": round(initial, 5), "eval_loss": round(final, 6),
-              "train_loss_last": round(float(torch.stack(losses[-5:]).mean()), 5), "complete": True}
-    del job, opt_, losses
-    if device.startswith("cuda"):
+              "train_loss_last": round(float(torch.stack(losses[max(0, cfg.steps - 5):cfg.steps]).mean()), 5),
+              "complete": True}
+    del job, opt_, losses, marks
+    if cuda:
         torch.cuda.empty_cache()
     return result
 
