@@ -12,7 +12,8 @@
 # --out ...), so they override them, e.g. --variants 'sync;async' or --budget 300.
 # $OUT receives env.txt (versions, GPU), scale.log (the printed table), scale.json and logs.tgz (every run's
 # server and worker logs and metrics, checkpoints left out); the runs themselves go to $SCALE_RUNS
-# (default /tmp/ps-scale). Variables: PYTHON (python3), OUT, SCALE_RUNS, PYZMQ_VERSION (fetch: 27.3.0).
+# (default /tmp/ps-scale). Variables: PYTHON (python3), OUT, SCALE_RUNS, SCALE_TIMEOUT (540: seconds before the
+# bench is stopped; its --budget, 420 by default, normally ends it first), PYZMQ_VERSION (fetch: 27.3.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -52,7 +53,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 } 2>&1 | tee "$OUT/env.txt"
 
 set +e
-"$PY" -m paramserver bench scale --device cuda --out "$RUNS" "$@" 2>&1 | tee "$OUT/scale.log"
+# a hard stop inside a 600 s device call, so that the results so far are still copied (scale.json is rewritten
+# after every run; SIGTERM stops the run in progress and its processes cleanly)
+timeout --signal=TERM --kill-after=30 "${SCALE_TIMEOUT:-540}" \
+    "$PY" -m paramserver bench scale --device cuda --out "$RUNS" "$@" 2>&1 | tee "$OUT/scale.log"
 rc=${PIPESTATUS[0]}
 set -e
 cp "$RUNS/scale.json" "$OUT/scale.json" 2>/dev/null || echo "gpu-check: no scale.json was written" >&2

@@ -121,3 +121,19 @@ def test_cli_rejects_a_bad_variant_with_one_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("paramserver bench: error: --variants 'warp'")
+
+
+def test_gpu_check_script_writes_its_results_under_out(tmp_path):
+    """deploy/gpu-check.sh, the GPU session's one command, run here on the CPU with a tiny plan (flags after the
+    script's own override its --device cuda): env.txt, scale.log, scale.json and logs.tgz land in $OUT."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "deploy", "gpu-check.sh"), "--quick", "--device", "cpu",
+                           "--global-batches", "4", "--variants", "sync", "--steps", "3", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), SCALE_RUNS=str(runs)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt", "logs.tgz", "scale.json", "scale.log"]
+    assert "pyzmq" in (out / "env.txt").read_text()
+    report = json.loads((out / "scale.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["single", "sync"] and report["runs"][1]["complete"]
+    assert "fastest sync variant 'sync'" in (out / "scale.log").read_text()
