@@ -2,13 +2,14 @@
 # The GPU measurement of issue 10 in one command: `paramserver bench scale` on a CUDA machine, the parameter
 # server (4 workers sharing the GPU) against single-process training of the same model at the same global batch.
 #
-#   deploy/gpu-check.sh fetch        # where the package registry is reachable: the cp312 pyzmq wheel into
-#                                    # deploy/gpu-wheels/ (git-ignored; carry that folder to the GPU machine)
 #   deploy/gpu-check.sh [FLAGS...]   # on the GPU machine: results under $OUT (default runs/gpu-check)
+#   deploy/gpu-check.sh fetch        # where the package registry is reachable: replace the pyzmq wheel in
+#                                    # deploy/gpu-wheels/ (another version: PYZMQ_VERSION=...)
 #
 # The GPU machine's python3 has torch, numpy and msgpack but no pyzmq, and reaches no registry: pyzmq is
-# installed from the carried wheel into /tmp/ps-site (nothing else is installed; the project runs from this
-# checkout through PYTHONPATH). FLAGS go to `paramserver bench scale` after this script's own (--device cuda
+# installed from the wheel committed in deploy/gpu-wheels/ (pyzmq 27.3.0, cp312 abi3, manylinux_2_26/2_28
+# x86_64, libzmq bundled; it travels with the checkout) into /tmp/ps-site. Nothing else is installed; the
+# project runs from this checkout through PYTHONPATH. FLAGS go to `paramserver bench scale` after this script's own (--device cuda
 # --out ...), so they override them, e.g. --variants 'sync;async' or --budget 300.
 # $OUT receives env.txt (versions, GPU), scale.log (the printed table), scale.json and logs.tgz (every run's
 # server and worker logs and metrics, checkpoints left out); the runs themselves go to $SCALE_RUNS
@@ -20,10 +21,14 @@ PY=${PYTHON:-python3}
 WHEELS=deploy/gpu-wheels
 
 if [ "${1:-}" = fetch ]; then
-    mkdir -p "$WHEELS"
+    tmp=$(mktemp -d)
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$WHEELS" "pyzmq==${PYZMQ_VERSION:-27.3.0}"
+        -d "$tmp" "pyzmq==${PYZMQ_VERSION:-27.3.0}"
+    mkdir -p "$WHEELS"
+    rm -f "$WHEELS"/pyzmq-*.whl      # one wheel only: the install takes the first it finds
+    mv "$tmp"/pyzmq-*.whl "$WHEELS"/
+    rmdir "$tmp"
     ls -l "$WHEELS"
     exit 0
 fi
@@ -35,7 +40,7 @@ if ! "$PY" -c "import zmq" 2>/dev/null; then
     whl=$(ls "$WHEELS"/pyzmq-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$whl" ]; then
         echo "gpu-check: $PY has no pyzmq and $WHEELS/ holds no pyzmq wheel: run 'deploy/gpu-check.sh fetch'" \
-             "where the registry is reachable, and carry $WHEELS to this machine" >&2
+             "where the registry is reachable, and bring $WHEELS to this machine" >&2
         exit 2
     fi
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ps-site "$whl"
