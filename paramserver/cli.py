@@ -190,6 +190,14 @@ def cmd_bench_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    _passive_openmp()   # the server processes it starts set it too (before torch is imported)
+    from paramserver.bench.scale import ScaleConfig, main_scale
+    _setup_logging("warning")
+    report = main_scale(from_args(ScaleConfig, args))
+    return 0 if all(r.get("complete") for r in report["runs"]) else 1
+
+
 def _check_client_args(args: argparse.Namespace) -> None:
     """The address and keys of a tool that talks to a server (status, stop)."""
     if bool(args.curve_server) != bool(args.curve_secret):
@@ -360,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the server's apply, snapshots and the wire against their limits (raw zmq, torch)")
     add_arguments(b, ThroughputConfig)
     b.set_defaults(func=cmd_bench_throughput)
+    from paramserver.bench.scale import ScaleConfig
+    b = bench.add_parser("scale", allow_abbrev=False,
+                         help="paramserver (W workers sharing a device) vs single-process training at the same "
+                              "global batch: samples/s, held-out loss, time split")
+    add_arguments(b, ScaleConfig)
+    b.set_defaults(func=cmd_bench_scale)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     _client_arguments(p)

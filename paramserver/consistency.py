@@ -27,6 +27,7 @@ Usage::
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -79,6 +80,7 @@ class Consistency:
         self._contrib: list[Contribution] = []
         self.counters: Counter = Counter()        # received, applied, dropped:<reason>, ...
         self.max_gap = 0                          # largest clock - min_clock granted to a pull
+        self.apply_s = 0.0                        # seconds spent in store.apply (this process), for benchmarks
 
     # -- membership -------------------------------------------------------------------------
 
@@ -254,7 +256,9 @@ class Consistency:
         version = self.store.version
         for c in contributions:
             c.staleness = version - c.base_version
+        t0 = time.perf_counter()
         self.store.apply(grads, scale, lr_scale)
+        self.apply_s += time.perf_counter() - t0
         self.counters["applied"] += len(contributions)
         self.counters["updates"] += 1
         self.on_update(self.store.version, contributions)

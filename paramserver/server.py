@@ -840,6 +840,7 @@ class Server:
             "started": self.policy.started, "registered": len(self.policy.last_clock),
             "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
+            "apply_s": round(self.policy.apply_s, 4),
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             "resumed_from": self.resumed_from, "shard": self.shard,
             "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,

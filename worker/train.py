@@ -38,6 +38,8 @@ log = logging.getLogger("worker.train")
 
 #: one row of a worker's (or DDP rank's) "steps" and "evals" series
 STEP_FIELDS = ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "comm_s", "sleep_s", "status"]
+#: a PS worker's rows go on with comm_s split into its parts: the pull (its wait excluded) and the push
+PS_STEP_FIELDS = STEP_FIELDS + ["pull_s", "push_s"]
 EVAL_FIELDS = ["time_s", "step", "version", "eval_loss"]
 #: seconds a worker with --rank -1 waits for WELCOME before it sends REGISTER again
 AUTO_RANK_TIMEOUT = 30.0
@@ -83,7 +85,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     # a plain client can hand 16-bit theta over undecoded (Transfer widens it on the way into the model)
     pull_raw = "raw" in inspect.signature(client.pull).parameters
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
-         "steps": [], "step_fields": STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
+         "steps": [], "step_fields": PS_STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     t_start = time.time()
     m["exit"] = "done"
     gate = None
@@ -141,10 +143,11 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
             t4 = time.perf_counter()
             wait = float(params.meta.get("wait_s", 0.0)) - gated
-            comm = max(0.0, (t1 - t0) - wait - gated) + (t4 - t3)
+            pull_s = max(0.0, (t1 - t0) - wait - gated)
+            comm = pull_s + (t4 - t3)
             m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
                                round(t2 - t1, 5), round(wait, 5), round(comm, 5), round(slept, 5),
-                               ack.meta.get("status", "")])
+                               ack.meta.get("status", ""), round(pull_s, 5), round(t4 - t3, 5)])
             if cfg.rank == 0 and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 # the model still holds the theta this step computed on
                 m["evals"].append([round(time.time() - t_start, 4), step, params.version,
