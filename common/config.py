@@ -128,8 +128,11 @@ class ServerConfig:
                                        "whatever the number of workers); 0: no limit")
     snapshot_buffers: int = opt(2, "theta-sized buffers that pulls still being sent may hold besides theta: an "
                                    "update that needs one more waits for the oldest send to finish (a reader "
-                                   "stalled for 0.5 s is not waited for). Bounds memory to theta + optimizer "
+                                   "stalled for --snapshot-wait s is not waited for). Bounds memory to theta + optimizer "
                                    "state + this many. 0: never copy theta, updates wait for its sends")
+    snapshot_wait: float = opt(0.5, "longest an update waits for a send of theta (--snapshot-buffers); a send older "
+                                    "than this counts as a slow or stalled reader and is not waited for. Raise it "
+                                    "for slow networks (a 100 MB theta takes 0.8 s over 1 GbE)")
     threads: int = opt(0, "torch threads for the update (0: torch's default, one per core; `paramserver cluster` "
                           "gives cores / (workers + shards)). Fewer threads than cores avoids stalls when workers "
                           "share the machine")
@@ -138,6 +141,8 @@ class ServerConfig:
         _validate_choices(self)
         if self.max_pushes_in_flight < 0:
             raise ValueError(f"--max-pushes-in-flight must be >= 0 (0: no limit), not {self.max_pushes_in_flight}")
+        if self.snapshot_wait < 0:
+            raise ValueError(f"--snapshot-wait must be >= 0 seconds, not {self.snapshot_wait}")
         if self.snapshot_buffers < 0:
             raise ValueError(f"--snapshot-buffers must be >= 0, not {self.snapshot_buffers}")
         if self.threads < 0:

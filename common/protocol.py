@@ -86,6 +86,9 @@ def session_of(identity: bytes) -> bytes:
 
 #: the largest tensor frame sent; bigger tensors go in chunks of this size
 CHUNK_BYTES = 24 << 20
+#: a client asks the server before sending a gradient of at least this many bytes (push admission, see the
+#: server's --max-pushes-in-flight); smaller ones cost less to hold than a round trip
+RESERVE_MIN_BYTES = 1 << 20
 #: how float32 tensors may travel: as they are, or as 16-bit values (half the bytes)
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 

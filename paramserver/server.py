@@ -27,11 +27,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
-from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded, Message, MsgType, ProtocolError,
-                             decode, decode_wire, encode, error_reply, session_of)
+from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, RESERVE_MIN_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded,
+                             Message, MsgType, ProtocolError, decode, decode_wire, encode, error_reply, session_of)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.shards import ShardPlan, check_identity
+from common.tuning import release_free_memory
 from common import shm
 from paramserver.consistency import Consistency, Contribution
 from paramserver.metrics import ServerMetrics
@@ -109,6 +110,7 @@ class WorkerState:
     key: str = ""                     # --auth: the CurveZMQ public key (z85) that registered it
     last_seq: int = 0                 # highest sequenced request handled (kept across re-registration)
     last_reply: list | None = None    # cached ACK of the last push/leave, resent on a duplicate
+    last_reply_seq: int = 0           # the seq that cached ACK answers (a held reservation has none yet)
     seq_base: int = 0                 # the seq of its last REGISTER (a far jump past both is refused)
     alive: bool = True
     left: bool = False
@@ -123,7 +125,7 @@ class Server:
     def __init__(self, cfg: ServerConfig, context: zmq.Context | None = None):
         self.cfg = cfg
         self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps,
-                                spares=cfg.snapshot_buffers)
+                                spares=cfg.snapshot_buffers, stall_s=cfg.snapshot_wait)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
                                   cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update,
                                   follower=cfg.shard_index > 0)
@@ -400,7 +402,7 @@ class Server:
                 state.last_seq = max(state.last_seq, msg.seq)
                 if msg.type in (MsgType.PUSH, MsgType.LEAVE) and reply is not None:
                     reply = encode(reply)
-                    state.last_reply = reply
+                    state.last_reply, state.last_reply_seq = reply, msg.seq
         if isinstance(reply, Message) and reply.type == MsgType.PARAMS:
             self._send_params(msg.worker, identity, reply)
         elif reply is not None:
@@ -414,13 +416,15 @@ class Server:
         if queued and queued[1].seq == msg.seq:   # a reservation still waiting: answer on the newest route
             self.push_queue[msg.worker] = (identity, queued[1], queued[2])
             return True
-        if msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply:
+        if (msg.seq == state.last_seq and msg.type in (MsgType.PUSH, MsgType.LEAVE) and state.last_reply
+                and state.last_reply_seq == msg.seq):
             # answered from the record even if the worker was declared dead meanwhile: applied exactly once
             self.policy.counters["duplicates"] += 1
             self._send(identity, state.last_reply)
             return True
-        if not state.alive:
-            return False
+        if not state.alive or (msg.type == MsgType.PUSH and msg.meta.get("reserve") is True
+                               and msg.seq == state.last_seq):
+            return False   # (a reservation not answered: its worker was removed while it waited; ask again)
         held = self.pending.get(msg.worker)
         if held and held[1].seq == msg.seq:
             self.pending[msg.worker] = (identity, held[1], held[2])   # answer on the newest route
@@ -511,6 +515,8 @@ class Server:
             if state is not None:
                 log.info("worker %d taken over by a new connection (the old one is %s)", worker,
                          "left" if state.left else ("live" if state.alive else "dead"))
+                self.push_queue.pop(worker, None)   # the old connection's reservation dies with it
+                self._release_slot(worker)
             self.workers[worker] = WorkerState(identity, time.monotonic(), session=session, key=key,
                                                seq_base=msg.seq, registered_at=time.monotonic())
         self.pending.pop(worker, None)
@@ -659,6 +665,9 @@ class Server:
         self._known(msg)
         if msg.meta.get("reserve") is True and not msg.tensors:
             return self._reserve(identity, msg)
+        if (self.cfg.max_pushes_in_flight > 0 and msg.worker not in self.push_slots and msg.tensors
+                and sum(getattr(t, "bits", t).nbytes for t in msg.tensors.values()) >= RESERVE_MIN_BYTES):
+            self.policy.counters["unadmitted_pushes"] += 1   # a client that does not ask: not bounded
         try:
             return self._push_gradient(msg)
         finally:
@@ -721,7 +730,8 @@ class Server:
             identity, msg, _ = self.push_queue.pop(nxt)
             self.push_slots[nxt] = time.monotonic()
             reply = encode(self._reserved(msg))
-            self.workers[nxt].last_reply = reply   # a resend of the reservation gets this answer again
+            # a resend of the reservation gets this answer again
+            self.workers[nxt].last_reply, self.workers[nxt].last_reply_seq = reply, msg.seq
             self._send(identity, reply)
 
     def _sweep_slots(self, now: float) -> None:
@@ -811,7 +821,8 @@ class Server:
         if now - self._timed_step[1] <= self.cfg.step_timeout:
             return
         late = [w for w, clock in self.policy.clocks.items()
-                if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout]
+                if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout
+                and w not in self.push_queue and w not in self.push_slots]   # waiting for our own admission
         for worker in late:
             self._remove(worker)
             self.policy.counters["dead"] += 1
@@ -853,6 +864,7 @@ class Server:
     def state_dict(self) -> dict:
         workers = {str(w): {"session": s.session.hex(), "key": s.key, "last_seq": s.last_seq,
                             "last_reply": [bytes(f).hex() for f in s.last_reply or []],
+                            "last_reply_seq": s.last_reply_seq,
                             "state": "left" if s.left else ("live" if s.alive or w in self.policy.awaiting else "dead")}
                    for w, s in self.workers.items()}
         return {**self.store.state_dict(), "optimizer": self.cfg.optimizer, **self.policy.state_dict(),
@@ -864,6 +876,7 @@ class Server:
             return
         t0 = time.monotonic()
         save_checkpoint(self.cfg.checkpoint, self.state_dict())
+        release_free_memory()   # the checkpoint's copies of theta and optimizer state go back to the system
         self.last_checkpoint = {"path": self.cfg.checkpoint, "version": self.store.version,
                                 "written_s": self.record.elapsed(),
                                 "seconds": round(time.monotonic() - t0, 3)}
@@ -894,6 +907,7 @@ class Server:
             self.workers[int(w)] = WorkerState(
                 b"", now, session=bytes.fromhex(info["session"]), key=info.get("key", ""),
                 last_seq=int(info["last_seq"]), last_reply=[bytes.fromhex(f) for f in info["last_reply"]] or None,
+                last_reply_seq=int(info.get("last_reply_seq", info["last_seq"])),
                 alive=False, left=info["state"] == "left")
         back = sorted(int(w) for w, info in state.get("workers", {}).items() if info["state"] == "live")
         self.policy.await_workers(back)

@@ -35,11 +35,8 @@ from common.protocol import WIRE_DTYPES, Encoded, encode_wire
 
 #: divergence is estimated from at most this many coordinates of theta (exact below it)
 DIVERGENCE_SAMPLE = 65536
-#: free snapshot buffers kept for reuse (more are released to the allocator)
+#: free 16-bit wire snapshot buffers kept for reuse (more are released to the allocator)
 POOL_KEEP = 2
-#: a frozen theta buffer whose sends have taken longer than this belongs to a slow or stalled reader: it no
-#: longer counts against the store's `spares` (so one stalled worker cannot make every update wait)
-PINNED_S = 0.5
 
 
 def theta_crc32(theta: dict[str, np.ndarray]) -> str:
@@ -83,14 +80,14 @@ class _Buffer:
         self.trackers = [(t, t0) for t, t0 in self.trackers if not t.done]
         return bool(self.trackers)
 
-    def stalled(self, now: float) -> bool:
-        """Has one of its sends been going on for over PINNED_S (a slow or stalled reader)?"""
-        return any(now - t0 > PINNED_S for t, t0 in self.trackers if not t.done)
+    def stalled(self, now: float, after: float) -> bool:
+        """Has one of its sends been going on for over `after` seconds (a slow or stalled reader)?"""
+        return any(now - t0 > after for t, t0 in self.trackers if not t.done)
 
-    def wait(self) -> float:
-        """Until no send reads it any more or one of them stalls; returns the seconds waited."""
+    def wait(self, after: float) -> float:
+        """Until no send reads it any more or one of them has taken `after` s; returns the seconds waited."""
         t0 = time.monotonic()
-        while self.busy() and not self.stalled(time.monotonic()):
+        while self.busy() and not self.stalled(time.monotonic(), after):
             time.sleep(0.0005)
         return time.monotonic() - t0
 
@@ -110,11 +107,15 @@ def _warm_up() -> None:
 
 class ParamStore:
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, spares: int = 2):
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, spares: int = 2,
+                 stall_s: float = 0.5):
         _warm_up()
         if spares < 0:
             raise ValueError(f"--snapshot-buffers must be >= 0, not {spares}")
         self.spares = spares    # theta-sized buffers that sends in flight may hold besides theta itself
+        # a send of theta older than this belongs to a slow or stalled reader: an update no longer waits for it,
+        # and its buffer no longer counts against `spares` (so one stalled worker cannot make every update wait)
+        self.stall_s = stall_s
         self.waited_s = 0.0     # time updates spent waiting for a send to release a buffer (the cap)
         self.over_cap = 0       # buffers allocated beyond the cap because the sends were slow (pinned)
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
@@ -332,7 +333,7 @@ class ParamStore:
         if not self._live.busy():
             return None
         if self.spares == 0 and not self._live.leases:   # no spare buffer: wait for the sends instead
-            self.waited_s += self._live.wait()
+            self.waited_s += self._live.wait(self.stall_s)
             if not self._live.busy():
                 return None
         arrays = self._spare()
@@ -352,16 +353,16 @@ class ParamStore:
     def _spare(self) -> dict:
         """A theta-shaped buffer to move theta into. At most `spares` buffers are held by sends in flight
         (frozen) or kept free: when all are taken, the update waits for the oldest send to finish (ZeroMQ's
-        I/O thread is copying it out at memory speed), except that a buffer frozen for over PINNED_S (a slow or
+        I/O thread is copying it out at memory speed), except that a buffer sent for over `stall_s` (a slow or
         stalled reader) is not waited for and no longer counts. So memory is theta + optimizer state +
         `spares` buffers + one per stalled reader (at most one PARAMS per worker is ever in flight)."""
         if self._free:
             return self._free.pop()
         while self.spares:
-            young = [b for b in self._frozen if not b.stalled(time.monotonic())]
+            young = [b for b in self._frozen if not b.stalled(time.monotonic(), self.stall_s)]
             if len(young) < self.spares:
                 break
-            self.waited_s += young[0].wait()
+            self.waited_s += young[0].wait(self.stall_s)
             self._recycle()
             if self._free:
                 return self._free.pop()
@@ -375,7 +376,7 @@ class ParamStore:
             (still if b.busy() else done).append(b)
         self._frozen = still
         for b in done:   # frozen + free never exceed the cap
-            if len(self._free) + len(still) < min(POOL_KEEP, self.spares):
+            if len(self._free) + len(still) < self.spares:
                 self._free.append(b.arrays)
         wstill = []
         for w, b in self._wire_frozen:

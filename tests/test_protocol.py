@@ -302,7 +302,7 @@ def test_slow_reader_never_sees_a_torn_theta(start_server):
             for t in h.tensors.values():
                 assert (t == -float(h.version)).all(), f"theta of version {h.version} changed under its reader"
         store = srv.server.store
-        assert store.copies >= len(held)
+        assert store.allocations >= len(held) - 1    # each held version kept its own buffer (sgd writes around it)
         del held, h, t, p
         gc.collect()
         assert pusher.pull().version == 12

@@ -508,3 +508,41 @@ def test_admission_under_lost_and_duplicated_messages_applies_every_gradient_onc
     assert srv.server.policy.step == steps
     assert np.all(srv.server.store.theta["w"] == -0.5 * (1 + 2 + 3) * steps)   # every gradient exactly once
     assert not srv.server.push_slots and not srv.server.push_queue
+
+
+def test_a_worker_removed_while_waiting_for_a_slot_asks_again_and_pushes(start_server):
+    """Its reservation was never answered: a resend must not get an older cached ACK (it used to, forever,
+    and the worker hung), but be handled anew: unknown_worker, register again, ask again, push."""
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1,
+                       worker_timeout=1.0)
+    a = PSClient(srv.address, worker=0, server_timeout=60, heartbeat=0.2)
+    b = PSClient(srv.address, worker=1, server_timeout=60, request_timeout=2.0)   # no heartbeats: it will die
+    a.register(init=BIG)
+    b.register()
+    pa, pb = a.pull(), b.pull()
+    b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)          # an ACK is now cached for b
+    pb = b.pull()
+    a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
+    done = threading.Event()
+    threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
+                                     done.set()), daemon=True).start()
+    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, what="worker 1 to be declared dead while queued")
+    a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)          # the slot is free again
+    assert done.wait(40), "worker 1 never pushed"
+    assert srv.server.store.version == 3 and b.stats["reregistrations"] >= 1
+    a.close(), b.close()
+
+
+def test_an_unused_slot_lapses_after_the_worker_timeout(start_server):
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1,
+                       worker_timeout=1.5)
+    a = PSClient(srv.address, worker=0, server_timeout=30, heartbeat=0.2)     # alive, but never sends
+    b = PSClient(srv.address, worker=1, server_timeout=30, heartbeat=0.2)
+    a.register(init=BIG)
+    b.register()
+    pa, pb = a.pull(), b.pull()
+    a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
+    ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)    # waits for the lapse, not forever
+    assert ack.meta["status"] == "applied" and srv.server.policy.counters["dead"] == 0
+    assert 0 not in srv.server.push_slots
+    a.close(), b.close()

@@ -216,7 +216,7 @@ def test_sgd_writes_around_a_snapshot_being_sent_with_the_same_bits_and_no_copy(
     rng = np.random.default_rng(0)
     theta = {"w": rng.standard_normal(5000, dtype=np.float32), "b": rng.standard_normal(7, dtype=np.float32)}
     grads = [{n: rng.standard_normal(t.shape, dtype=np.float32) for n, t in theta.items()} for _ in range(6)]
-    moved, inplace = ParamStore("sgd", lr=0.37), ParamStore("sgd", lr=0.37)
+    moved, inplace = ParamStore("sgd", lr=0.37, spares=len(grads)), ParamStore("sgd", lr=0.37)
     moved.init(theta)
     inplace.init(theta)
     sent = []
@@ -264,7 +264,7 @@ def test_sync_sum_buffer_is_reused_and_equals_numpy_in_id_order(optimizer):
 
 def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_stalled_one():
     import threading
-    store = ParamStore("adam", lr=0.1, spares=1)
+    store = ParamStore("adam", lr=0.1, spares=1, stall_s=2.0)
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
     v0, snap0 = store.snapshot()
@@ -300,7 +300,7 @@ def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_
 
 def test_without_snapshot_buffers_an_update_waits_for_the_send_and_never_copies():
     import threading
-    store = ParamStore("adam", lr=0.1, spares=0)
+    store = ParamStore("adam", lr=0.1, spares=0, stall_s=2.0)
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
     v0, snap0 = store.snapshot()
@@ -316,6 +316,25 @@ def test_without_snapshot_buffers_an_update_waits_for_the_send_and_never_copies(
     store.apply(g)                                   # not waited for beyond the stall: theta moves
     assert store.allocations == 1 and not np.shares_memory(store.theta["w"], snap1["w"])
     assert np.array_equal(snap1["w"], sent) and not np.array_equal(store.theta["w"], sent)
+
+
+@pytest.mark.parametrize("spares", [2, 3, 4])
+def test_the_buffer_an_update_waited_for_is_reused_whatever_the_cap(spares):
+    import threading
+    store = ParamStore("adam", lr=0.1, spares=spares, stall_s=5.0)
+    store.init({"w": np.zeros(1000, np.float32)})
+    g = {"w": np.ones(1000, np.float32)}
+    trackers = []
+    for i in range(spares + 1):                      # theta + `spares` buffers, every one on the wire
+        v, _snap = store.snapshot()
+        trackers.append(FakeTracker())
+        store.track(v, trackers[-1])
+        if i < spares:
+            store.apply(g)
+    assert store.allocations == spares and store.waited_s == 0
+    threading.Timer(0.05, lambda: setattr(trackers[0], "done", True)).start()
+    store.apply(g)                                   # waits for the oldest send, then takes its buffer
+    assert store.allocations == spares and store.waited_s > 0
 
 
 def test_untracked_snapshot_is_never_recycled():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common.tuning import keep_freed_memory, set_threads
+from common.tuning import set_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,15 +49,46 @@ def test_kept_memory_receives_large_messages_without_faulting_every_page():
     if not tuned["tuned"]:
         pytest.skip("this C library has no glibc mallopt")
     pages = plain["pages"]
-    # by default each received 2.5 MB frame lands in fresh pages (one fault per 4 KiB page)...
-    assert max(plain["faults"]) > pages / 2, plain
-    # ...with freed memory kept, the next message reuses the last one's pages
+    # with freed memory kept, the next message reuses the last one's pages...
     assert max(tuned["faults"]) < pages / 20, tuned
+    # ...where by default each received 2.5 MB frame lands in fresh pages, one fault per 4 KiB page (unless
+    # the kernel backs them with transparent huge pages: then there is little to save)
+    if not max(plain["faults"]) > pages / 2:
+        pytest.skip(f"this kernel faults {max(plain['faults'])} times per {pages} pages by default (huge pages?)")
 
 
-def test_keep_freed_memory_is_idempotent_and_threads_are_set():
-    first = keep_freed_memory()
-    assert keep_freed_memory() == first
+RELEASE = r"""
+import json
+import numpy as np
+from common.tuning import keep_freed_memory, release_free_memory
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("RssAnon"))
+first = keep_freed_memory()
+again = keep_freed_memory()
+xs = [np.ones(1_000_000) for _ in range(40)]        # 320 MB in 8 MB blocks, as a checkpoint's copies
+used = anon()
+del xs
+kept = anon()
+released = release_free_memory()
+print(json.dumps({"first": first, "again": again, "used": used, "kept": kept, "after": anon()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
+def test_kept_memory_is_handed_back_after_a_burst():
+    out = subprocess.run([sys.executable, "-c", RELEASE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    if not r["first"]:
+        pytest.skip("this C library has no glibc mallopt")
+    assert r["again"] is True                       # idempotent
+    assert r["kept"] > r["used"] - 50                # freed, but kept for the next message
+    assert r["after"] < r["used"] - 250             # handed back by release_free_memory (after a checkpoint)
+
+
+def test_threads_are_set():
     import torch
     before = torch.get_num_threads()
     try:
@@ -78,8 +109,9 @@ def test_a_server_process_takes_pushes_and_answers_pulls_of_100_mb_without_page_
     heap, which used to be unmapped and faulted in again: 10,700 faults per push) while a pull is kept."""
     from paramserver.bench.throughput import _start_server, _stop_server, make_theta
     from worker.client import PSClient
-    if not keep_freed_memory():
-        pytest.skip("this C library has no glibc mallopt")
+    import ctypes
+    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("not glibc: nothing to tune")
     proc, address = _start_server(str(tmp_path), 1, "sgd")
     theta, grads = make_theta(25_000_000, 16), make_theta(25_000_000, 16, seed=3)
     faults = []

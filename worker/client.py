@@ -28,15 +28,11 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import (ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode, encode,
+from common.protocol import (RESERVE_MIN_BYTES, ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode, encode,
                              encode_wire, new_session, routing_id)
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
-
-
-#: gradients smaller than this go without asking the server first (a round trip costs more than they pin)
-RESERVE_MIN_BYTES = 1 << 20
 
 
 def _wire_bytes(tensors: Mapping) -> int:

@@ -318,6 +318,7 @@ def run_ps(cfg: ScaleConfig, v: Variant, batch: int, device: str, folder: str, s
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=v.workers, mode=v.mode,
                         staleness=v.staleness if v.mode == "ssp" else 3, optimizer=cfg.optimizer, lr=cfg.lr,
                         aggregate="mean", shm=v.shm, log_level="warning",
+                        threads=max(1, (os.cpu_count() or 1) // (v.workers + v.shards)),   # as `paramserver cluster`
                         checkpoint=os.path.join(folder, "checkpoint.pt"),
                         metrics=os.path.join(folder, "server_metrics.json"))
     scfgs = shard_configs(scfg, v.shards, folder) if v.shards > 1 else [scfg]
