@@ -79,6 +79,50 @@ def test_pull_and_push_go_through_shared_memory(start_server):
     assert all(np.allclose(theta[n], params[n] - 0.5) for n in params)
 
 
+class _CountingSocket:
+    """A client socket that counts the bytes it sends and receives (everything else passes through)."""
+
+    def __init__(self, sock):
+        self.sock, self.sent, self.received = sock, 0, 0
+
+    def send_multipart(self, frames, **kw):
+        self.sent += sum(len(f.buffer if hasattr(f, "buffer") else memoryview(f).cast("B")) for f in frames)
+        return self.sock.send_multipart(frames, **kw)
+
+    def recv_multipart(self, **kw):
+        frames = self.sock.recv_multipart(**kw)
+        self.received += sum(len(f.buffer if hasattr(f, "buffer") else f) for f in frames)
+        return frames
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("client", [ShmClient, PSClient])
+def test_shared_memory_keeps_theta_and_gradients_off_the_socket(start_server, client):
+    """Over shm a step puts only small messages on the socket (the server reads the gradient from the worker's
+    segment and the worker reads theta from the server's), and the result is the same as over tcp."""
+    n = 1 << 18                                                   # 1 MB of float32 each way per step
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = {"w": np.arange(n, dtype=np.float32)}
+    with client(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        ps.sock = counting = _CountingSocket(ps.sock)
+        steps = 3
+        for _ in range(steps):
+            p = ps.pull()
+            ps.push({"w": np.ones(n, np.float32)}, version=p.version, clock=p.clock)
+        p = ps.pull()
+        ps.sock = counting.sock
+    assert np.array_equal(p.tensors["w"], params["w"] - 0.5 * steps)
+    assert np.array_equal(srv.server.store.theta["w"], params["w"] - 0.5 * steps)
+    payload = 4 * n * steps
+    if client is ShmClient:
+        assert counting.sent < 4096 * steps and counting.received < 4096 * (steps + 1)
+    else:                                                          # the same loop over tcp moves theta both ways
+        assert counting.sent > payload and counting.received > payload
+
+
 def test_falls_back_to_the_socket(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5, shm=False)   # no shm on the server
     params = _params()
