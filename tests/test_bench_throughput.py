@@ -84,3 +84,26 @@ def test_shard_and_transport_flags_are_checked():
         ThroughputConfig(transports="", shards="1")
     cfg = ThroughputConfig(transports="", shards="")                            # both tables skipped
     assert cfg.transport_list == [] and cfg.shard_list == []
+
+
+def _bench_target(rank, mode, sync):
+    """A bench worker for run_workers: 'ok' reports, 'raise' fails in rank 1, 'exit' dies silently in rank 1."""
+    if rank == 1 and mode == "raise":
+        raise ValueError("boom")
+    if rank == 1 and mode == "exit":
+        os._exit(3)
+    sync.registered(rank)
+    sync.start.wait()
+    return {"value": rank * 10}
+
+
+@pytest.mark.parametrize("mode, needle", [("ok", ""), ("raise", "bench worker 1 failed: ValueError: boom"),
+                                          ("exit", "bench worker 1 exited with code 3 without reporting")])
+def test_run_workers_collects_results_and_names_a_failed_worker(mode, needle):
+    from paramserver.bench.procs import run_workers
+    if not needle:
+        rows, wall = run_workers(_bench_target, 3, (mode,), timeout=60, start_timeout=60)
+        assert [r["value"] for r in rows] == [0, 10, 20] and wall >= 0
+        return
+    with pytest.raises(RuntimeError, match=needle):       # at once: nobody waits for the start timeout
+        run_workers(_bench_target, 3, (mode,), timeout=600, start_timeout=600)

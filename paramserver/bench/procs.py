@@ -49,7 +49,34 @@ def _entry(target: Callable[..., dict], rank: int, args: tuple, sync: Sync, resu
     except BaseException as exc:   # reported to the parent, which raises it
         sync.start.abort()         # nobody waits at the barrier for a worker that will not come
         sync.ready.set()
-        results.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+        results.put({"rank": rank, "error": f"failed: {type(exc).__name__}: {exc}",
+                     "secondary": isinstance(exc, threading.BrokenBarrierError)})   # another worker's failure
+
+
+def _silent(procs: list, rows: list[dict], results) -> bool:
+    """Did a worker exit without reporting (killed, or dead in start-up)? Then it gets an error row here."""
+    done = {r["rank"] for r in rows}
+    silent = [(r, p.exitcode) for r, p in enumerate(procs) if r not in done and p.exitcode is not None]
+    if not silent:
+        return False
+    time.sleep(0.5)   # its last words may still be in the queue's pipe
+    while True:
+        try:
+            rows.append(results.get(timeout=0.1))
+        except queue.Empty:
+            break
+    done = {r["rank"] for r in rows}
+    for r, code in silent:
+        if r not in done:
+            rows.append({"rank": r, "error": f"exited with code {code} without reporting"})
+    return True
+
+
+def _join_barrier(sync: Sync, timeout: float) -> None:
+    try:
+        sync.start.wait(timeout=timeout)
+    except threading.BrokenBarrierError:
+        pass   # a worker failed before the start: its error is in the queue
 
 
 def run_workers(target: Callable[..., dict], n: int, args: tuple, timeout: float,
@@ -64,29 +91,38 @@ def run_workers(target: Callable[..., dict], n: int, args: tuple, timeout: float
     try:
         for p in procs:
             p.start()
-        try:
-            sync.start.wait(timeout=start_timeout)
-        except threading.BrokenBarrierError:
-            pass   # a worker failed before the start: its error is in the queue
+        # the parent joins the start barrier in a thread, so that a worker dying before it (without a word,
+        # e.g. killed) is noticed here: the barrier is then broken and its exit code reported
+        released = threading.Thread(target=_join_barrier, args=(sync, start_timeout), daemon=True)
+        released.start()
+        while released.is_alive():
+            released.join(timeout=0.5)
+            if released.is_alive() and _silent(procs, rows, results):
+                sync.start.abort()
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout
-        while len(rows) < n:
+        while len(rows) < n and not any("error" in r for r in rows):
             try:
-                rows.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
+                rows.append(results.get(timeout=1.0))
             except queue.Empty:
-                raise RuntimeError(f"{n - len(rows)} of {n} bench workers did not report within {timeout:.0f}s"
-                                   ) from None
-            if "error" in rows[-1]:
-                break
+                if not _silent(procs, rows, results) and time.monotonic() > deadline:
+                    raise RuntimeError(f"{n - len(rows)} of {n} bench workers did not report within {timeout:.0f}s")
         wall = time.perf_counter() - t0
+        failed = any("error" in r for r in rows)
+        give_up = time.monotonic() + 5.0
+        while failed and len(rows) < n and time.monotonic() < give_up:   # the others' errors: which came first
+            try:
+                rows.append(results.get(timeout=0.5))
+            except queue.Empty:
+                pass
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=1 if failed else 60)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
-    errors = [r for r in rows if "error" in r]
+    errors = sorted((r for r in rows if "error" in r), key=lambda r: r.get("secondary", False))
     if errors:
-        raise RuntimeError(f"bench worker {errors[0]['rank']} failed: {errors[0]['error']}")
+        raise RuntimeError(f"bench worker {errors[0]['rank']} {errors[0]['error']}")
     return sorted(rows, key=lambda r: r["rank"]), wall
