@@ -528,7 +528,8 @@ def shards_table(results: dict) -> str:
 def print_throughput(results: dict) -> None:
     print(f"bench throughput: {results['machine']['cpus']} CPUs, torch threads "
           f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s")
-    print(table(results))
+    if results["sizes"]:
+        print(table(results))
     for extra in (shm_table(results), shards_table(results)):
         if extra:
             print("\n" + extra)
