@@ -60,6 +60,31 @@ def test_gradient_segment_is_bounds_checked():
         writer.close()
 
 
+def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
+    """The server's copy of a pushed gradient goes into a per-segment buffer that is reused once released; a
+    gradient still held (a sync step waiting) keeps its values however many pushes follow."""
+    import torch
+    g = _params()
+    writer = shm.GradientWriter({n: [t.dtype.name, list(t.shape)] for n, t in g.items()})
+    readers = shm.GradientReaders()
+    try:
+        first = readers.read(writer.write(g))
+        held = torch.from_numpy(first["w"])             # as the apply does: a tensor over the array
+        del first
+        for k in range(2, 2 + 2 * shm.GradientReaders.POOL):
+            got = readers.read(writer.write({n: t * k for n, t in g.items()}))
+            assert all(np.array_equal(got[n], g[n] * k) for n in g)
+            assert torch.equal(held, torch.from_numpy(g["w"]))   # never overwritten while held
+            del got
+        assert readers.allocations == 2                  # the held one, and one reused for every other push
+        del held
+        readers.read(writer.write(g))
+        assert readers.allocations == 2                  # released: reused
+    finally:
+        readers.close()
+        writer.close()
+
+
 def test_pull_and_push_go_through_shared_memory(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
     params = _params()
