@@ -312,6 +312,10 @@ def _pusher(rank: int, address: str, p: int, tensors: int, seconds: float, wire:
         ps.register(init=make_theta(p, tensors) if rank == 0 else None)
         if not rank:
             sync.registered(rank)
+        # one step before the start, not counted: connections, buffers and (shm) the gradient segment are set
+        # up once per worker, which is not the server's capacity
+        params = ps.pull(raw=True)
+        ps.push(grads, version=params.version, clock=params.clock)
         sync.start.wait()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -319,7 +323,7 @@ def _pusher(rank: int, address: str, p: int, tensors: int, seconds: float, wire:
             ack = ps.push(grads, version=params.version, clock=params.clock)
             pulls, pushes = pulls + 1, pushes + 1
             n += ack.meta.get("status") == "applied"
-        share = _shm_share(ps, pulls, pushes)
+        share = _shm_share(ps, pulls + 1, pushes + 1)   # the warm-up step included
         ps.leave()
     return {"applied": n, **share}
 
