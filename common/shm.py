@@ -264,11 +264,12 @@ class GradientWriter:
 class GradientReaders:
     """Server side: the workers' gradient segments, opened on first use; `read` copies a gradient out.
 
-    The copy goes into a buffer kept per segment (at most POOL of them: a sync step holds one while the next is read at most) and reused once nothing refers to
+    The copy goes into a buffer kept per segment (at most POOL of them) and reused once nothing refers to
     the gradient it held any more (every array handed out is a view of it, so its reference count says so):
     a fresh model-size allocation per push costs its page faults on the server's only thread (measured at
     25M on this 2-core machine: the copy into fresh memory was most of a shared-memory push's handling).
-    A gradient still held (a sync step waiting for the others) is never overwritten: another buffer is used."""
+    A gradient still held (a sync step waiting for the others) is never overwritten: another buffer is used
+    (a fresh one beyond POOL)."""
 
     POOL = 2
 
