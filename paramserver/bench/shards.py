@@ -90,7 +90,8 @@ def _worker(rank: int, addresses: list[str], size: int, seconds: float, use_shm:
         client.leave()
         k = len(addresses)   # the warm-up step's pull and push, on every shard connection, left out
         return {"steps": n, "wall_s": wall, "pull_s": pull_s, "push_s": push_s,
-                "shm_pulls": max(0, stats.get("shm_pulls", 0) - k), "shm_pushes": max(0, stats.get("shm_pushes", 0) - k)}
+                "shm_pulls": max(0, stats.get("shm_pulls", 0) - k),
+                "shm_pushes": max(0, stats.get("shm_pushes", 0) - k)}
     finally:
         client.close()
 

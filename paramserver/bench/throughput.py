@@ -238,7 +238,8 @@ def _client(address: str, worker: int, wire: str, transport: str = "tcp"):
 def _shm_share(ps, pulls: int, pushes: int) -> dict:
     """How many of a client's pulls and pushes went through shared memory (tcp: none)."""
     st = ps.stats
-    return {"pulls": pulls, "pushes": pushes, "shm_pulls": st.get("shm_pulls", 0), "shm_pushes": st.get("shm_pushes", 0)}
+    return {"pulls": pulls, "pushes": pushes, "shm_pulls": st.get("shm_pulls", 0),
+            "shm_pushes": st.get("shm_pushes", 0)}
 
 
 def _start_server(out: str, num_workers: int, optimizer: str):
@@ -520,7 +521,8 @@ def shards_table(results: dict) -> str:
             f"({size * 4 / 1e6:g} MB) split over the shards, async sgd, {cpus} cores: a row with more processes than "
             "cores measures an oversubscribed machine",
             "",
-            "| shards | workers | transport | steps/s | MB/s (pull + push) | pull ms | push ms | processes / cores | note |",
+            "| shards | workers | transport | steps/s | MB/s (pull + push) | pull ms | push ms | processes / cores "
+            "| note |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows_in:
         note = "; ".join(x for x in ("oversubscribed" if r["processes"] > cpus else "", shm_note(r)) if x)
