@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from common.shards import parse_addresses
+from common.shards import parse_addresses, per_shard
 
 MODES = ("sync", "ssp", "async")
 AGGREGATES = ("sum", "mean")
@@ -240,7 +240,8 @@ class WorkerConfig(JobConfig):
     heartbeat: float = opt(2.0, "seconds between heartbeats")
     log_every: int = opt(10, "print a progress line every this many steps (0: quiet)")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
-    curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret)")
+    curve_server: str = opt("", "the server's public key file: talk CurveZMQ (needs --curve-secret); with K shards "
+                                "one file for all, or K files comma-separated in the order of --server")
     curve_secret: str = opt("", "this worker's secret key file (paramserver keys)")
     shm: bool = opt(True, "same host as a server: pull theta and push gradients through shared memory (/dev/shm); "
                           "falls back to the socket by itself when the server is elsewhere")
@@ -269,7 +270,7 @@ class WorkerConfig(JobConfig):
             raise ValueError("--curve-server and --curve-secret go together (server public key, own secret key)")
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
-        parse_addresses(self.server)
+        per_shard(self.curve_server, len(parse_addresses(self.server)), "--curve-server")
         check_address("--server", self.server)
 
 
@@ -283,9 +284,11 @@ class ClusterConfig:
     sample_bytes: int = opt(300, "bytes of text to generate from the trained model at the end (gpt)")
     progress_every: float = opt(2.0, "seconds between progress lines")
     curve: bool = opt(False, "encrypt with CurveZMQ and admit only this run's keys: creates OUT/keys (a server "
-                             "key, one key per worker, an admin key for the cluster's own monitor and SHUTDOWN)")
-    keys: str = opt("", "like --curve, with the keys in this folder: server, worker0..N-1 and cluster (admin) "
-                        "key files are used where they exist and created where they do not")
+                             "key, with --shards K one per shard, one key per worker, an admin key for the "
+                             "cluster's own monitor and SHUTDOWN)")
+    keys: str = opt("", "like --curve, with the keys in this folder: server (with --shards K: server-shard0.."
+                        "K-1), worker0..N-1 and cluster (admin) key files are used where they exist and created "
+                        "where they do not")
     shards: int = opt(1, "server processes theta is split over (one `paramserver server --shard-index I "
                          "--num-shards K` each)")
 

@@ -1,7 +1,8 @@
 """CurveZMQ: key pairs, and turning encryption and client authentication on for a socket.
 
 `paramserver keys DIR` writes `server.key` / `server.key_secret` and `client.key` /
-`client.key_secret` (ZeroMQ certificate files). The server loads its secret file; with `--auth
+`client.key_secret` (ZeroMQ certificate files); with `--shards K` one server pair per shard,
+`server-shardI.key` / `server-shardI.key_secret`. The server loads its secret file; with `--auth
 DIR` it admits only clients whose public key file is in DIR (a ZAP handler checks every
 connection; a client with another key never gets a reply). Clients load their own secret file and
 the server's public file. Without keys, traffic is plain TCP: keep the server on loopback or a
@@ -20,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import zmq
@@ -31,7 +33,8 @@ def make_keys(folder: str, names: tuple[str, ...] = ("server", "client"), admins
               force: bool = False) -> dict[str, tuple[str, str]]:
     """Create a key pair per name (and per admin name) in `folder`; returns {name: (public, secret file)}.
 
-    Every name but "server" is admitted (its public key is copied into folder/clients); admins are also
+    Every name but a server's ("server", or "server-shardI" for shard I) is admitted (its public key is
+    copied into folder/clients); admins are also
     copied into folder/admins. Secret files are 0600. Raises ConfigError, touching nothing, when a key
     file of one of these names exists and `force` is not set."""
     from common.config import ConfigError
@@ -60,12 +63,22 @@ def make_keys(folder: str, names: tuple[str, ...] = ("server", "client"), admins
             out[name] = (public, secret)
     finally:
         os.umask(old_umask)
-    for sub, members in (("clients", [n for n in names if n != "server"]), ("admins", list(admins))):
+    for sub, members in (("clients", [n for n in names if not is_server_key(n)]), ("admins", list(admins))):
         if members:
             os.makedirs(os.path.join(folder, sub), exist_ok=True)   # clients: the --auth folder
         for name in members:
             shutil.copy(out[name][0], os.path.join(folder, sub, os.path.basename(out[name][0])))
     return out
+
+
+def is_server_key(name: str) -> bool:
+    """A server's key pair (never admitted as a client): "server", or "server-shardI" for shard I of a job."""
+    return name == "server" or re.fullmatch(r"server-shard[0-9]+", name) is not None
+
+
+def server_key_names(shards: int = 1) -> tuple[str, ...]:
+    """The key names of a job's servers: "server" for one, "server-shard0".."server-shard{K-1}" for K shards."""
+    return ("server",) if shards <= 1 else tuple(f"server-shard{i}" for i in range(shards))
 
 
 def _load_secret(path: str) -> tuple[bytes, bytes]:

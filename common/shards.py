@@ -158,6 +158,18 @@ def parse_addresses(server: str) -> list[str]:
     return addresses
 
 
+def per_shard(value: str, count: int, flag: str) -> list[str]:
+    """A flag that takes one value for all `count` shards or one per shard, comma-separated in shard order
+    ('k.key' or 'k0.key,k1.key'): the value for each shard. ValueError naming `flag` when the counts differ."""
+    values = [v.strip() for v in value.split(",")] if value else [""]
+    if len(values) == 1:
+        return values * count
+    if len(values) != count or not all(values):
+        raise ValueError(f"{flag} {value!r} names {len(values)} files for {count} shard address(es); give one per "
+                         "shard, comma-separated in the order of the addresses, or one for every shard")
+    return values
+
+
 def merge_states(states: list[dict]) -> dict:
     """The checkpoints of shards 0..K-1 (load_checkpoint dicts, in shard order) -> one unsharded checkpoint
     with full theta and optimizer state by name, loadable by `paramserver server --resume` and evaluate.

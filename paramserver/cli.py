@@ -151,8 +151,10 @@ def cmd_bench_consistency(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from common.security import make_keys
-    names = (() if args.no_server else ("server",)) + tuple(args.clients or ())
+    from common.security import make_keys, server_key_names
+    if args.shards < 1:
+        raise ConfigError("--shards must be at least 1")
+    names = (() if args.no_server else server_key_names(args.shards)) + tuple(args.clients or ())
     if not names and not args.admin:
         raise ConfigError("nothing to create: give --clients or --admin NAME, or drop --no-server")
     keys = make_keys(args.folder, names, admins=tuple(args.admin or ()), force=args.force)
@@ -212,15 +214,16 @@ def _check_client_args(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     _check_client_args(args)
-    from common.shards import parse_addresses
+    from common.shards import parse_addresses, per_shard
     try:
         addresses = parse_addresses(args.address)
+        keys = per_shard(args.curve_server, len(addresses), "--curve-server")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     statuses = []
-    for address in addresses:   # one status per shard (one address: the server's)
+    for address, key in zip(addresses, keys):   # one status per shard (one address: the server's)
         with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                      curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
+                      curve_server=key, curve_secret=args.curve_secret) as ps:
             try:
                 statuses.append(ps.status())
             except ServerUnavailable as exc:
@@ -316,7 +319,8 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
                    help="server address, or the shards' addresses comma-separated (default: $PS_SERVER or "
                         "tcp://127.0.0.1:5555)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
-    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ)")
+    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ); status of K shards: "
+                                                      "one file, or K comma-separated in the order of the addresses")
     p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ; for stop under "
                                                       "--auth: an admin key, `paramserver keys DIR --admin NAME`)")
 
@@ -409,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "server's admin keys under --auth: only they may send SHUTDOWN, e.g. `paramserver stop`)")
     p.add_argument("--no-server", action="store_true", help="do not create a server key pair (add keys to a "
                                                            "folder that has one)")
+    p.add_argument("--shards", type=int, default=1, help="one server key pair per shard: server-shard0 .. "
+                                                         "server-shard{K-1} instead of server (default: 1)")
     p.add_argument("--force", action="store_true", help="replace key files that exist already")
     p.set_defaults(func=cmd_keys)
     return parser

@@ -109,14 +109,17 @@ def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: 
                   keys: str = "") -> list[subprocess.Popen]:
     """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor. `procs`, when
     given, is the list the processes are appended to as they start (and is returned). With `keys` (a
-    folder from cluster_keys) worker r talks CurveZMQ with its own key workerR.key_secret."""
+    folder from cluster_keys) worker r talks CurveZMQ with its own key workerR.key_secret (and, to K shards,
+    each shard's public key server-shardI.key)."""
+    from common.security import server_key_names
     procs = [] if procs is None else procs
     for rank in range(n):
         argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads",
                                    "curve_server", "curve_secret"))
         argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
-        if keys:
-            argv += ["--curve-server", os.path.join(keys, "server.key"),
+        if keys:   # one server public key per shard, in the order of the addresses
+            servers = server_key_names(len(address.split(",")))
+            argv += ["--curve-server", ",".join(os.path.join(keys, name + ".key") for name in servers),
                      "--curve-secret", os.path.join(keys, f"worker{rank}.key_secret")]
         if slowdown and slowdown.get(rank, 1.0) > 1.0:
             argv += ["--slowdown", str(slowdown[rank]), "--slowdown-prob", str(slowdown_prob)]
@@ -198,18 +201,20 @@ def preflight(scfg: ServerConfig, wcfg: WorkerConfig) -> None:
                               f"{state['optimizer']}; resume with the same optimizer")
 
 
-def cluster_keys(folder: str, n: int) -> dict:
-    """The CurveZMQ keys of a cluster run in `folder`: server, worker0..n-1 and an admin key `cluster` for
-    the cluster's own monitor and SHUTDOWN; those missing are created. Returns the client kwargs of the
-    cluster's own connections."""
-    from common.security import make_keys
+def cluster_keys(folder: str, n: int, shards: int = 1) -> list[dict]:
+    """The CurveZMQ keys of a cluster run in `folder`: one server key pair per server (`server`, or
+    `server-shard0..K-1` with K shards), worker0..n-1 and an admin key `cluster` for the cluster's own
+    monitor and SHUTDOWN; those missing are created. Returns, per server in shard order, the client kwargs
+    of the cluster's own connections to it."""
+    from common.security import make_keys, server_key_names
     have = lambda name: os.path.exists(os.path.join(folder, name + ".key_secret"))   # noqa: E731
-    missing = [name for name in ["server"] + [f"worker{r}" for r in range(n)] if not have(name)]
+    servers = server_key_names(shards)
+    missing = [name for name in list(servers) + [f"worker{r}" for r in range(n)] if not have(name)]
     admins = () if have("cluster") else ("cluster",)
     if missing or admins:
         make_keys(folder, tuple(missing), admins=admins)
-    return {"curve_server": os.path.join(folder, "server.key"),
-            "curve_secret": os.path.join(folder, "cluster.key_secret")}
+    return [{"curve_server": os.path.join(folder, name + ".key"),
+             "curve_secret": os.path.join(folder, "cluster.key_secret")} for name in servers]
 
 
 def _prepare_out(out: str, resume: str) -> None:
@@ -263,9 +268,11 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     scfg.bind = "tcp://127.0.0.1:*"
     keys = ccfg.keys or (os.path.join(out, "keys") if ccfg.curve else "")
     curve: dict = {}
+    curves: list[dict] = []
     if keys:
-        curve = cluster_keys(keys, ccfg.workers)
-        scfg.curve_secret = os.path.join(keys, "server.key_secret")
+        curves = cluster_keys(keys, ccfg.workers, ccfg.shards)
+        curve = curves[0]
+        scfg.curve_secret = os.path.join(keys, "server.key_secret")   # the shards': server-shardI (_run_sharded)
         scfg.auth = os.path.join(keys, "clients")
     threads = wcfg.threads or max(1, (os.cpu_count() or 1) // ccfg.workers)
     scfg.threads = scfg.threads or max(1, (os.cpu_count() or 1) // (ccfg.workers + ccfg.shards))
@@ -280,10 +287,7 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
           f"{', CurveZMQ keys in ' + keys if keys else ''}, output in {out}/", flush=True)
     t0 = time.time()
     if ccfg.shards > 1:
-        if keys:
-            raise ClusterError("--curve/--keys with --shards is not supported yet: start the shards by hand with "
-                               "their keys (see the README)")
-        return _run_sharded(ccfg, scfg, wcfg, threads, t0)
+        return _run_sharded(ccfg, scfg, wcfg, threads, t0, keys, curves)
     children: list[subprocess.Popen] = []     # the server first, then the workers
     server, address, workers = None, "", []
     interrupted, failure = False, ""
@@ -375,12 +379,20 @@ def merge_checkpoints(paths: list[str], path: str) -> dict:
     return merged
 
 
-def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, threads: int, t0: float) -> int:
-    """`paramserver cluster --shards K`: K server processes, workers given all K addresses."""
+def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, threads: int, t0: float,
+                 keys: str = "", curves: list[dict] | None = None) -> int:
+    """`paramserver cluster --shards K`: K server processes, workers given all K addresses. With `keys` (a
+    folder from cluster_keys, `curves` what it returned) every shard has its own CurveZMQ key pair
+    server-shardI and admits the same clients (--auth); the workers get every shard's public key."""
+    from common.security import server_key_names
     from worker.client import PSClient
     from worker.evaluate import evaluate_checkpoint
     out = ccfg.out
     cfgs = shard_configs(scfg, ccfg.shards, out)
+    curves = curves or [{} for _ in cfgs]
+    if keys:
+        cfgs = [dataclasses.replace(c, curve_secret=os.path.join(keys, name + ".key_secret"))
+                for c, name in zip(cfgs, server_key_names(ccfg.shards))]
     for c in cfgs:
         for stale in (c.checkpoint, c.metrics):
             if os.path.exists(stale):
@@ -397,10 +409,10 @@ def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, th
         raise
     address = ",".join(addresses)
     slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
-    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads)
+    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads, keys=keys)
     interrupted = False
     next_tick = time.time() + ccfg.progress_every
-    monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0) for a in addresses]
+    monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0, **c) for a, c in zip(addresses, curves)]
     try:
         while any(p.poll() is None for p in workers):
             time.sleep(0.2)
@@ -420,8 +432,8 @@ def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, th
         for m in monitors:
             m.close()
         stop_all(workers, None, "")
-        for proc, a in zip(servers, addresses):
-            stop_all([], proc, a)
+        for proc, a, c in zip(servers, addresses, curves):
+            stop_all([], proc, a, c)
     failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
     for r in failed:
         print(f"worker {r} exited with code {workers[r].returncode}; see {out}/worker{r}.log", flush=True)

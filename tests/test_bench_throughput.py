@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from paramserver.bench.throughput import ThroughputConfig, run_throughput, table
+from paramserver.bench.throughput import ThroughputConfig, run_throughput, shards_table, shm_table, table
 
 
 def test_tiny_throughput_run(tmp_path):
     cfg = ThroughputConfig(sizes="50K", tensors=4, reps=2, seconds=0.5, workers="1,2", optimizers="sgd,adam",
-                           wire_dtypes="fp32,bf16", out=str(tmp_path))
+                           wire_dtypes="fp32,bf16", transports="tcp", shards="", out=str(tmp_path))
     r = run_throughput(cfg)
     assert json.loads((tmp_path / "throughput.json").read_text())["sizes"][0]["params"] == 50_000
     size = r["sizes"][0]
@@ -33,3 +34,78 @@ def test_bad_flags_are_named():
         ThroughputConfig(sizes="lots")
     with pytest.raises(ValueError, match="--wire-dtypes"):
         ThroughputConfig(wire_dtypes="fp32,int8")
+
+
+def test_shared_memory_and_shard_tables(tmp_path):
+    """Capacity and round trip over same-host shared memory beside tcp, and the shard table (K x N x transport):
+    every figure measured in this run; the shm pushers really went through /dev/shm; oversubscription is said."""
+    from common import shm
+    if not shm.available():
+        pytest.skip("no writable /dev/shm")
+    cfg = ThroughputConfig(sizes="20K", tensors=2, reps=2, seconds=0.3, workers="1,2", optimizers="sgd",
+                           wire_dtypes="fp32", transports="shm,tcp", shards="1,2", shard_params="5K",
+                           out=str(tmp_path))
+    r = run_throughput(cfg)
+    assert json.loads((tmp_path / "throughput.json").read_text())["shards"] == r["shards"]
+    size = r["sizes"][0]
+    rt = size["shm"]
+    # one worker alone: every pull and every push of the round trip went through shared memory
+    assert rt["round_trip_ms"] > 0 and rt["shm_share"] == {"pulls": 4, "pushes": 3, "shm_pulls": 4, "shm_pushes": 3}
+    for n in ("1", "2"):
+        cap = rt["capacity"][n]
+        share = cap["shm_share"]
+        assert cap["applied"] > 0 and cap["pushes_per_s"] > 0 and cap["processes"] == int(n) + 1
+        assert share["pushes"] > 0 and share["shm_pushes"] == share["pushes"] and share["shm_pulls"] > 0
+        assert "shm_share" not in size["wire"]["fp32"]["capacity"][n]          # tcp's pushers: the socket
+    rows = r["shards"]
+    assert [(x["shards"], x["workers"], x["transport"]) for x in rows] == [
+        (k, n, t) for k in (1, 2) for n in (1, 2) for t in ("shm", "tcp")]
+    for x in rows:
+        assert x["size"] == 5000 and x["steps"] > 0 and x["mb_per_s"] > 0
+        assert x["processes"] == x["shards"] + x["workers"]
+        assert (x["shm_push_share"] == 1.0) == (x["transport"] == "shm")
+    assert len({x["steps"] for x in rows}) > 1                                  # measured, not constants
+    text = shm_table(r)
+    row = next(line for line in text.splitlines() if line.startswith("| 0.02M |"))
+    assert f"| {size['wire']['fp32']['round_trip_ms']} / {rt['round_trip_ms']} |" in row and "% / 100% |" in row
+    lines = [line for line in shards_table(r).splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(lines) == len(rows)
+    for x, line in zip(rows, lines):
+        assert f"| {x['processes']} / {os.cpu_count()} |" in line
+        assert ("oversubscribed" in line) == (x["processes"] > os.cpu_count())
+
+
+def test_shard_and_transport_flags_are_checked():
+    with pytest.raises(ValueError, match="--transports"):
+        ThroughputConfig(transports="shm,udp")
+    with pytest.raises(ValueError, match="--shards"):
+        ThroughputConfig(shards="0,2")
+    with pytest.raises(ValueError, match="--shards"):
+        ThroughputConfig(shards="two")
+    with pytest.raises(ValueError, match="--shards needs"):
+        ThroughputConfig(transports="", shards="1")
+    cfg = ThroughputConfig(transports="", shards="")                            # both tables skipped
+    assert cfg.transport_list == [] and cfg.shard_list == []
+
+
+def _bench_target(rank, mode, sync):
+    """A bench worker for run_workers: 'ok' reports, 'raise' fails in rank 1, 'exit' dies silently in rank 1."""
+    if rank == 1 and mode == "raise":
+        raise ValueError("boom")
+    if rank == 1 and mode == "exit":
+        os._exit(3)
+    sync.registered(rank)
+    sync.start.wait()
+    return {"value": rank * 10}
+
+
+@pytest.mark.parametrize("mode, needle", [("ok", ""), ("raise", "bench worker 1 failed: ValueError: boom"),
+                                          ("exit", "bench worker 1 exited with code 3 without reporting")])
+def test_run_workers_collects_results_and_names_a_failed_worker(mode, needle):
+    from paramserver.bench.procs import run_workers
+    if not needle:
+        rows, wall = run_workers(_bench_target, 3, (mode,), timeout=60, start_timeout=60)
+        assert [r["value"] for r in rows] == [0, 10, 20] and wall >= 0
+        return
+    with pytest.raises(RuntimeError, match=needle):       # at once: nobody waits for the start timeout
+        run_workers(_bench_target, 3, (mode,), timeout=600, start_timeout=600)

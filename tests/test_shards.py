@@ -346,5 +346,96 @@ def test_bench_shards_measures_every_configuration(tmp_path):
         (k, n, t) for k in (1, 2) for n in (1, 2) for t in ("shm", "tcp")]
     for r in rows:
         assert r["steps"] > 0 and r["mb_per_s"] > 0 and r["processes"] == r["shards"] + r["workers"]
-        assert r["shm_used"] == (r["transport"] == "shm" and shm.available())
+        if r["transport"] == "shm" and shm.available():   # a pull whose slot was rewritten meanwhile goes by tcp
+            assert r["shm_push_share"] == 1.0 and r["shm_pull_share"] > 0.5
+        else:
+            assert r["shm_pull_share"] == r["shm_push_share"] == 0.0
     assert len({r["steps"] for r in rows}) > 1                # measured, not constants
+
+
+# -- CurveZMQ across shards ---------------------------------------------------------------------------
+
+def test_each_shard_has_its_own_key_and_workers_are_given_every_one(tmp_path):
+    """Two shard processes, each with its own CurveZMQ key pair, admitting the same clients: a worker given both
+    public keys (in shard order) trains through both; one that offers shard 0's key to shard 1 is refused there."""
+    import zmq
+    from common.config import ServerConfig
+    from common.security import make_keys, server_key_names
+    from paramserver.cluster import shutdown, start_server
+    from tests.test_cli import ps as cli
+    from worker.client import ServerUnavailable
+    if not zmq.has("curve"):
+        pytest.skip("libzmq without CURVE")
+    folder = tmp_path / "keys"
+    keys = make_keys(str(folder), server_key_names(2) + ("worker0",), admins=("ops",))
+    assert sorted(p.name for p in (folder / "clients").iterdir()) == ["ops.key", "worker0.key"]  # no server key
+    procs, addresses = [], []
+    try:
+        for i in range(2):   # processes: one process has one ZAP handler (--auth), so one server with --auth
+            proc, address = start_server(ServerConfig(
+                bind="tcp://127.0.0.1:*", shard_index=i, num_shards=2, num_workers=1, mode="sync", optimizer="sgd",
+                lr=0.5, log_level="warning", curve_secret=keys[f"server-shard{i}"][1], auth=str(folder / "clients")),
+                str(tmp_path), log_name=f"shard{i}.log")
+            procs.append(proc)
+            addresses.append(address)
+        both = f"{keys['server-shard0'][0]},{keys['server-shard1'][0]}"
+        params = {"w": np.arange(4096, dtype=np.float32), "b": np.zeros(3, np.float32)}
+        with ShardedClient(addresses, worker=0, request_timeout=0.5, server_timeout=20, curve_server=both,
+                           curve_secret=keys["worker0"][1]) as ps:
+            ps.register(params)
+            p = ps.pull()
+            ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
+            got = ps.pull()
+            assert all(np.array_equal(got.tensors[n], params[n] - 0.5) for n in params)
+            assert [st["version"] for st in ps.status()] == [1, 1]
+            ps.leave()
+        with ShardedClient(addresses, worker=0, request_timeout=0.2, server_timeout=1.5,
+                           curve_server=keys["server-shard0"][0], curve_secret=keys["worker0"][1]) as ps:
+            with pytest.raises(ServerUnavailable, match="refusing this key"):
+                ps.register(params)             # shard 0 answers; shard 1 does not know shard 0's key
+        with pytest.raises(ValueError, match="--curve-server .* names 3 files for 2 shard address"):
+            WorkerConfig(server=",".join(addresses), curve_server="a.key,b.key,c.key", curve_secret="w.key_secret")
+        r = cli("status", ",".join(addresses), "--curve-server", both, "--curve-secret", keys["ops"][1], timeout=60)
+        assert r.returncode == 0 and "shard 0 of 2" in r.stdout and "shard 1 of 2" in r.stdout, r.stdout + r.stderr
+        r = cli("status", ",".join(addresses), "--curve-server", f"{both},{both}", "--curve-secret", keys["ops"][1],
+                timeout=60)
+        assert r.returncode == 2 and "names 4 files for 2 shard address(es)" in r.stderr
+    finally:
+        for i, (proc, address) in enumerate(zip(procs, addresses)):
+            shutdown(address, keys[f"server-shard{i}"][0], keys["ops"][1])
+            proc.wait(timeout=30)
+
+
+def test_cluster_with_shards_and_curve(tmp_path):
+    """`paramserver cluster --shards 2 --curve`: a key pair per shard, workers admitted on both by their own keys."""
+    import torch
+    import zmq.auth
+    from tests.test_cli import ps
+    out = tmp_path / "run"
+    r = ps("cluster", "--shards", "2", "--curve", "--workers", "2", "--steps", "4", "--mode", "sync",
+           "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context", "32", "--max-bytes", "300000",
+           "--eval-every", "0", "--out", str(out), "--sample-bytes", "0", "--threads", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 server shards" in r.stdout and "CurveZMQ keys in" in r.stdout
+    keys = out / "keys"
+    assert sorted(p.name for p in (keys / "clients").iterdir()) == ["cluster.key", "worker0.key", "worker1.key"]
+    workers = {str(w): zmq.auth.load_certificate(str(keys / f"worker{w}.key"))[0].decode() for w in range(2)}
+    for i in range(2):
+        ck = torch.load(out / f"checkpoint-shard{i}.pt", weights_only=False)
+        assert ck["version"] == 4 and ck["config"]["curve_secret"] == str(keys / f"server-shard{i}.key_secret")
+        assert ck["config"]["auth"] == str(keys / "clients")
+        assert {w: info["key"] for w, info in ck["workers"].items()} == workers   # each registered with its key
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_keys_for_shards(tmp_path):
+    """`paramserver keys DIR --shards K`: one server key pair per shard, none of them admitted as a client."""
+    from tests.test_cli import ps
+    r = ps("keys", str(tmp_path / "k"), "--shards", "2", "--clients", "worker0", timeout=60)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "k").iterdir() if p.is_file())
+    assert names == ["server-shard0.key", "server-shard0.key_secret", "server-shard1.key", "server-shard1.key_secret",
+                     "worker0.key", "worker0.key_secret"]
+    assert [p.name for p in (tmp_path / "k" / "clients").iterdir()] == ["worker0.key"]
+    r = ps("keys", str(tmp_path / "k2"), "--shards", "0", timeout=60)
+    assert r.returncode == 2 and "--shards must be at least 1" in r.stderr

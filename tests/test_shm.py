@@ -60,6 +60,31 @@ def test_gradient_segment_is_bounds_checked():
         writer.close()
 
 
+def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
+    """The server's copy of a pushed gradient goes into a per-segment buffer that is reused once released; a
+    gradient still held (a sync step waiting) keeps its values however many pushes follow."""
+    import torch
+    g = _params()
+    writer = shm.GradientWriter({n: [t.dtype.name, list(t.shape)] for n, t in g.items()})
+    readers = shm.GradientReaders()
+    try:
+        first = readers.read(writer.write(g))
+        held = torch.from_numpy(first["w"])             # as the apply does: a tensor over the array
+        del first
+        for k in range(2, 2 + 2 * shm.GradientReaders.POOL):
+            got = readers.read(writer.write({n: t * k for n, t in g.items()}))
+            assert all(np.array_equal(got[n], g[n] * k) for n in g)
+            assert torch.equal(held, torch.from_numpy(g["w"]))   # never overwritten while held
+            del got
+        assert readers.allocations == 2                  # the held one, and one reused for every other push
+        del held
+        readers.read(writer.write(g))
+        assert readers.allocations == 2                  # released: reused
+    finally:
+        readers.close()
+        writer.close()
+
+
 def test_pull_and_push_go_through_shared_memory(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
     params = _params()
@@ -77,6 +102,50 @@ def test_pull_and_push_go_through_shared_memory(start_server):
         assert ps.stats["shm_pulls"] == 2 and ps.stats["shm_pushes"] == 1
     theta = srv.server.store.theta
     assert all(np.allclose(theta[n], params[n] - 0.5) for n in params)
+
+
+class _CountingSocket:
+    """A client socket that counts the bytes it sends and receives (everything else passes through)."""
+
+    def __init__(self, sock):
+        self.sock, self.sent, self.received = sock, 0, 0
+
+    def send_multipart(self, frames, **kw):
+        self.sent += sum(len(f.buffer if hasattr(f, "buffer") else memoryview(f).cast("B")) for f in frames)
+        return self.sock.send_multipart(frames, **kw)
+
+    def recv_multipart(self, **kw):
+        frames = self.sock.recv_multipart(**kw)
+        self.received += sum(len(f.buffer if hasattr(f, "buffer") else f) for f in frames)
+        return frames
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("client", [ShmClient, PSClient])
+def test_shared_memory_keeps_theta_and_gradients_off_the_socket(start_server, client):
+    """Over shm a step puts only small messages on the socket (the server reads the gradient from the worker's
+    segment and the worker reads theta from the server's), and the result is the same as over tcp."""
+    n = 1 << 18                                                   # 1 MB of float32 each way per step
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
+    params = {"w": np.arange(n, dtype=np.float32)}
+    with client(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        ps.sock = counting = _CountingSocket(ps.sock)
+        steps = 3
+        for _ in range(steps):
+            p = ps.pull()
+            ps.push({"w": np.ones(n, np.float32)}, version=p.version, clock=p.clock)
+        p = ps.pull()
+        ps.sock = counting.sock
+    assert np.array_equal(p.tensors["w"], params["w"] - 0.5 * steps)
+    assert np.array_equal(srv.server.store.theta["w"], params["w"] - 0.5 * steps)
+    payload = 4 * n * steps
+    if client is ShmClient:
+        assert counting.sent < 4096 * steps and counting.received < 4096 * (steps + 1)
+    else:                                                          # the same loop over tcp moves theta both ways
+        assert counting.sent > payload and counting.received > payload
 
 
 def test_falls_back_to_the_socket(start_server):

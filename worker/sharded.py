@@ -38,7 +38,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from common.protocol import Message, MsgType
-from common.shards import ShardPlan
+from common.shards import ShardPlan, per_shard
 from worker.client import PSClient
 
 log = logging.getLogger("worker.sharded")
@@ -54,9 +54,13 @@ class ShardedClient:
         if len(servers) < 1:
             raise ValueError("ShardedClient needs at least one shard address")
         self.servers, self.worker = list(servers), worker
+        # CurveZMQ: each shard may have its own key pair; curve_server is one public key file, or one per shard
+        keys = per_shard(client_kwargs.pop("curve_server", ""), len(servers), "--curve-server")
         # one thread per shard, which also creates and closes that shard's client: a socket stays in one thread
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"ps-shard{k}") for k in range(len(servers))]
-        self.clients: list[PSClient] = self._each(lambda k: client(self.servers[k], worker=worker, **client_kwargs))
+        self.clients: list[PSClient] = self._each(
+            lambda k: client(self.servers[k], worker=worker, **client_kwargs,
+                             **({"curve_server": keys[k]} if keys[k] else {})))
         self.plan: ShardPlan | None = None
         self.shard0_decides = False      # sync with backup workers: shard 0 picks the gradients of a step
         self._pulled = [(0, 0)] * len(servers)   # (version, clock) of each shard's last pull

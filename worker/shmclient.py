@@ -47,9 +47,9 @@ class ShmClient(PSClient):
     def transport(self) -> str:
         return "shm" if self.reader is not None else "tcp"
 
-    def pull(self, clock: int = 0) -> Message:
+    def pull(self, clock: int = 0, raw: bool = False) -> Message:
         if self.reader is None:
-            return super().pull(clock)
+            return super().pull(clock, raw=raw)
         reply = self._request(Message(MsgType.PULL, clock=clock, meta={"shm": True}))
         ref = reply.meta.get("shm")
         if ref is None:
@@ -57,7 +57,7 @@ class ShmClient(PSClient):
         theta = self.reader.read(ref) if self.reader is not None else None
         if theta is None:          # the slot was rewritten before we copied it: ask over the socket
             self.stats["shm_repulls"] += 1
-            return super().pull(clock)
+            return super().pull(clock, raw=raw)
         self.stats["shm_pulls"] += 1
         reply.tensors = theta
         return reply

@@ -257,7 +257,8 @@ class _GateReporter:
         try:
             while not self.done.wait(self.every):
                 tool = tool or PSClient(self.cfg.server.split(",")[0], server_timeout=self.every, request_timeout=1.0,
-                                        curve_server=self.cfg.curve_server, curve_secret=self.cfg.curve_secret)
+                                        curve_server=self.cfg.curve_server.split(",")[0],   # shard 0's key
+                                        curve_secret=self.cfg.curve_secret)
                 st = tool.status()
                 if st.get("started", True):
                     return

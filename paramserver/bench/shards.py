@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import ServerConfig, opt
+from paramserver.bench.procs import run_workers
 
 
 @dataclass
@@ -57,7 +57,8 @@ def _ints(text: str, name: str) -> list[int]:
         raise ValueError(f"--{name} {text!r} must be comma-separated integers, e.g. 1,2,4") from None
 
 
-def _worker(addresses: list[str], rank: int, size: int, seconds: float, use_shm: bool, start, results) -> None:
+def _worker(rank: int, addresses: list[str], size: int, seconds: float, use_shm: bool, sync) -> dict:
+    """One bench worker (run by paramserver/bench/procs.py): pull and push theta for `seconds`."""
     from worker.client import PSClient
     from worker.sharded import ShardedClient
     from worker.shmclient import ShmClient
@@ -65,9 +66,15 @@ def _worker(addresses: list[str], rank: int, size: int, seconds: float, use_shm:
     kwargs = dict(worker=rank, request_timeout=5.0, server_timeout=60)
     client = ShardedClient(addresses, client=cls, **kwargs) if len(addresses) > 1 else cls(addresses[0], **kwargs)
     try:
+        if rank:
+            sync.registered(rank)   # rank 0 brings theta
         client.register(init={"w": np.zeros(size, np.float32)})
+        if not rank:
+            sync.registered(rank)
         g = {"w": np.full(size, 1e-9, np.float32)}
-        start.wait()
+        p = client.pull()   # one step before the start, not counted: buffers and (shm) segments are set up once
+        client.push(g, version=p.version, clock=p.clock)
+        sync.start.wait()
         n, t0 = 0, time.perf_counter()
         pull_s = push_s = 0.0
         while time.perf_counter() - t0 < seconds:
@@ -81,47 +88,59 @@ def _worker(addresses: list[str], rank: int, size: int, seconds: float, use_shm:
         wall = time.perf_counter() - t0
         stats = client.stats
         client.leave()
-        results.put({"rank": rank, "steps": n, "wall_s": wall, "pull_s": pull_s, "push_s": push_s,
-                     "shm_pulls": stats.get("shm_pulls", 0)})
-    except BaseException as exc:   # reported by the parent
-        results.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+        k = len(addresses)   # the warm-up step's pull and push, on every shard connection, left out
+        return {"steps": n, "wall_s": wall, "pull_s": pull_s, "push_s": push_s,
+                "shm_pulls": max(0, stats.get("shm_pulls", 0) - k),
+                "shm_pushes": max(0, stats.get("shm_pushes", 0) - k)}
     finally:
         client.close()
 
 
-def measure(shards: int, workers: int, transport: str, size: int, seconds: float, out: str) -> dict:
-    """One row: K shard processes and N worker processes moving theta for `seconds`."""
-    from paramserver.cluster import shard_configs, shutdown, start_server
-    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=workers, mode="async", optimizer="sgd", lr=1e-6,
-                        log_level="warning", worker_timeout=60, track_divergence=False, shm=transport == "shm")
+def start_servers(scfg: ServerConfig, shards: int, out: str, log_name: str = "bench") -> tuple[list, list[str]]:
+    """K server processes for `scfg` (one unsharded server for K = 1), without checkpoints or metrics files;
+    returns (processes, addresses in shard order). Stop them with `stop_servers`."""
+    from paramserver.cluster import shard_configs, start_server
     cfgs = shard_configs(scfg, shards, out) if shards > 1 else [scfg]
     procs, addresses = [], []
-    for i, c in enumerate(cfgs):
-        c = dataclasses.replace(c, checkpoint="", metrics="")
-        proc, address = start_server(c, out, log_name=f"bench-shard{i}.log")
-        procs.append(proc)
-        addresses.append(address)
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Barrier(workers), ctx.Queue()
-    ws = [ctx.Process(target=_worker, args=(addresses, r, size, seconds, transport == "shm", start, results))
-          for r in range(workers)]
     try:
-        for w in ws:
-            w.start()
-        rows = [results.get(timeout=seconds + 180) for _ in ws]
-        for w in ws:
-            w.join(timeout=60)
-    finally:
-        for w in ws:
-            if w.is_alive():
-                w.kill()
-        for proc, address in zip(procs, addresses):
+        for i, c in enumerate(cfgs):
+            proc, address = start_server(dataclasses.replace(c, checkpoint="", metrics=""), out,
+                                         log_name=f"{log_name}-shard{i}.log")
+            procs.append(proc)
+            addresses.append(address)
+    except BaseException:
+        stop_servers(procs, addresses)
+        raise
+    return procs, addresses
+
+
+def stop_servers(procs: list, addresses: list[str]) -> None:
+    from paramserver.cluster import shutdown
+    for proc, address in zip(procs, addresses):
+        if proc.poll() is None:
             shutdown(address)
+        try:
             proc.wait(timeout=30)
-    errors = [r["error"] for r in rows if "error" in r]
-    if errors:
-        raise RuntimeError(f"a bench worker failed: {errors[0]}")
+        except Exception:
+            proc.kill()
+            proc.wait()
+
+
+def measure(shards: int, workers: int, transport: str, size: int, seconds: float, out: str) -> dict:
+    """One row: K shard processes and N worker processes moving theta for `seconds`. Every figure sums the
+    workers' own loops; "shm_pull_share" / "shm_push_share": the fraction that went through shared memory."""
+    scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=workers, mode="async", optimizer="sgd", lr=1e-6,
+                        log_level="warning", worker_timeout=60, track_divergence=False, shm=transport == "shm")
+    procs, addresses = start_servers(scfg, shards, out)
+    try:
+        rows, _ = run_workers(_worker, workers, (addresses, size, seconds, transport == "shm"),
+                              timeout=seconds + 180)
+    finally:
+        stop_servers(procs, addresses)
     steps = sum(r["steps"] for r in rows)
+    if not steps:
+        raise RuntimeError(f"no bench worker completed a step in {seconds}s ({shards} shards, {workers} workers, "
+                           f"{transport}): give more --seconds")
     wall = max(r["wall_s"] for r in rows)
     moved = steps * 2 * size * 4   # each step: one pull and one push of `size` float32
     return {"shards": shards, "workers": workers, "transport": transport, "size": size,
@@ -129,7 +148,9 @@ def measure(shards: int, workers: int, transport: str, size: int, seconds: float
             "mb_per_s": round(moved / wall / 1e6, 1),
             "pull_ms": round(1e3 * sum(r["pull_s"] for r in rows) / steps, 2),
             "push_ms": round(1e3 * sum(r["push_s"] for r in rows) / steps, 2),
-            "shm_used": all(r["shm_pulls"] > 0 for r in rows) if transport == "shm" else False,
+            # the share of pulls and pushes (over every shard connection) that went through shared memory
+            "shm_pull_share": round(sum(r["shm_pulls"] for r in rows) / (steps * shards), 3),
+            "shm_push_share": round(sum(r["shm_pushes"] for r in rows) / (steps * shards), 3),
             "processes": shards + workers, "cores": os.cpu_count()}
 
 
@@ -149,14 +170,9 @@ def measure_overlap(mode: str, overlap: bool, shards: int, steps: int, out: str)
     import json
 
     from common.config import WorkerConfig
-    from paramserver.cluster import shard_configs, shutdown, start_server, start_workers
+    from paramserver.cluster import start_workers
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=2, mode=mode, log_level="warning")
-    cfgs = shard_configs(scfg, shards, out) if shards > 1 else [scfg]
-    procs, addresses = [], []
-    for i, c in enumerate(cfgs):
-        proc, address = start_server(dataclasses.replace(c, checkpoint="", metrics=""), out, log_name=f"ov{i}.log")
-        procs.append(proc)
-        addresses.append(address)
+    procs, addresses = start_servers(scfg, shards, out, log_name="ov")
     run = os.path.join(out, f"overlap-{mode}-{overlap}-{shards}")
     os.makedirs(run, exist_ok=True)
     wcfg = WorkerConfig(job="gpt", n_layer=2, n_embd=64, n_head=4, context=64, max_bytes=500_000, steps=steps,
@@ -165,9 +181,7 @@ def measure_overlap(mode: str, overlap: bool, shards: int, steps: int, out: str)
         workers = start_workers(wcfg, 2, ",".join(addresses), run, threads=1)
         codes = [w.wait(timeout=600) for w in workers]
     finally:
-        for proc, address in zip(procs, addresses):
-            shutdown(address)
-            proc.wait(timeout=30)
+        stop_servers(procs, addresses)
     if codes != [0, 0]:
         raise RuntimeError(f"overlap bench workers exited with {codes}; see {run}")
     ms = [json.load(open(os.path.join(run, f"worker{r}.json"))) for r in range(2)]
@@ -196,6 +210,15 @@ def print_overlap(rows: list[dict]) -> None:
               f"{r['wait_ms']:>8} {r['comm_ms']:>8}")
 
 
+def shm_note(r: dict) -> str:
+    """'' when a shm row moved everything through shared memory, else what went over the socket."""
+    if r["transport"] != "shm" or min(r["shm_pull_share"], r["shm_push_share"]) >= 1:
+        return ""
+    if r["shm_pull_share"] == r["shm_push_share"] == 0:
+        return "shm not used (fell back to tcp)"
+    return f"shm for {r['shm_pull_share']:.0%} of pulls, {r['shm_push_share']:.0%} of pushes (rest: tcp)"
+
+
 def print_shards(rows: list[dict]) -> None:
     if not rows:
         return
@@ -205,7 +228,7 @@ def print_shards(rows: list[dict]) -> None:
     print(f"{'shards':>6} {'workers':>7} {'transport':>9} {'steps/s':>8} {'MB/s':>8} {'pull ms':>8} {'push ms':>8}  note")
     for r in rows:
         note = f"oversubscribed: {r['processes']} processes on {cores} cores" if r["processes"] > cores else ""
-        if r["transport"] == "shm" and not r["shm_used"]:
-            note = (note + "; " if note else "") + "shm not used (fell back to tcp)"
+        if shm_note(r):
+            note = (note + "; " if note else "") + shm_note(r)
         print(f"{r['shards']:>6} {r['workers']:>7} {r['transport']:>9} {r['steps_per_s']:>8} {r['mb_per_s']:>8} "
               f"{r['pull_ms']:>8} {r['push_ms']:>8}  {note}")

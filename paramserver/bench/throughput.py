@@ -10,7 +10,12 @@ measures, in this order and on this machine:
   (async, sgd); the server's apply time per optimizer (gradient check + update, in process); the
   async server's capacity (pushes applied per second) with 1, 2 and 4 pushing processes (Adam),
   and the server's resident memory (VmHWM) against theta's fp32 size;
-* the same round trip and capacity with every `--wire-dtypes` (bf16, fp16: half the bytes).
+* the same round trip and capacity with every `--wire-dtypes` (bf16, fp16: half the bytes);
+* with `--transports` naming shm: the same round trip and capacity (fp32) over same-host shared
+  memory (worker/shmclient.py: theta read from the server's /dev/shm snapshot, gradients written into
+  the worker's own segment, only small messages on the socket), beside tcp's;
+* with `--shards`: the aggregate push+pull throughput of K shard processes x N workers for every
+  transport (paramserver/bench/shards.py's measurement), with the processes-per-core of each row.
 
 Optionally (`--convergence-steps N`) it trains the default GPT job with 4 workers for N sync steps
 per wire dtype and compares the held-out loss. It prints a table and writes `throughput.json`.
@@ -18,6 +23,7 @@ per wire dtype and compares the held-out loss. It prints a table and writes `thr
 Usage::
 
     paramserver bench throughput --sizes 1M,10M,25M --out runs/throughput
+    paramserver bench throughput --sizes 25M --wire-dtypes fp32 --shards "" --transports shm,tcp   # capacity only
 """
 from __future__ import annotations
 
@@ -59,6 +65,13 @@ class ThroughputConfig:
     workers: str = opt("1,2,4", "comma-separated numbers of pushing processes for the async capacity")
     optimizers: str = opt("sgd,momentum,adam", "comma-separated optimizers whose apply time is measured")
     wire_dtypes: str = opt("fp32,bf16", "comma-separated wire dtypes for the round trip and capacity")
+    transports: str = opt("shm,tcp", "comma-separated transports: shm adds the round trip and capacity over "
+                                     "same-host shared memory (fp32) beside tcp's; the shard table measures each "
+                                     "(empty: tcp only, no shard table)")
+    shards: str = opt("1,2", "comma-separated shard counts K of the shard table (aggregate push+pull of K shards x "
+                             "--workers workers per transport; empty: skip it)")
+    shard_params: str = opt("10M", "parameter count of theta in the shard table (one float32 tensor, split over "
+                                   "the shards)")
     convergence_steps: int = opt(0, "also train the default GPT job (4 workers, sync) this many steps per wire "
                                     "dtype and compare held-out losses (0: skip)")
     out: str = opt("runs/throughput", "output folder for throughput.json")
@@ -75,6 +88,19 @@ class ThroughputConfig:
         for o in self.optimizer_list:
             if o not in ("sgd", "momentum", "adam"):
                 raise ValueError(f"unknown optimizer {o!r} in --optimizers; choose from sgd, momentum, adam")
+        for t in self.transport_list:
+            if t not in ("shm", "tcp"):
+                raise ValueError(f"unknown transport {t!r} in --transports; choose from shm, tcp")
+        try:
+            bad = [k for k in self.shard_list if k < 1]
+        except ValueError:
+            raise ValueError(f"--shards {self.shards!r} must be comma-separated shard counts, e.g. 1,2") from None
+        if bad:
+            raise ValueError(f"--shards {self.shards!r}: every shard count must be at least 1")
+        if self.shard_list and not self.transport_list:
+            raise ValueError("--shards needs at least one of --transports shm,tcp (or give --shards \"\")")
+        if _count(self.shard_params) < 1:
+            raise ValueError("--shard-params must be at least 1")
 
     @property
     def size_list(self) -> list[int]:
@@ -91,6 +117,14 @@ class ThroughputConfig:
     @property
     def wire_list(self) -> list[str]:
         return [s.strip() for s in self.wire_dtypes.split(",") if s.strip()]
+
+    @property
+    def transport_list(self) -> list[str]:
+        return [s.strip() for s in self.transports.split(",") if s.strip()]
+
+    @property
+    def shard_list(self) -> list[int]:
+        return [int(s) for s in self.shards.split(",") if s.strip()]
 
 
 def make_theta(p: int, tensors: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -200,10 +234,19 @@ def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
     return out
 
 
-def _client(address: str, worker: int, wire: str):
+def _client(address: str, worker: int, wire: str, transport: str = "tcp"):
     from worker.client import PSClient
+    from worker.shmclient import ShmClient
     kwargs = {"wire_dtype": wire} if wire != "fp32" else {}
-    return PSClient(address, worker=worker, request_timeout=30, server_timeout=120, **kwargs)
+    cls = ShmClient if transport == "shm" else PSClient
+    return cls(address, worker=worker, request_timeout=30, server_timeout=120, **kwargs)
+
+
+def _shm_share(ps, pulls: int, pushes: int) -> dict:
+    """How many of a client's pulls and pushes went through shared memory (tcp: none)."""
+    st = ps.stats
+    return {"pulls": pulls, "pushes": pushes, "shm_pulls": st.get("shm_pulls", 0),
+            "shm_pushes": st.get("shm_pushes", 0)}
 
 
 def _start_server(out: str, num_workers: int, optimizer: str, **server):
@@ -237,32 +280,37 @@ def _proc_memory(pid: int) -> dict:
     return out
 
 
-def round_trips(p: int, tensors: int, reps: int, wires: list[str], out: str) -> dict:
+def round_trips(p: int, tensors: int, reps: int, wires: list[str], out: str, shm: bool = False) -> dict:
     """Best ms of the raw ZeroMQ round trip and of one worker's push (P values) + pull (P values) against a
-    server process (async, sgd), per wire dtype. The repetitions interleave (raw, then each wire, then raw
-    again ...), so that on a shared machine both sides of every ratio see the same moments of load."""
-    proc, address = _start_server(out, len(wires), "sgd")
+    server process (async, sgd), per wire dtype over tcp and, with `shm`, in fp32 over same-host shared
+    memory (then "shm_share" counts what went through it). The repetitions interleave (raw, then each lane,
+    then raw again ...), so that on a shared machine both sides of every ratio see the same moments of load."""
+    lanes = [(w, "tcp") for w in wires] + ([("fp32", "shm")] if shm else [])
+    proc, address = _start_server(out, len(lanes), "sgd")
     theta = make_theta(p, tensors)
     grads = make_theta(p, tensors, seed=3)
     echo, clients, params = None, [], []
-    times: dict[str, list[float]] = {"raw": [], **{w: [] for w in wires}}
+    times: dict[str, list[float]] = {"raw": [], **{_lane(w, t): [] for w, t in lanes}}
+    share = {}
     try:
         echo = _RawEcho(p, tensors)
-        for rank, wire in enumerate(wires):
-            clients.append(_client(address, rank, wire))
+        for rank, (wire, transport) in enumerate(lanes):
+            clients.append(_client(address, rank, wire, transport))
             clients[-1].register(init=theta if rank == 0 else None)
         params = [ps.pull(raw=True) for ps in clients]
         for i in range(reps + 1):
             raw = echo.once()
-            for k, (ps, wire) in enumerate(zip(clients, wires)):
+            for k, (ps, lane) in enumerate(zip(clients, lanes)):
                 t0 = time.perf_counter()
                 ps.push(grads, version=params[k].version, clock=params[k].clock)
                 params[k] = ps.pull(raw=True)   # as a worker takes theta (worker/transfer.py widens it into the model)
                 if i:   # the first one warms up the buffers
-                    times[wire].append(time.perf_counter() - t0)
+                    times[_lane(*lane)].append(time.perf_counter() - t0)
             if i:
                 times["raw"].append(raw)
-        for ps in clients:
+        for ps, (wire, transport) in zip(clients, lanes):
+            if transport == "shm":
+                share = _shm_share(ps, reps + 2, reps + 1)
             ps.leave()
     finally:
         for ps in clients:
@@ -270,32 +318,46 @@ def round_trips(p: int, tensors: int, reps: int, wires: list[str], out: str) -> 
         if echo is not None:
             echo.close()
         info = _stop_server(proc, address)
-    return {"raw_zmq_ms": _best_ms(times["raw"]),
-            "wire": {w: {"round_trip_ms": _best_ms(times[w])} for w in wires},
-            "server_handle_ms": info["status"].get("handle_ms", {})}
+    result = {"raw_zmq_ms": _best_ms(times["raw"]),
+              "wire": {w: {"round_trip_ms": _best_ms(times[w])} for w in wires},
+              "server_handle_ms": info["status"].get("handle_ms", {})}
+    if shm:
+        result["shm"] = {"round_trip_ms": _best_ms(times["shm"]), "shm_share": share}
+    return result
 
 
-def _pusher(address: str, rank: int, p: int, tensors: int, seconds: float, wire: str, ready, start,
-            result_q) -> None:
+def _lane(wire: str, transport: str) -> str:
+    return "shm" if transport == "shm" else wire
+
+
+def _pusher(rank: int, address: str, p: int, tensors: int, seconds: float, wire: str, transport: str,
+            sync) -> dict:
+    """One pushing process (run by paramserver/bench/procs.py): pull, push, as fast as the server answers."""
     import torch
     torch.set_num_threads(1)
     keep_freed_memory()   # as `paramserver worker` does
     grads = make_theta(p, tensors, seed=10 + rank)
-    n = 0
-    with _client(address, rank, wire) as ps:
+    n = pulls = pushes = 0
+    with _client(address, rank, wire, transport) as ps:
         if rank:
-            ready.wait(timeout=300)   # rank 0 brings theta
+            sync.registered(rank)   # rank 0 brings theta
         ps.register(init=make_theta(p, tensors) if rank == 0 else None)
         if not rank:
-            ready.set()
-        start.wait()
+            sync.registered(rank)
+        # one step before the start, not counted: connections, buffers and (shm) the gradient segment are set
+        # up once per worker, which is not the server's capacity
+        params = ps.pull(raw=True)
+        ps.push(grads, version=params.version, clock=params.clock)
+        sync.start.wait()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             params = ps.pull(raw=True)
             ack = ps.push(grads, version=params.version, clock=params.clock)
+            pulls, pushes = pulls + 1, pushes + 1
             n += ack.meta.get("status") == "applied"
+        share = _shm_share(ps, pulls + 1, pushes + 1)   # the warm-up step included
         ps.leave()
-    result_q.put(n)
+    return {"applied": n, **share}
 
 
 class _MemoryWatch:
@@ -326,40 +388,33 @@ class _MemoryWatch:
         return dict(self.peak)
 
 
-def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str, **server) -> dict:
-    """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can.
+def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out: str, transport: str = "tcp",
+             **server) -> dict:
+    """Async server (Adam): pushes applied per second with `workers` processes pushing as fast as they can
+    (over same-host shared memory with transport "shm": then "shm_share" counts what went through it).
     `server`: more ServerConfig fields (--max-pushes-in-flight, --snapshot-buffers)."""
+    from paramserver.bench.procs import run_workers
     proc, address = _start_server(out, workers, "adam", **server)
     idle = _proc_memory(proc.pid).get("vmrss_mb", 0.0)
-    ctx = mp.get_context("spawn")
-    start = ctx.Barrier(workers + 1)
-    ready = ctx.Event()
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_pusher, args=(address, r, p, tensors, seconds, wire, ready, start, q), daemon=True)
-             for r in range(workers)]
     watch = _MemoryWatch(proc.pid)
     try:
-        for pr in procs:
-            pr.start()
-        start.wait(timeout=300)
-        t0 = time.perf_counter()
-        counts = [q.get(timeout=seconds + 300) for _ in procs]
-        wall = time.perf_counter() - t0
-        for pr in procs:
-            pr.join(timeout=60)
+        rows, wall = run_workers(_pusher, workers, (address, p, tensors, seconds, wire, transport),
+                                 timeout=seconds + 300)
     finally:
-        for pr in procs:
-            if pr.is_alive():
-                pr.kill()
         peaks = watch.stop()
         info = _stop_server(proc, address)
+    applied = sum(r["applied"] for r in rows)
     theta_mb = p * 4 / 2**20
-    return {"pushes_per_s": round(sum(counts) / wall, 2), "applied": sum(counts),
-            "peak_anon_over_theta": round(peaks["rssanon_mb"] / theta_mb, 2),
-            "peak_shmem_over_theta": round(peaks["rssshmem_mb"] / theta_mb, 2),
-            "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
-            "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
-            "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2)}
+    result = {"pushes_per_s": round(applied / wall, 2), "applied": applied,
+              "peak_anon_over_theta": round(peaks["rssanon_mb"] / theta_mb, 2),
+              "peak_shmem_over_theta": round(peaks["rssshmem_mb"] / theta_mb, 2),
+              "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
+              "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
+              "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2),
+              "processes": workers + 1, "cores": os.cpu_count()}
+    if transport == "shm":
+        result["shm_share"] = {k: sum(r[k] for r in rows) for k in ("pulls", "pushes", "shm_pulls", "shm_pushes")}
+    return result
 
 
 def convergence(steps: int, wire: str, out: str) -> dict:
@@ -393,8 +448,9 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
         r["torch"] = torch_limits(p, cfg.tensors, cfg.reps)
         print(f"P = {p:,}: apply ...", flush=True)
         r["apply_ms"] = apply_times(p, cfg.tensors, cfg.reps, cfg.optimizer_list)
-        print(f"P = {p:,}: round trips, raw ZeroMQ and {', '.join(cfg.wire_list)} interleaved ...", flush=True)
-        trips = round_trips(p, cfg.tensors, cfg.reps, cfg.wire_list, tmp)
+        lanes = cfg.wire_list + (["fp32 over shm"] if "shm" in cfg.transport_list else [])
+        print(f"P = {p:,}: round trips, raw ZeroMQ and {', '.join(lanes)} interleaved ...", flush=True)
+        trips = round_trips(p, cfg.tensors, cfg.reps, cfg.wire_list, tmp, shm="shm" in cfg.transport_list)
         r["raw_zmq_ms"], r["server_handle_ms"] = trips["raw_zmq_ms"], trips["server_handle_ms"]
         r["wire"] = {}
         for wire in cfg.wire_list:
@@ -406,8 +462,26 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                                                  max_pushes_in_flight=cfg.max_pushes_in_flight,
                                                  snapshot_buffers=cfg.snapshot_buffers)
             r["wire"][wire] = w
+        if "shm" in cfg.transport_list:
+            r["shm"] = dict(trips["shm"])
+            r["shm"]["capacity"] = {}
+            for n in cfg.worker_list:
+                print(f"P = {p:,}, shared memory: capacity with {n} workers ...", flush=True)
+                r["shm"]["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, "fp32", tmp, transport="shm",
+                                                        max_pushes_in_flight=cfg.max_pushes_in_flight,
+                                                        snapshot_buffers=cfg.snapshot_buffers)
         results["sizes"].append(r)
         _write(cfg, results)
+    if cfg.shard_list:
+        from paramserver.bench.shards import measure
+        results["shards"] = []
+        size = _count(cfg.shard_params)
+        for k in cfg.shard_list:
+            for n in cfg.worker_list:
+                for transport in cfg.transport_list:
+                    print(f"shards: {k} shards x {n} workers over {transport}, {size:,} values ...", flush=True)
+                    results["shards"].append(measure(k, n, transport, size, cfg.seconds, tmp))
+                    _write(cfg, results)
     if cfg.convergence_steps:
         results["convergence"] = {}
         for wire in cfg.wire_list:
@@ -467,7 +541,72 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _share(share: dict | None) -> str:
+    """'100% / 100%': the pulls / pushes that went through shared memory."""
+    if not share:
+        return "-"
+    return (f"{share['shm_pulls'] / max(1, share['pulls']):.0%} / "
+            f"{share['shm_pushes'] / max(1, share['pushes']):.0%}")
+
+
+def shm_table(results: dict) -> str:
+    """Same-host shared memory against tcp (fp32, the same run): round trip and async capacity (Adam)."""
+    sizes = [r for r in results["sizes"] if "shm" in r and "fp32" in r["wire"]]
+    if not sizes:
+        return ""
+    cpus = results["machine"]["cpus"]
+    workers = list(sizes[0]["shm"]["capacity"])
+    rows = [f"same-host shared memory vs tcp, fp32 (a step moves theta through /dev/shm: only small messages on the "
+            f"socket); capacity = async pushes applied/s, Adam, 1 server + N pushing processes on {cpus} cores",
+            "",
+            f"| P | push+pull RT ms tcp / shm | shm speed-up | async pushes/s tcp ({' / '.join(workers)} workers) | "
+            f"async pushes/s shm | shm / tcp | pulls / pushes via shm | oversubscribed |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in sizes:
+        tcp, shm = r["wire"]["fp32"], r["shm"]
+        caps_t = [tcp["capacity"].get(n, {}).get("pushes_per_s") for n in workers]
+        caps_s = [shm["capacity"][n]["pushes_per_s"] for n in workers]
+        ratio = " / ".join(f"{b / a:.2f}x" if a else "-" for a, b in zip(caps_t, caps_s))
+        over = [n for n in workers if shm["capacity"][n]["processes"] > cpus]
+        shares = {"pulls": 0, "pushes": 0, "shm_pulls": 0, "shm_pushes": 0}
+        for c in shm["capacity"].values():
+            for k in shares:
+                shares[k] += c["shm_share"][k]
+        rows.append(f"| {r['params'] / 1e6:g}M | {tcp['round_trip_ms']} / {shm['round_trip_ms']} | "
+                    f"{tcp['round_trip_ms'] / shm['round_trip_ms']:.2f}x | "
+                    f"{' / '.join(str(c) for c in caps_t)} | {' / '.join(str(c) for c in caps_s)} | {ratio} | "
+                    f"{_share(shares)} | "
+                    f"{', '.join(f'{n} workers ({int(n) + 1} processes)' for n in over) or 'no'} |")
+    return "\n".join(rows)
+
+
+def shards_table(results: dict) -> str:
+    """The shard table: aggregate push+pull throughput of K shards x N workers, per transport."""
+    from paramserver.bench.shards import shm_note
+    rows_in = results.get("shards") or []
+    if not rows_in:
+        return ""
+    cpus = results["machine"]["cpus"]
+    size = rows_in[0]["size"]
+    rows = [f"aggregate push+pull throughput, K shard processes x N worker processes, theta = {size:,} float32 "
+            f"({size * 4 / 1e6:g} MB) split over the shards, async sgd, {cpus} cores: a row with more processes than "
+            "cores measures an oversubscribed machine",
+            "",
+            "| shards | workers | transport | steps/s | MB/s (pull + push) | pull ms | push ms | processes / cores "
+            "| note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_in:
+        note = "; ".join(x for x in ("oversubscribed" if r["processes"] > cpus else "", shm_note(r)) if x)
+        rows.append(f"| {r['shards']} | {r['workers']} | {r['transport']} | {r['steps_per_s']} | {r['mb_per_s']} | "
+                    f"{r['pull_ms']} | {r['push_ms']} | {r['processes']} / {cpus} | {note} |")
+    return "\n".join(rows)
+
+
 def print_throughput(results: dict) -> None:
     print(f"bench throughput: {results['machine']['cpus']} CPUs, torch threads "
           f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s")
-    print(table(results))
+    if results["sizes"]:
+        print(table(results))
+    for extra in (shm_table(results), shards_table(results)):
+        if extra:
+            print("\n" + extra)
