@@ -286,6 +286,9 @@ class GradientReaders:
 
     def _buffer(self, name: str, size: int) -> np.ndarray:
         pool = self.buffers.setdefault(name, [])
+        if not getattr(sys, "_is_gil_enabled", lambda: True)():   # reference counts are not exact without the GIL
+            self.allocations += 1
+            return np.empty(size, np.uint8)
         for i in range(len(pool)):
             # referrers: the pool's list and getrefcount's argument; any view handed out adds one
             if pool[i].size == size and sys.getrefcount(pool[i]) == 2:
@@ -326,6 +329,13 @@ class GradientReaders:
             np.copyto(dst, src)
             out[key] = dst
         return out
+
+    def forget(self, name: str) -> None:
+        """A worker is gone: close its segment and drop its buffers (a gradient still held keeps its own)."""
+        seg = self.segments.pop(name, None)
+        if seg is not None:
+            seg.close()
+        self.buffers.pop(name, None)
 
     def close(self) -> None:
         for seg in self.segments.values():

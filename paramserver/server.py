@@ -136,6 +136,7 @@ class Server:
         # workers waiting for that (-> their held reservation)
         self.push_slots: dict[int, float] = {}
         self.push_queue: dict[int, tuple[bytes, Message, float]] = {}
+        self._shm_segments: dict[int, str] = {}   # worker -> its shared-memory gradient segment (same host)
         self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
@@ -665,7 +666,10 @@ class Server:
         self._known(msg)
         if msg.meta.get("reserve") is True and not msg.tensors:
             return self._reserve(identity, msg)
-        if (self.cfg.max_pushes_in_flight > 0 and msg.worker not in self.push_slots and msg.tensors
+        shm_ref = msg.meta.get("shm")
+        if isinstance(shm_ref, dict) and isinstance(shm_ref.get("name"), str):
+            self._shm_segments[msg.worker] = shm_ref["name"]   # came through shared memory, not the socket
+        elif (self.cfg.max_pushes_in_flight > 0 and msg.worker not in self.push_slots and msg.tensors
                 and sum(getattr(t, "bits", t).nbytes for t in msg.tensors.values()) >= RESERVE_MIN_BYTES):
             self.policy.counters["unadmitted_pushes"] += 1   # a client that does not ask: not bounded
         try:
@@ -787,6 +791,9 @@ class Server:
         self.policy.leave(worker)
         self.push_queue.pop(worker, None)
         self._release_slot(worker)
+        segment = self._shm_segments.pop(worker, None)
+        if segment and self.transport is not None:   # its gradient segment and buffers go with it
+            self.transport.grads.forget(segment)
 
     def _sweep_dead(self, now: float) -> None:
         for worker, state in self.workers.items():
@@ -822,7 +829,7 @@ class Server:
             return
         late = [w for w, clock in self.policy.clocks.items()
                 if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout
-                and w not in self.push_queue and w not in self.push_slots]   # waiting for our own admission
+                and w not in self.push_queue]   # waiting for our own admission is not hanging
         for worker in late:
             self._remove(worker)
             self.policy.counters["dead"] += 1

@@ -546,3 +546,31 @@ def test_an_unused_slot_lapses_after_the_worker_timeout(start_server):
     assert ack.meta["status"] == "applied" and srv.server.policy.counters["dead"] == 0
     assert 0 not in srv.server.push_slots
     a.close(), b.close()
+
+
+def test_unadmitted_pushes_are_counted_and_a_leaving_workers_shm_segment_is_dropped(start_server):
+    from worker.shmclient import ShmClient
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1)
+    asking = PSClient(srv.address, worker=0, server_timeout=30)
+    asking.register(init=BIG)
+    p = asking.pull()
+    asking.push({"w": np.ones(1 << 18, np.float32)}, p.version, p.clock)      # asks first: not counted
+    raw = _raw_socket(srv.address)
+    reply = _ask(raw, Message(MsgType.REGISTER, worker=1, seq=1))
+    reply = _ask(raw, Message(MsgType.PUSH, worker=1, seq=2, clock=0, version=reply.version,
+                              tensors={"w": np.ones(1 << 18, np.float32)}))  # a client of its own: not asking
+    assert reply.meta["status"] == "applied"
+    assert srv.server.policy.counters["unadmitted_pushes"] == 1
+    assert srv.server.transport is not None or not __import__("common.shm").shm.available()
+    if srv.server.transport is not None:                                    # same-host shared memory available
+        with ShmClient(srv.address, worker=2, server_timeout=30) as ps:
+            ps.register()
+            p = ps.pull()
+            ps.push({"w": np.ones(1 << 18, np.float32)}, p.version, p.clock)
+            assert ps.stats["shm_pushes"] == 1                               # through /dev/shm: nothing to admit
+            assert len(srv.server.transport.grads.segments) == 1
+            ps.leave()
+        assert srv.server.policy.counters["unadmitted_pushes"] == 1
+        assert not srv.server.transport.grads.segments and not srv.server.transport.grads.buffers
+    raw.close()
+    asking.close()
