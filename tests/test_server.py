@@ -574,3 +574,34 @@ def test_unadmitted_pushes_are_counted_and_a_leaving_workers_shm_segment_is_drop
         assert not srv.server.transport.grads.segments and not srv.server.transport.grads.buffers
     raw.close()
     asking.close()
+
+
+def test_step_timeout_spares_a_worker_waiting_for_admission_not_one_holding_a_slot(start_server):
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.1, max_pushes_in_flight=1,
+                       worker_timeout=60, step_timeout=1.0)
+    a = PSClient(srv.address, worker=0, server_timeout=30, heartbeat=0.1)   # takes the slot, then hangs
+    b = PSClient(srv.address, worker=1, server_timeout=30, heartbeat=0.1)
+    a.register(init=BIG)
+    b.register()
+    pa, pb = a.pull(), b.pull()
+    a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
+    # worker 1 waits for the slot longer than --step-timeout: it is not hung, worker 0 (holding it) is
+    ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)
+    assert ack.meta["status"] == "applied" and srv.server.policy.step == 1
+    assert srv.server.policy.counters["step_timeouts"] == 1
+    status = srv.server.status()["workers"]
+    assert status["0"]["state"] == "dead" and status["1"]["state"] == "live"
+    a.close(), b.close()
+
+
+def test_snapshot_flags_reach_the_store_and_a_checkpoint_hands_memory_back(tmp_path, monkeypatch):
+    import paramserver.server as server_module
+    calls = []
+    monkeypatch.setattr(server_module, "release_free_memory", lambda: calls.append(1) or True)
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", snapshot_buffers=3, snapshot_wait=1.5,
+                              checkpoint=str(tmp_path / "ckpt.pt")))
+    assert srv.store.spares == 3 and srv.store.stall_s == 1.5
+    srv.store.init(THETA)
+    srv.write_checkpoint()
+    assert calls == [1] and (tmp_path / "ckpt.pt").exists()
+    srv.close()
