@@ -71,35 +71,25 @@ class _Snapshot:
     def _families(self, s: dict):
         yield InfoMetricFamily("paramserver", "paramserver build and job",
                                value={"version": s["package_version"], "mode": s["mode"]})
-        g = GaugeMetricFamily("paramserver_theta_version", "version of theta (updates applied since the start)")
-        g.add_metric([], s["version"])
-        yield g
-        g = GaugeMetricFamily("paramserver_step", "sync: steps applied")
-        g.add_metric([], s["step"])
-        yield g
+        yield GaugeMetricFamily("paramserver_theta_version", "version of theta (updates applied since the start)",
+                                value=s["version"])
+        yield GaugeMetricFamily("paramserver_step", "sync: steps applied", value=s["step"])
         g = GaugeMetricFamily("paramserver_workers", "workers by state", labels=["state"])
         for state in ("live", "dead", "left"):
             g.add_metric([state], s["workers"][state])
         yield g
-        g = GaugeMetricFamily("paramserver_workers_expected", "--num-workers: workers the start gate waits for")
-        g.add_metric([], s["num_workers"])
-        yield g
-        g = GaugeMetricFamily("paramserver_waiting_pulls", "pulls held back by the consistency policy")
-        g.add_metric([], s["waiting_pulls"])
-        yield g
-        g = GaugeMetricFamily("paramserver_min_clock", "the slowest live worker's clock")
-        g.add_metric([], s["min_clock"])
-        yield g
+        yield GaugeMetricFamily("paramserver_workers_expected", "--num-workers: workers the start gate waits for",
+                                value=s["num_workers"])
+        yield GaugeMetricFamily("paramserver_waiting_pulls", "pulls held back by the consistency policy",
+                                value=s["waiting_pulls"])
+        yield GaugeMetricFamily("paramserver_min_clock", "the slowest live worker's clock", value=s["min_clock"])
         if s["loss"] is not None:
-            g = GaugeMetricFamily("paramserver_train_loss", "mean training loss of the last 20 applied gradients")
-            g.add_metric([], s["loss"])
-            yield g
+            yield GaugeMetricFamily("paramserver_train_loss", "mean training loss of the last 20 applied gradients",
+                                    value=s["loss"])
         counters = s["counters"]
         for key, doc in GRADIENT_COUNTERS.items():
-            c = CounterMetricFamily(f"paramserver_gradients_{key}" if key != "updates" else "paramserver_updates",
-                                    doc)
-            c.add_metric([], counters.get(key, 0))
-            yield c
+            yield CounterMetricFamily(f"paramserver_gradients_{key}" if key != "updates" else "paramserver_updates",
+                                      doc, value=counters.get(key, 0))
         c = CounterMetricFamily("paramserver_gradients_dropped", "gradients received but not applied, by reason",
                                 labels=["reason"])
         for key, value in sorted(counters.items()):
@@ -113,16 +103,13 @@ class _Snapshot:
                 c.add_metric([key], value)
         yield c
         if s["checkpoint_at"] is not None:
-            g = GaugeMetricFamily("paramserver_checkpoint_age_seconds", "seconds since the checkpoint was written")
-            g.add_metric([], max(0.0, time.time() - s["checkpoint_at"]))
-            yield g
+            yield GaugeMetricFamily("paramserver_checkpoint_age_seconds", "seconds since the checkpoint was written",
+                                    value=max(0.0, time.time() - s["checkpoint_at"]))
         if s["checkpoint_version"] is not None:
-            g = GaugeMetricFamily("paramserver_checkpoint_version", "theta version in the last checkpoint written")
-            g.add_metric([], s["checkpoint_version"])
-            yield g
-        g = GaugeMetricFamily("paramserver_uptime_seconds", "seconds since this server process started")
-        g.add_metric([], time.time() - s["started_at"])
-        yield g
+            yield GaugeMetricFamily("paramserver_checkpoint_version", "theta version in the last checkpoint written",
+                                    value=s["checkpoint_version"])
+        yield GaugeMetricFamily("paramserver_uptime_seconds", "seconds since this server process started",
+                                value=time.time() - s["started_at"])
 
 
 class PromExporter:
