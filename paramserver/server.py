@@ -28,7 +28,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common.config import ConfigError, ServerConfig
 from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, RESERVE_MIN_BYTES, REQUEST_TYPES, WIRE_DTYPES, Encoded,
-                             Message, MsgType, ProtocolError, decode, decode_wire, encode, error_reply, session_of)
+                             Message, MsgType, ProtocolError, decode, decode_wire, encode, error_reply, session_of,
+                             wire_bytes)
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.shards import ShardPlan, check_identity
@@ -670,7 +671,7 @@ class Server:
         if isinstance(shm_ref, dict) and isinstance(shm_ref.get("name"), str):
             self._shm_segments[msg.worker] = shm_ref["name"]   # came through shared memory, not the socket
         elif (self.cfg.max_pushes_in_flight > 0 and msg.worker not in self.push_slots and msg.tensors
-                and sum(getattr(t, "bits", t).nbytes for t in msg.tensors.values()) >= RESERVE_MIN_BYTES):
+                and wire_bytes(msg.tensors) >= RESERVE_MIN_BYTES):
             self.policy.counters["unadmitted_pushes"] += 1   # a client that does not ask: not bounded
         try:
             return self._push_gradient(msg)

@@ -28,16 +28,11 @@ from typing import Mapping
 import numpy as np
 import zmq
 
-from common.protocol import (RESERVE_MIN_BYTES, ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode, encode,
-                             encode_wire, new_session, routing_id)
+from common.protocol import (RESERVE_MIN_BYTES, ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode,
+                             encode, encode_wire, new_session, routing_id, wire_bytes)
 from common.security import client_curve
 
 log = logging.getLogger("worker.client")
-
-
-def _wire_bytes(tensors: Mapping) -> int:
-    """Bytes the tensors take on the wire (`Encoded` ones as their 16-bit values)."""
-    return sum(getattr(t, "bits", t).nbytes for t in tensors.values())
 
 
 class ServerError(RuntimeError):
@@ -151,7 +146,7 @@ class PSClient:
                     tensors[name] = encode_wire(g, self.wire_dtype, out=out)
                     self._wire_out[name] = tensors[name].bits
         msg = Message(MsgType.PUSH, clock=clock, version=version, tensors=tensors, meta=meta, wire=self.wire_dtype)
-        if self.push_slots and _wire_bytes(tensors) >= RESERVE_MIN_BYTES:
+        if self.push_slots and wire_bytes(tensors) >= RESERVE_MIN_BYTES:
             # ask first (the server lets --max-pushes-in-flight workers send at once); the answer may wait
             self._request(Message(MsgType.PUSH, clock=clock, version=version, meta={"reserve": True}))
         return self._request(msg)

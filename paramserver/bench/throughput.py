@@ -267,15 +267,16 @@ def _stop_server(proc, address: str) -> dict:
     return {"status": status, **mem}
 
 
-def _proc_memory(pid: int) -> dict:
+def _proc_memory(pid: int, fields: tuple = ("VmHWM", "VmRSS")) -> dict:
+    """{field_mb: MB} of /proc/PID/status (vmhwm_mb, vmrss_mb, ...); {} when the process is gone."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    key, value = line.split(":")
+                key, _, value = line.partition(":")
+                if key in fields:
                     out[key.lower() + "_mb"] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
+    except (OSError, ValueError):
         pass
     return out
 
@@ -373,14 +374,11 @@ class _MemoryWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        key = line.split(":")[0].lower() + "_mb"
-                        if key in self.peak:
-                            self.peak[key] = max(self.peak[key], round(int(line.split()[1]) / 1024, 1))
-            except (OSError, ValueError, IndexError):
+            now = _proc_memory(self.pid, ("RssAnon", "RssShmem"))
+            if not now:
                 return
+            for key, mb in now.items():
+                self.peak[key] = max(self.peak[key], mb)
 
     def stop(self) -> dict:
         self._stop.set()
