@@ -166,8 +166,20 @@ def test_non_finite_anywhere_is_rejected(bad):
     g = {"w": np.zeros(100_000, np.float32), "h": np.array([0, bad, 0], np.float16)}
     with pytest.raises(ValueError, match="non-finite"):
         store.check_gradient(g)
-    # finite values whose sum overflows are accepted (the fast check falls back to the exact one)
+    # finite values whose sum overflows are accepted (the check looks at the extremes, not at a sum)
     store.check_gradient({"w": np.full(100_000, 3e38, np.float32), "h": np.full(3, 60000, np.float16)})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_is_rejected_in_large_tensors_of_every_float_dtype(bad, dtype):
+    store = ParamStore()
+    store.init({"w": np.zeros((300, 1000), dtype)})
+    g = {"w": np.ones((300, 1000), dtype)}
+    store.check_gradient(g)
+    g["w"][299, 999] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        store.check_gradient(g)
 
 
 # -- the snapshot pool ---------------------------------------------------------------------------
