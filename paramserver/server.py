@@ -137,6 +137,7 @@ class Server:
         # workers waiting for that (-> their held reservation)
         self.push_slots: dict[int, float] = {}
         self.push_queue: dict[int, tuple[bytes, Message, float]] = {}
+        self._handling = False   # a message is being handled (push slots freed meanwhile are granted after it)
         self._shm_segments: dict[int, str] = {}   # worker -> its shared-memory gradient segment (same host)
         self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
         self.job: dict = {}
@@ -326,8 +327,12 @@ class Server:
             log.warning("reply to %r not sent: %s", identity, exc)
         return None
 
-    def _handle(self, frames) -> None:
+    def _handle(self, frames: list) -> None:
+        """Handle one received message. Its frames are let go of here (the list is emptied), before a worker
+        waiting for a push slot is told to send: otherwise the next gradient would arrive while this one's
+        buffers are still held (two gradients in memory with --max-pushes-in-flight 1)."""
         t0 = time.perf_counter()
+        self._handling = True
         try:
             self._dispatch(frames)
         except Exception as exc:   # a bug of ours must not take the server down with it
@@ -335,6 +340,9 @@ class Server:
             log.exception("internal error while handling a message from %r", frames[0].bytes[:16])
             self._send(frames[0].bytes, error_reply(None, "internal", f"{type(exc).__name__}: {exc}"))
         finally:
+            self._handling = False
+            frames.clear()
+            self._admit_waiting()
             self.record.handle_s.append(time.perf_counter() - t0)
             if self.prom is not None:
                 self.prom.handled(self.record.handle_s[-1])
@@ -727,8 +735,14 @@ class Server:
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, meta={"status": "reserved"})
 
     def _release_slot(self, worker: int) -> None:
-        """The worker's slot is free (its gradient came, it is gone, or it let the slot lapse): admit the next."""
+        """The worker's slot is free (its gradient came, it is gone, or it let the slot lapse): admit the next
+        (while a message is being handled: once it is done and its buffers are let go of, see _handle)."""
         self.push_slots.pop(worker, None)
+        if not self._handling:
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Tell workers waiting for a push slot to send, while slots are free."""
         limit = self.cfg.max_pushes_in_flight
         while self.push_queue and (limit <= 0 or len(self.push_slots) < limit):
             nxt = min(self.push_queue) if self.cfg.mode == "sync" else next(iter(self.push_queue))

@@ -466,6 +466,43 @@ def test_only_admitted_workers_send_gradients_and_the_rest_wait_their_turn(start
     a.close(), b.close()
 
 
+def test_a_waiting_worker_is_told_to_send_only_once_the_last_gradient_is_let_go(start_server):
+    # with one slot, the next gradient must not start arriving while the last one's buffers are still held
+    # (two gradients in memory): the grant goes out after the handled message's frames are dropped
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1)
+    server = srv.server
+    a = PSClient(srv.address, worker=0, server_timeout=30)
+    b = PSClient(srv.address, worker=1, server_timeout=30)
+    a.register(init=BIG)
+    b.register()
+    pa, pb = a.pull(), b.pull()
+    assert a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version,
+                              meta={"reserve": True})).meta["status"] == "reserved"
+    held, frames_at_grant = {}, []
+    handle, send = server._handle, server._send
+
+    def spy_handle(frames):
+        if len(frames) > 2:   # a message with tensors: worker 0's gradient
+            held["frames"] = frames
+        handle(frames)
+
+    def spy_send(identity, msg, track=False):
+        if isinstance(msg, list):
+            m = decode(msg)
+            if m.worker == 1 and m.meta.get("status") == "reserved":
+                frames_at_grant.append(len(held.get("frames", ["not handled yet"])))
+        return send(identity, msg, track)
+    server._handle, server._send = spy_handle, spy_send
+    done = threading.Event()
+    threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
+                                     done.set()), daemon=True).start()
+    _wait_for(lambda: server.push_queue, what="worker 1 to ask")
+    a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)
+    assert done.wait(30) and server.store.version == 2
+    assert frames_at_grant == [0]     # worker 0's frames were already let go of when worker 1 was admitted
+    a.close(), b.close()
+
+
 def test_a_dead_workers_slot_is_given_back(start_server):
     srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, max_pushes_in_flight=1,
                        worker_timeout=1.0)
