@@ -143,6 +143,16 @@ class Encoded:
     def to_float32(self, out: np.ndarray | None = None) -> np.ndarray:
         return decode_wire(self, out)
 
+    def as_torch(self):
+        """A torch tensor of dtype bfloat16 / float16 viewing these values (no copy): torch computes with it
+        directly, e.g. theta.add_(g) widens each value on the fly, exactly as decode_wire would."""
+        torch = _torch()
+        bits = np.ascontiguousarray(self.bits)
+        with warnings.catch_warnings():   # read-only frames: torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) if self.wire == "bf16" \
+                else torch.from_numpy(bits)
+
 
 def _torch():
     import torch   # only for 16-bit conversions: torch does them in one vectorised, multi-threaded pass
@@ -173,12 +183,7 @@ def decode_wire(enc: Encoded, out: np.ndarray | None = None) -> np.ndarray:
     torch = _torch()
     if out is None:
         out = np.empty(enc.bits.shape, np.float32)
-    bits = np.ascontiguousarray(enc.bits)
-    with warnings.catch_warnings():   # read-only frames: torch only reads them
-        warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) if enc.wire == "bf16" \
-            else torch.from_numpy(bits)
-    torch.from_numpy(out).copy_(src)
+    torch.from_numpy(out).copy_(enc.as_torch())
     return out
 
 

@@ -696,7 +696,9 @@ class Server:
             result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
-        self._widen(msg, reuse=self.cfg.mode != "sync")
+        if self.cfg.mode == "sync" or self.store.optimizer != "sgd":
+            self._widen(msg, reuse=self.cfg.mode != "sync")
+        # (else plain SGD applied at once: 16-bit wire values are added as they are, see ParamStore.apply)
         try:
             self.store.check_gradient(msg.tensors)
         except ValueError as exc:

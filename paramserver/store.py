@@ -216,7 +216,10 @@ class ParamStore:
             t = self.theta[name]
             if g.shape != t.shape:
                 raise ValueError(f"wrong shape for {name!r}: got {list(g.shape)}, expected {list(t.shape)}")
-            if g.dtype != t.dtype:
+            if isinstance(g, Encoded):   # 16-bit wire values of a float32 gradient (plain SGD takes them as they are)
+                if t.dtype != np.float32:
+                    raise ValueError(f"wrong dtype for {name!r}: got {g.wire} wire values, expected {t.dtype.name}")
+            elif g.dtype != t.dtype:
                 raise ValueError(f"wrong dtype for {name!r}: got {g.dtype.name}, expected {t.dtype.name}")
             if not _finite(g):
                 raise ValueError(f"non-finite gradient (NaN or Inf) in {name!r}; rejected, theta unchanged")
@@ -225,17 +228,20 @@ class ParamStore:
         """One optimizer step with gradient `scale * grads` (already checked) and learning rate
         `lr_scale * lr`. Returns the new version."""
         lr = self.lr * lr_scale
-        g = [_tensor(np.asarray(grads[n])) for n in self.theta]
         if self.optimizer == "sgd":
-            # theta -= (lr * scale) * g: one pass, no temporary. When a send still reads theta, the result is
-            # written into a recycled buffer instead (the same pass: no copy of theta first)
+            # theta -= (lr * scale) * g: one pass, no temporary; 16-bit wire values (Encoded) are added as they are
+            # (torch widens each on the fly, exactly as decode_wire would: no float32 copy of the gradient). When a
+            # send still reads theta, the result is written into a recycled buffer instead (the same pass)
+            g = [_grad(grads[n]) for n in self.theta]
             old = self._writable(copy=False)
             if old is None:
                 torch._foreach_add_(self._params, g, alpha=-lr * scale)
             else:
                 for p, src, x in zip(self._params, old.values(), g):
                     torch.add(_tensor(src), x, alpha=-lr * scale, out=p)
-        else:
+        else:   # torch's fused optimizers want float32 gradients
+            g = [_tensor(grads[n].to_float32() if isinstance(grads[n], Encoded) else np.asarray(grads[n]))
+                 for n in self.theta]
             self._writable()
             if scale != 1.0 and grads is self._sum:   # our own sum buffer: scaled where it is
                 torch._foreach_mul_(g, scale)
@@ -457,10 +463,20 @@ class ParamStore:
         self._adopt({n: np.array(t, copy=True) for n, t in sd["theta"].items()}, sd.get("optimizer_state", {}))
 
 
-def _finite(g: np.ndarray) -> bool:
+def _grad(g) -> torch.Tensor:
+    """A torch view of a gradient: a numpy array, or 16-bit wire values (bfloat16 / float16)."""
+    return g.as_torch() if isinstance(g, Encoded) else _tensor(np.asarray(g))
+
+
+def _finite(g) -> bool:
     """All values finite? One read-only pass without a temporary: the smallest and the largest value are
     finite exactly when every value is (NaN propagates into both; +Inf shows in the largest, -Inf in the
     smallest)."""
+    if isinstance(g, Encoded):
+        if not g.bits.size:
+            return True
+        lo, hi = torch.aminmax(g.as_torch())
+        return math.isfinite(lo.item()) and math.isfinite(hi.item())
     if g.size == 0:
         return True
     if g.size >= 1 << 16:

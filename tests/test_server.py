@@ -642,3 +642,24 @@ def test_snapshot_flags_reach_the_store_and_a_checkpoint_hands_memory_back(tmp_p
     srv.write_checkpoint()
     assert calls == [1] and (tmp_path / "ckpt.pt").exists()
     srv.close()
+
+
+@pytest.mark.parametrize("mode,optimizer", [("async", "sgd"), ("async", "adam"), ("sync", "sgd")])
+def test_bf16_pushes_move_theta_exactly_as_their_widened_values(start_server, mode, optimizer):
+    # async plain SGD adds the 16-bit values as they came (no float32 copy); the other cases widen them first
+    from common.protocol import decode_wire, encode_wire
+    from paramserver.store import ParamStore
+    srv = start_server(num_workers=1, mode=mode, optimizer=optimizer, lr=0.05)
+    rng = np.random.default_rng(3)
+    init = {"w": rng.standard_normal((256, 300)).astype(np.float32), "b": np.zeros(7, np.float32)}
+    ref = ParamStore(optimizer, lr=0.05)
+    ref.init(init)
+    with PSClient(srv.address, worker=0, server_timeout=30, wire_dtype="bf16") as ps:
+        ps.register(init=init)
+        for _ in range(3):
+            p = ps.pull()
+            g = {n: rng.standard_normal(t.shape).astype(np.float32) for n, t in init.items()}
+            assert ps.push(g, p.version, p.clock).meta["status"] == "applied"
+            ref.apply({n: decode_wire(encode_wire(t, "bf16")) for n, t in g.items()})
+    for n in init:
+        np.testing.assert_array_equal(srv.server.store.theta[n], ref.theta[n])

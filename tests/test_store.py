@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.protocol import decode_wire, encode_wire
 from paramserver.store import ParamStore
 
 
@@ -394,3 +395,40 @@ def test_divergence_is_exact_for_small_models_and_estimated_for_large():
     big.apply({"a": np.full(store_mod.DIVERGENCE_SAMPLE * 3, 2.0, np.float32), "b": np.full(1001, 2.0, np.float32)})
     exact = 2.0 * np.sqrt(store_mod.DIVERGENCE_SAMPLE * 3 + 1001)
     assert big.distance(sample) == pytest.approx(exact, rel=1e-3)
+
+
+# -- 16-bit wire gradients taken as they are --------------------------------------------------------
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, wire):
+    # plain SGD adds the 16-bit values directly (no float32 copy), the fused optimizers widen them first:
+    # either way theta is bit-identical to applying the widened gradient
+    rng = np.random.default_rng(7)
+    init = {"w": rng.standard_normal((300, 400)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    direct, widened = ParamStore(optimizer, lr=0.01), ParamStore(optimizer, lr=0.01)
+    direct.init(init)
+    widened.init(init)
+    for step in range(4):
+        g = {n: encode_wire(rng.standard_normal(t.shape).astype(np.float32), wire) for n, t in init.items()}
+        direct.check_gradient(g)
+        direct.apply(g, scale=0.5, lr_scale=0.9)
+        widened.apply({n: decode_wire(e) for n, e in g.items()}, scale=0.5, lr_scale=0.9)
+        for n in init:
+            np.testing.assert_array_equal(direct.theta[n], widened.theta[n])
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_16_bit_wire_gradients_are_checked_like_float32_ones(wire):
+    store = ParamStore("sgd", lr=0.1)
+    store.init({"w": np.zeros((300, 400), np.float32), "h": np.zeros(3, np.float16)})
+    for bad in (np.nan, np.inf, -np.inf):
+        g = np.zeros((300, 400), np.float32)
+        g[299, 399] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            store.check_gradient({"w": encode_wire(g, wire), "h": np.zeros(3, np.float16)})
+    with pytest.raises(ValueError, match="wrong shape"):
+        store.check_gradient({"w": encode_wire(np.zeros((400, 300), np.float32), wire), "h": np.zeros(3, np.float16)})
+    with pytest.raises(ValueError, match="wrong dtype"):   # only float32 parameters travel as 16-bit values
+        store.check_gradient({"w": np.zeros((300, 400), np.float32), "h": encode_wire(np.zeros(3, np.float32), wire)})
+    assert not store.theta["w"].any()
