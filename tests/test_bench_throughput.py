@@ -16,6 +16,7 @@ def test_tiny_throughput_run(tmp_path):
     assert json.loads((tmp_path / "throughput.json").read_text())["sizes"][0]["params"] == 50_000
     size = r["sizes"][0]
     assert size["raw_zmq_ms"] > 0 and size["torch"]["add_ms"] > 0 and size["torch"]["adam_fused_ms"] > 0
+    assert size["raw_zmq_half_ms"] > 0   # a 16-bit wire's limit: raw ZeroMQ at half the bytes, same run
     assert size["apply_ms"]["sgd"] > 0 and size["apply_ms"]["adam"] > 0
     fp32, bf16 = size["wire"]["fp32"], size["wire"]["bf16"]
     assert bf16["bytes"] * 2 == fp32["bytes"] == 200_000
@@ -27,6 +28,7 @@ def test_tiny_throughput_run(tmp_path):
             assert cap["peak_anon_over_theta"] > 0 and cap["peak_shmem_over_theta"] >= 0
     text = table(r)
     assert "| 0.05M | bf16 | 0.1 |" in text and "bf16 vs fp32: bytes 0.50x" in text
+    assert "raw ZeroMQ at half the bytes" in text
 
 
 def test_bad_flags_are_named():
