@@ -19,7 +19,10 @@ Two things, measured on this project's hot path (a 40 MB push into a server, 16 
   2 threads, and 3-4 ms with 1. `set_threads(n)` sets torch's intra-op threads (0: leave torch's
   default, one per core).
 
-Both are called once at the start of a server or worker process (`paramserver server`,
+* **OpenMP threads spin briefly.** `short_openmp_spin()` (before torch is imported) sets libgomp's spin
+  count so that the threads of one tensor's region go straight into the next tensor's, then sleep.
+
+The first two are called once at the start of a server or worker process (`paramserver server`,
 `paramserver worker`); they are process-wide and harmless where they do not apply (no glibc: nothing).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 log = logging.getLogger("common.tuning")
 
@@ -74,6 +78,22 @@ def release_free_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+#: iterations an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT; its default is 300000)
+OPENMP_SPIN = "10000"
+
+
+def short_openmp_spin() -> None:
+    """torch's apply runs on OpenMP threads. libgomp's default has them spin for a long while after every
+    parallel region, which starves ZeroMQ's I/O thread on a busy machine (measured: fused Adam 10x slower
+    with 2 threads on 2 loaded cores); never spinning (OMP_WAIT_POLICY=PASSIVE) pays a sleep and a wake-up
+    per region instead, i.e. per tensor of every check and update (a 10M-value SGD push took 8.2-8.8 ms in
+    the server, against 6.3-6.7 ms with a short spin). A short spin covers the gap between one tensor's
+    region and the next and then lets the core go. Must be set before torch is imported; an explicit
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
 
 
 def set_threads(n: int) -> int:

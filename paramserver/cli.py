@@ -15,6 +15,7 @@ import sys
 
 from common.config import (ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments,
                            check_address, from_args)
+from common.tuning import short_openmp_spin
 
 log = logging.getLogger("paramserver.cli")
 
@@ -22,22 +23,6 @@ log = logging.getLogger("paramserver.cli")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
-#: iterations an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT; its default is 300000)
-OPENMP_SPIN = "10000"
-
-
-def _short_openmp_spin() -> None:
-    """torch's apply runs on OpenMP threads. libgomp's default has them spin for a long while after every
-    parallel region, which starves ZeroMQ's I/O thread on a busy machine (measured: fused Adam 10x slower
-    with 2 threads on 2 loaded cores); never spinning (OMP_WAIT_POLICY=PASSIVE) pays a sleep and a wake-up
-    per region instead, i.e. per tensor of every check and update (a 10M-value SGD push took 8.2-8.8 ms in
-    the server, against 6.3-6.7 ms with a short spin). A short spin covers the gap between one tensor's
-    region and the next and then lets the core go. Must be set before torch is imported; an explicit
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +62,7 @@ def _check_resolves(flag: str, addresses: str) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    _short_openmp_spin()
+    short_openmp_spin()
     import zmq
     from paramserver.server import Server
     from common.tuning import keep_freed_memory, set_threads
@@ -184,7 +169,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
-    _short_openmp_spin()   # the same OpenMP setting as the server it measures (before torch is imported)
+    short_openmp_spin()   # the same OpenMP setting as the server it measures (before torch is imported)
     from paramserver.bench.throughput import ThroughputConfig, print_throughput, run_throughput
     _setup_logging("warning")
     print_throughput(run_throughput(from_args(ThroughputConfig, args)))
@@ -202,7 +187,7 @@ def cmd_bench_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
-    _short_openmp_spin()   # the server processes it starts set it too (before torch is imported)
+    short_openmp_spin()   # the server processes it starts set it too (before torch is imported)
     from paramserver.bench.scale import ScaleConfig, main_scale
     _setup_logging("warning")
     report = main_scale(from_args(ScaleConfig, args))

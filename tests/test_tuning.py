@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common.tuning import set_threads
+from common.tuning import OPENMP_SPIN, set_threads, short_openmp_spin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +98,43 @@ def test_threads_are_set():
         assert set_threads(0) == 1          # 0 leaves the setting alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_openmp_spins_briefly_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN == "10000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"          # the user's spin count wins
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    short_openmp_spin()
+    assert "GOMP_SPINCOUNT" not in os.environ          # the user's wait policy decides alone
+
+
+def test_the_server_command_sets_the_spin_before_torch_is_imported():
+    # libgomp reads it once, when torch loads it: `paramserver server` must set it before torch is imported
+    code = ("import os, sys, types\n"
+            "os.environ.pop('OMP_WAIT_POLICY', None); os.environ.pop('GOMP_SPINCOUNT', None)\n"
+            "import paramserver.cli as cli\n"
+            "spin = cli.short_openmp_spin\n"
+            "def spy():\n"
+            "    print('torch loaded before:', 'torch' in sys.modules)\n"
+            "    spin()\n"
+            "cli.short_openmp_spin = spy\n"
+            "class Stop(Exception): pass\n"
+            "class Fake:\n"
+            "    def __init__(self, cfg):\n"
+            "        raise Stop(os.environ.get('GOMP_SPINCOUNT'))\n"
+            "sys.modules['paramserver.server'] = types.SimpleNamespace(Server=Fake)\n"
+            "try:\n"
+            "    cli.main(['server', '--num-workers', '1'])\n"
+            "except Stop as e:\n"
+            "    print('spin', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "torch loaded before: False" in out.stdout and "spin 10000" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def _minor_faults(pid: int) -> int:
