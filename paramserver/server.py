@@ -342,7 +342,11 @@ class Server:
         finally:
             self._handling = False
             frames.clear()
-            self._admit_waiting()
+            try:
+                self._admit_waiting()
+            except Exception:   # the same rule as above: logged and counted, never the end of the server
+                self.policy.counters["internal_errors"] += 1
+                log.exception("internal error while admitting a waiting push")
             self.record.handle_s.append(time.perf_counter() - t0)
             if self.prom is not None:
                 self.prom.handled(self.record.handle_s[-1])

@@ -37,6 +37,8 @@ from common.protocol import WIRE_DTYPES, Encoded, encode_wire
 DIVERGENCE_SAMPLE = 65536
 #: the sampled coordinates come in runs of this many neighbours (a few cache lines each, not one line per value)
 SAMPLE_RUN = 512
+#: 16-bit gradients are added to theta in slices of this many values (see _add)
+MIXED_SLICE = 1 << 20
 #: free 16-bit wire snapshot buffers kept for reuse (more are released to the allocator)
 POOL_KEEP = 2
 
@@ -229,16 +231,18 @@ class ParamStore:
         `lr_scale * lr`. Returns the new version."""
         lr = self.lr * lr_scale
         if self.optimizer == "sgd":
-            # theta -= (lr * scale) * g: one pass, no temporary; 16-bit wire values (Encoded) are added as they are
-            # (torch widens each on the fly, exactly as decode_wire would: no float32 copy of the gradient). When a
-            # send still reads theta, the result is written into a recycled buffer instead (the same pass)
+            # theta -= (lr * scale) * g: one pass, no temporary; 16-bit wire values (Encoded) are added as they are,
+            # slice by slice (torch widens each slice exactly as decode_wire would, into a small reused buffer: no
+            # float32 copy of the whole gradient). When a send still reads theta, the result is written into a
+            # recycled buffer instead (the same pass)
             g = [_grad(grads[n]) for n in self.theta]
             old = self._writable(copy=False)
-            if old is None:
+            sources = self._params if old is None else [_tensor(a) for a in old.values()]
+            if old is None and not any(isinstance(x, Encoded) for x in grads.values()):
                 torch._foreach_add_(self._params, g, alpha=-lr * scale)
             else:
-                for p, src, x in zip(self._params, old.values(), g):
-                    torch.add(_tensor(src), x, alpha=-lr * scale, out=p)
+                for p, src, x in zip(self._params, sources, g):
+                    _add(p, src, x, -lr * scale)
         else:   # torch's fused optimizers want float32 gradients
             g = [_tensor(grads[n].to_float32() if isinstance(grads[n], Encoded) else np.asarray(grads[n]))
                  for n in self.theta]
@@ -428,9 +432,10 @@ class ParamStore:
                 if want >= t.size:
                     self._sample_at[name] = None
                     continue
-                run = min(SAMPLE_RUN, want)
-                starts = np.linspace(0, t.size - run, -(-want // run)).astype(np.int64)
-                self._sample_at[name] = (starts[:, None] + np.arange(run, dtype=np.int64)).reshape(-1)[:want]
+                runs = max(2, -(-want // SAMPLE_RUN))   # at least 2: the first and the last run are the tensor's ends
+                run = max(1, min(SAMPLE_RUN, want // runs, t.size // runs))   # runs never overlap
+                starts = np.linspace(0, t.size - run, runs).round().astype(np.int64)
+                self._sample_at[name] = (starts[:, None] + np.arange(run, dtype=np.int64)).reshape(-1)
         return self._sample_at
 
     def distance(self, sample: Mapping[str, np.ndarray]) -> float:
@@ -461,6 +466,18 @@ class ParamStore:
         self.version = int(sd["version"])
         self.opt_steps = int(sd.get("opt_steps", self.version))
         self._adopt({n: np.array(t, copy=True) for n, t in sd["theta"].items()}, sd.get("optimizer_state", {}))
+
+
+def _add(out: torch.Tensor, src: torch.Tensor, g: torch.Tensor, alpha: float) -> None:
+    """out = src + alpha * g (out may be src). A 16-bit g goes in slices of MIXED_SLICE values: torch widens a
+    mixed-dtype operand into a float32 temporary of its size, which stays a reused heap buffer up to 4 MB (a
+    whole 10M-value tensor's took a fresh mmap per push: 13.7 ms against 2.4 ms sliced)."""
+    if g.dtype == out.dtype or g.numel() <= MIXED_SLICE:
+        torch.add(src, g, alpha=alpha, out=out)
+        return
+    o, s, x = out.view(-1), src.view(-1), g.reshape(-1)
+    for i in range(0, o.numel(), MIXED_SLICE):
+        torch.add(s[i:i + MIXED_SLICE], x[i:i + MIXED_SLICE], alpha=alpha, out=o[i:i + MIXED_SLICE])
 
 
 def _grad(g) -> torch.Tensor:

@@ -663,3 +663,5 @@ def test_bf16_pushes_move_theta_exactly_as_their_widened_values(start_server, mo
             ref.apply({n: decode_wire(encode_wire(t, "bf16")) for n, t in g.items()})
     for n in init:
         np.testing.assert_array_equal(srv.server.store.theta[n], ref.theta[n])
+    # only async Adam widened into the server's reused float32 buffers; async SGD never made a float32 copy
+    assert bool(srv.server._wire_in) == ((mode, optimizer) == ("async", "adam"))

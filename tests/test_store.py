@@ -399,11 +399,16 @@ def test_divergence_is_exact_for_small_models_and_estimated_for_large():
 
 # -- 16-bit wire gradients taken as they are --------------------------------------------------------
 
+@pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("wire", ["bf16", "fp16"])
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, wire):
-    # plain SGD adds the 16-bit values directly (no float32 copy), the fused optimizers widen them first:
-    # either way theta is bit-identical to applying the widened gradient
+def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, wire, sliced, monkeypatch):
+    # plain SGD adds the 16-bit values directly (slice by slice, no float32 copy of the gradient), the fused
+    # optimizers widen them first: either way theta is bit-identical to applying the widened gradient, also
+    # while theta is being sent (the update then writes into another buffer)
+    from paramserver import store as store_mod
+    if sliced:
+        monkeypatch.setattr(store_mod, "MIXED_SLICE", 1000)   # 120 slices of the 300 x 400 tensor, a ragged last one
     rng = np.random.default_rng(7)
     init = {"w": rng.standard_normal((300, 400)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
     direct, widened = ParamStore(optimizer, lr=0.01), ParamStore(optimizer, lr=0.01)
@@ -412,6 +417,9 @@ def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, 
     for step in range(4):
         g = {n: encode_wire(rng.standard_normal(t.shape).astype(np.float32), wire) for n, t in init.items()}
         direct.check_gradient(g)
+        if step % 2:   # a send still reads theta: the update goes out of place
+            version, _ = direct.snapshot()
+            direct.track(version, FakeTracker())
         direct.apply(g, scale=0.5, lr_scale=0.9)
         widened.apply({n: decode_wire(e) for n, e in g.items()}, scale=0.5, lr_scale=0.9)
         for n in init:
@@ -432,3 +440,25 @@ def test_16_bit_wire_gradients_are_checked_like_float32_ones(wire):
     with pytest.raises(ValueError, match="wrong dtype"):   # only float32 parameters travel as 16-bit values
         store.check_gradient({"w": np.zeros((300, 400), np.float32), "h": encode_wire(np.zeros(3, np.float32), wire)})
     assert not store.theta["w"].any()
+
+
+def test_divergence_sample_covers_every_tensor_end_to_end_without_repeats():
+    from paramserver import store as store_mod
+    sizes = {"emb": 3_000_000, "a": 69_400, "b": 600, "tiny": 3}
+    store = ParamStore("sgd", lr=1.0)
+    store.init({n: np.zeros(k, np.float32) for n, k in sizes.items()})
+    at = store._coordinates()
+    total = 0
+    for name, k in sizes.items():
+        idx = at[name]
+        idx = np.arange(k) if idx is None else idx
+        assert len(np.unique(idx)) == len(idx) and idx.min() == 0 and idx.max() == k - 1   # distinct, both ends
+        total += len(idx)
+    assert store_mod.DIVERGENCE_SAMPLE / 2 <= total <= store_mod.DIVERGENCE_SAMPLE + len(sizes)
+    # a change in one place only is seen (scaled up by total / sampled) when it falls in a sampled run
+    _, sample = store.sample()
+    g = {n: np.zeros(k, np.float32) for n, k in sizes.items()}
+    g["emb"][-1] = -1.0                       # the very last value: always sampled
+    store.apply(g)
+    scale = np.sqrt(sum(sizes.values()) / total)
+    assert store.distance(sample) == pytest.approx(scale, rel=1e-6)
