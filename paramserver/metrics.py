@@ -22,13 +22,24 @@ GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
 
 
 class ServerMetrics:
+    """The rows are kept for the whole run within a bound: once a series holds MAX_ROWS rows, every second row is
+    dropped and from then on only every second one is kept (`update_stride` / `gap_stride` say every how many-th
+    event a row stands for: 1 until a series first fills). So a server that runs for days keeps an evenly thinned
+    record of all of it in bounded memory (about 25 MB per series) instead of growing by a row per push."""
+
+    #: rows kept per series (updates, pull gaps) before thinning
+    MAX_ROWS = 100_000
+
     def __init__(self):
         self.started_at = time.time()
-        self.updates: list[list] = []           # UPDATE_FIELDS
-        self.gaps: list[list] = []              # GAP_FIELDS, per granted pull
+        self.updates: list[list] = []           # UPDATE_FIELDS, every update_stride-th applied gradient
+        self.gaps: list[list] = []              # GAP_FIELDS, every gap_stride-th granted pull
+        self.update_stride = self.gap_stride = 1
+        self._updates_seen = self._gaps_seen = 0
         self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
         self.recent = deque(maxlen=200)         # (monotonic time, version, loss) for rates
         self.handle_s = deque(maxlen=100_000)   # seconds spent handling each recent message
+        self.staleness_feed = deque(maxlen=100_000)   # every applied gradient's staleness, for the Prometheus histogram
 
     def elapsed(self) -> float:
         return round(time.time() - self.started_at, 4)
@@ -38,13 +49,22 @@ class ServerMetrics:
         for c in contributions:
             loss = c.meta.get("loss")
             applied += 1
-            self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
+            self.staleness_feed.append(c.staleness)
             if loss is not None:
                 self.recent.append((time.monotonic(), version, loss))
+            self._updates_seen += 1
+            if self._updates_seen % self.update_stride == 0:
+                self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
+                if len(self.updates) > self.MAX_ROWS:
+                    self.updates, self.update_stride = self.updates[1::2], self.update_stride * 2
 
     def record_grant(self, worker: int, clock: int, min_clock: int, waited: float) -> None:
-        self.gaps.append([self.elapsed(), worker, clock, min_clock])
         self.waits[worker] = self.waits.get(worker, 0.0) + waited
+        self._gaps_seen += 1
+        if self._gaps_seen % self.gap_stride == 0:
+            self.gaps.append([self.elapsed(), worker, clock, min_clock])
+            if len(self.gaps) > self.MAX_ROWS:
+                self.gaps, self.gap_stride = self.gaps[1::2], self.gap_stride * 2
 
     def summary(self) -> dict:
         """Rates for `status`: updates/s and mean loss over the recent window, handling-time percentiles."""
@@ -60,5 +80,6 @@ class ServerMetrics:
 
     def series(self) -> dict:
         return {"t0_epoch": self.started_at, "updates": self.updates, "update_fields": UPDATE_FIELDS,
-                "pull_gaps": self.gaps, "pull_gap_fields": GAP_FIELDS,
+                "update_stride": self.update_stride, "pull_gaps": self.gaps, "pull_gap_fields": GAP_FIELDS,
+                "pull_gap_stride": self.gap_stride,
                 "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}

@@ -125,7 +125,6 @@ class PromExporter:
         self.snapshot = _Snapshot(self.staleness, self.handling)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.snapshot)
-        self._seen_updates = 0
         self._next_publish = 0.0
         self._version = _package_version()
         host = host or metrics_host(server.cfg.bind)
@@ -149,9 +148,8 @@ class PromExporter:
             return
         self._next_publish = now + 0.5
         srv = self.server
-        updates = srv.record.updates
-        new_rows = updates[self._seen_updates:]
-        self._seen_updates = len(updates)
+        feed = srv.record.staleness_feed
+        new_staleness = [feed.popleft() for _ in range(len(feed))]
         states = {"live": 0, "dead": 0, "left": 0}
         for w in srv.workers.values():
             states["left" if w.left else ("live" if w.alive else "dead")] += 1
@@ -172,8 +170,8 @@ class PromExporter:
             "checkpoint_version": checkpoint_version, "started_at": srv.record.started_at,
         }
         with self.snapshot.lock:
-            for row in new_rows:
-                self.staleness.observe(row[3])
+            for staleness in new_staleness:
+                self.staleness.observe(staleness)
             self.snapshot.state = state
 
     def close(self) -> None:
