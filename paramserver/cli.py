@@ -208,12 +208,7 @@ def _check_client_args(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerUnavailable
     _check_client_args(args)
-    from common.shards import parse_addresses, per_shard
-    try:
-        addresses = parse_addresses(args.address)
-        keys = per_shard(args.curve_server, len(addresses), "--curve-server")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    addresses, keys = _shard_addresses(args)
     statuses = []
     for address, key in zip(addresses, keys):   # one status per shard (one address: the server's)
         with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
@@ -269,18 +264,32 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
+def _shard_addresses(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """ADDR as a shard list (one address: the server's) and the --curve-server key of each."""
+    from common.shards import parse_addresses, per_shard
+    try:
+        addresses = parse_addresses(args.address)
+        return addresses, per_shard(args.curve_server, len(addresses), "--curve-server")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from worker.client import PSClient, ServerError, ServerUnavailable
     _check_client_args(args)
-    with PSClient(args.address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                  curve_server=args.curve_server, curve_secret=args.curve_secret) as ps:
-        try:
-            ps.shutdown()
-        except (ServerUnavailable, ServerError) as exc:
-            print(f"paramserver stop: error: {exc}", file=sys.stderr)
-            return 1
-    print(f"paramserver stop: {args.address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")
-    return 0
+    addresses, keys = _shard_addresses(args)
+    failed = 0
+    for address, key in zip(addresses, keys):   # every shard, even after one did not answer
+        with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
+                      curve_server=key, curve_secret=args.curve_secret) as ps:
+            try:
+                ps.shutdown()
+            except (ServerUnavailable, ServerError) as exc:
+                print(f"paramserver stop: error: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+        print(f"paramserver stop: {address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")
+    return 1 if failed else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

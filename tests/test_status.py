@@ -67,6 +67,21 @@ def test_stop_sends_shutdown_and_the_server_checkpoints(tmp_path):
     assert r.returncode == 1 and "no answer" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_stop_with_a_shard_list_stops_every_shard_even_past_one_that_is_gone(tmp_path):
+    a = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "a.pt"))
+    b = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "b.pt"))
+    try:
+        r = ps("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--timeout", "2")
+        assert r.returncode == 1 and "no answer" in r.stderr, r.stderr      # the missing one is named ...
+        assert f"{a.address} acknowledged" in r.stdout and f"{b.address} acknowledged" in r.stdout   # ... the rest stop
+        for s in (a, b):
+            s.thread.join(timeout=30)
+            assert not s.thread.is_alive()
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_routine_disconnects_are_quiet_and_an_idle_server_says_so(start_server, caplog):
     caplog.set_level(logging.DEBUG, logger="paramserver.server")
     srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05)
