@@ -118,6 +118,10 @@ class WorkerState:
     registered_at: float = 0.0        # when it last registered (--step-timeout counts from here at the latest)
     params_tracker: zmq.MessageTracker | None = None   # the last PARAMS sent, until ZeroMQ has sent it
 
+    def remember(self, reply: list, seq: int) -> None:
+        """Cache the encoded answer to request `seq` (a push or leave): a resend of it gets this again."""
+        self.last_reply, self.last_reply_seq = reply, seq
+
     def params_in_flight(self) -> bool:
         return self.params_tracker is not None and not self.params_tracker.done
 
@@ -416,7 +420,7 @@ class Server:
                 state.last_seq = max(state.last_seq, msg.seq)
                 if msg.type in (MsgType.PUSH, MsgType.LEAVE) and reply is not None:
                     reply = encode(reply)
-                    state.last_reply, state.last_reply_seq = reply, msg.seq
+                    state.remember(reply, msg.seq)
         if isinstance(reply, Message) and reply.type == MsgType.PARAMS:
             self._send_params(msg.worker, identity, reply)
         elif reply is not None:
@@ -756,7 +760,7 @@ class Server:
             self.push_slots[nxt] = time.monotonic()
             reply = encode(self._reserved(msg))
             # a resend of the reservation gets this answer again
-            self.workers[nxt].last_reply, self.workers[nxt].last_reply_seq = reply, msg.seq
+            self.workers[nxt].remember(reply, msg.seq)
             self._send(identity, reply)
 
     def _sweep_slots(self, now: float) -> None:
