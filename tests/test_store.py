@@ -192,6 +192,14 @@ class FakeTracker:
         self.done = False
 
 
+def _send(store: ParamStore, wire: str = "fp32") -> tuple[int, dict, FakeTracker]:
+    """Hand out a snapshot as the server does for a PARAMS reply: (version, arrays, the send's tracker)."""
+    version, snap = store.snapshot(wire)
+    tracker = FakeTracker()
+    store.track(version, tracker, wire)
+    return version, snap, tracker
+
+
 def _addr(a):
     return a.__array_interface__["data"][0]
 
@@ -200,16 +208,12 @@ def test_pool_never_hands_out_a_buffer_still_being_sent():
     store = ParamStore("momentum", lr=1.0, momentum=0.0)   # in-place optimizers copy theta away first
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
-    v0, snap0 = store.snapshot()
-    t0 = FakeTracker()
-    store.track(v0, t0)
+    v0, snap0, t0 = _send(store)
     store.apply(g)                                   # snap0 is being sent: theta moves (copy on write)
     assert store.copies == 1 and not np.shares_memory(store.theta["w"], snap0["w"])
     store.apply(g)                                   # nothing out: in place
     assert store.copies == 1
-    v2, snap2 = store.snapshot()
-    t2 = FakeTracker()
-    store.track(v2, t2)
+    v2, snap2, t2 = _send(store)
     store.apply(g)                                   # snap0 still in flight: must not be reused
     assert not np.shares_memory(store.theta["w"], snap0["w"])
     assert not np.shares_memory(store.theta["w"], snap2["w"])
@@ -217,8 +221,7 @@ def test_pool_never_hands_out_a_buffer_still_being_sent():
     with pytest.raises(ValueError):
         snap0["w"][0] = 1.0                          # snapshots are read-only
     t0.done = True                                   # ZeroMQ let go of snap0's buffer
-    v3, snap3 = store.snapshot()
-    store.track(v3, FakeTracker())
+    v3, snap3, _ = _send(store)
     store.apply(g)                                   # now its buffer is recycled, not a new allocation
     assert _addr(store.theta["w"]) == _addr(snap0["w"])
     assert store.allocations == 2                    # two buffers ever allocated for four versions sent
@@ -234,8 +237,7 @@ def test_sgd_writes_around_a_snapshot_being_sent_with_the_same_bits_and_no_copy(
     inplace.init(theta)
     sent = []
     for i, g in enumerate(grads):
-        v, snap = moved.snapshot()
-        moved.track(v, FakeTracker())                # every version is still on the wire when the next comes
+        v, snap, _ = _send(moved)                # every version is still on the wire when the next comes
         sent.append((snap, {n: a.copy() for n, a in snap.items()}))
         moved.apply(g, scale=0.5, lr_scale=1.5)
         inplace.apply(g, scale=0.5, lr_scale=1.5)
@@ -280,29 +282,22 @@ def test_snapshot_buffers_are_capped_an_update_waits_for_a_send_but_never_for_a_
     store = ParamStore("adam", lr=0.1, spares=1, stall_s=2.0)
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
-    v0, snap0 = store.snapshot()
-    t0 = FakeTracker()
-    store.track(v0, t0)
+    v0, snap0, t0 = _send(store)
     store.apply(g)                                   # snap0 on the wire: theta moves to the one spare buffer
     assert store.allocations == 1
-    v1, snap1 = store.snapshot()
-    t1 = FakeTracker()
-    store.track(v1, t1)
+    v1, snap1, t1 = _send(store)
     threading.Timer(0.05, lambda: setattr(t0, "done", True)).start()   # the send of snap0 finishes a bit later
     store.apply(g)                                   # no spare left: waits for snap0's send, then reuses it
     assert store.allocations == 1 and store.waited_s > 0
     assert _addr(store.theta["w"]) == _addr(snap0["w"])
     before = snap1["w"].copy()
     stalled_waits = store.waited_s
-    v2, snap2 = store.snapshot()
-    store.track(v2, FakeTracker())                   # never done (a reader that stopped reading), nor is t1
+    v2, snap2, _ = _send(store)                   # never done (a reader that stopped reading), nor is t1
     store.apply(g)                                   # waits for snap1 until it counts as stalled, then allocates
     assert store.allocations == 2 and store.waited_s > stalled_waits
     waited = [store.waited_s]
     for _ in range(4):                               # snap2's stalled buffer is waited for once, until it ages
-        v, _snap = store.snapshot()
-        t = FakeTracker()
-        store.track(v, t)
+        v, _snap, t = _send(store)
         store.apply(g)
         t.done = True                                # other readers' sends finish
         waited.append(store.waited_s)
@@ -316,15 +311,12 @@ def test_without_snapshot_buffers_an_update_waits_for_the_send_and_never_copies(
     store = ParamStore("adam", lr=0.1, spares=0, stall_s=2.0)
     store.init({"w": np.zeros(1000, np.float32)})
     g = {"w": np.ones(1000, np.float32)}
-    v0, snap0 = store.snapshot()
-    t0 = FakeTracker()
-    store.track(v0, t0)
+    v0, snap0, t0 = _send(store)
     threading.Timer(0.05, lambda: setattr(t0, "done", True)).start()
     store.apply(g)                                   # waits for the send, then updates theta in place
     assert store.allocations == 0 and store.copies == 0 and store.waited_s > 0
     assert _addr(store.theta["w"]) == _addr(snap0["w"])
-    v1, snap1 = store.snapshot()
-    store.track(v1, FakeTracker())                   # a reader that stopped reading
+    v1, snap1, _ = _send(store)                   # a reader that stopped reading
     sent = snap1["w"].copy()
     store.apply(g)                                   # not waited for beyond the stall: theta moves
     assert store.allocations == 1 and not np.shares_memory(store.theta["w"], snap1["w"])
@@ -418,8 +410,7 @@ def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, 
         g = {n: encode_wire(rng.standard_normal(t.shape).astype(np.float32), wire) for n, t in init.items()}
         direct.check_gradient(g)
         if step % 2:   # a send still reads theta: the update goes out of place
-            version, _ = direct.snapshot()
-            direct.track(version, FakeTracker())
+            version, _, _ = _send(direct)
         direct.apply(g, scale=0.5, lr_scale=0.9)
         widened.apply({n: decode_wire(e) for n, e in g.items()}, scale=0.5, lr_scale=0.9)
         for n in init:
