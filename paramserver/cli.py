@@ -265,13 +265,19 @@ def format_status(st: dict) -> str:
 
 
 def _shard_addresses(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """ADDR as a shard list (one address: the server's) and the --curve-server key of each."""
+    """ADDR as a shard list (one address: the server's) and the --curve-server key of each; every key file must
+    exist before anything is sent (a stop must not halt some shards and then fail on another's key)."""
     from common.shards import parse_addresses, per_shard
     try:
         addresses = parse_addresses(args.address)
-        return addresses, per_shard(args.curve_server, len(addresses), "--curve-server")
+        keys = per_shard(args.curve_server, len(addresses), "--curve-server")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for flag, files in (("--curve-server", keys), ("--curve-secret", [args.curve_secret])):
+        missing = [f for f in files if f and not os.path.exists(f)]
+        if missing:
+            raise ConfigError(f"{flag}: no such key file: {', '.join(missing)}")
+    return addresses, keys
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -285,7 +291,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             try:
                 ps.shutdown()
             except (ServerUnavailable, ServerError) as exc:
-                print(f"paramserver stop: error: {exc}", file=sys.stderr)
+                print(f"paramserver stop: error: {address}: {exc}", file=sys.stderr)
                 failed += 1
                 continue
         print(f"paramserver stop: {address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")

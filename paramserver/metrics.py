@@ -1,4 +1,5 @@
-"""What the server records while it runs: a row per applied gradient, a row per granted pull, timings.
+"""What the server records while it runs: rows per applied gradient and per granted pull (thinned evenly in
+long runs, with exact totals beside them), timings.
 
 These are the raw series behind `paramserver status`, the metrics file and the consistency
 benchmark; nothing in them is estimated afterwards.
@@ -15,7 +16,7 @@ from collections import deque
 
 import numpy as np
 
-#: one row of ServerMetrics.updates per applied gradient: when, the version it produced, whose, how stale,
+#: one row of ServerMetrics.updates per applied gradient (per update_stride-th in a long run): when, the version it produced, whose, how stale,
 #: the worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
 UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
 GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
@@ -24,8 +25,10 @@ GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
 class ServerMetrics:
     """The rows are kept for the whole run within a bound: once a series holds MAX_ROWS rows, every second row is
     dropped and from then on only every second one is kept (`update_stride` / `gap_stride` say every how many-th
-    event a row stands for: 1 until a series first fills). So a server that runs for days keeps an evenly thinned
-    record of all of it in bounded memory (about 25 MB per series) instead of growing by a row per push."""
+    event a row stands for: 1 until a series first fills; the first event always has a row). So a server that runs
+    for days keeps an evenly thinned record of all of it in bounded memory (about 25 MB per series) instead of
+    growing by a row per push. Totals that a thinned series cannot give (how many events, the first grant, the
+    largest staleness and clock gap) are kept exactly beside it."""
 
     #: rows kept per series (updates, pull gaps) before thinning
     MAX_ROWS = 100_000
@@ -35,7 +38,9 @@ class ServerMetrics:
         self.updates: list[list] = []           # UPDATE_FIELDS, every update_stride-th applied gradient
         self.gaps: list[list] = []              # GAP_FIELDS, every gap_stride-th granted pull
         self.update_stride = self.gap_stride = 1
-        self._updates_seen = self._gaps_seen = 0
+        self.updates_total = self.gaps_total = 0   # every event, rows or not
+        self.first_grant_s: float | None = None
+        self.staleness_max = self.gap_max = 0
         self.waits: dict[int, float] = {}       # worker -> seconds its pulls were held
         self.recent = deque(maxlen=200)         # (monotonic time, version, loss) for rates
         self.handle_s = deque(maxlen=100_000)   # seconds spent handling each recent message
@@ -52,19 +57,24 @@ class ServerMetrics:
             self.staleness_feed.append(c.staleness)
             if loss is not None:
                 self.recent.append((time.monotonic(), version, loss))
-            self._updates_seen += 1
-            if self._updates_seen % self.update_stride == 0:
+            self.staleness_max = max(self.staleness_max, c.staleness)
+            self.updates_total += 1
+            if (self.updates_total - 1) % self.update_stride == 0:   # events 1, 1 + stride, 1 + 2 stride, ...
                 self.updates.append([t, version, c.worker, c.staleness, loss, c.meta.get("divergence"), applied])
                 if len(self.updates) > self.MAX_ROWS:
-                    self.updates, self.update_stride = self.updates[1::2], self.update_stride * 2
+                    self.updates, self.update_stride = self.updates[::2], self.update_stride * 2
 
     def record_grant(self, worker: int, clock: int, min_clock: int, waited: float) -> None:
         self.waits[worker] = self.waits.get(worker, 0.0) + waited
-        self._gaps_seen += 1
-        if self._gaps_seen % self.gap_stride == 0:
-            self.gaps.append([self.elapsed(), worker, clock, min_clock])
+        t = self.elapsed()
+        if self.first_grant_s is None:
+            self.first_grant_s = t
+        self.gap_max = max(self.gap_max, clock - min_clock)
+        self.gaps_total += 1
+        if (self.gaps_total - 1) % self.gap_stride == 0:
+            self.gaps.append([t, worker, clock, min_clock])
             if len(self.gaps) > self.MAX_ROWS:
-                self.gaps, self.gap_stride = self.gaps[1::2], self.gap_stride * 2
+                self.gaps, self.gap_stride = self.gaps[::2], self.gap_stride * 2
 
     def summary(self) -> dict:
         """Rates for `status`: updates/s and mean loss over the recent window, handling-time percentiles."""
@@ -80,6 +90,8 @@ class ServerMetrics:
 
     def series(self) -> dict:
         return {"t0_epoch": self.started_at, "updates": self.updates, "update_fields": UPDATE_FIELDS,
-                "update_stride": self.update_stride, "pull_gaps": self.gaps, "pull_gap_fields": GAP_FIELDS,
-                "pull_gap_stride": self.gap_stride,
+                "update_stride": self.update_stride, "updates_total": self.updates_total,
+                "staleness_max": self.staleness_max, "pull_gaps": self.gaps, "pull_gap_fields": GAP_FIELDS,
+                "pull_gap_stride": self.gap_stride, "pull_gaps_total": self.gaps_total,
+                "first_grant_s": self.first_grant_s, "pull_gap_max": self.gap_max,
                 "pull_wait_s": {str(w): round(s, 4) for w, s in self.waits.items()}}

@@ -80,6 +80,9 @@ def test_cluster_trains_and_writes_checkpoint_and_metrics(tmp_path):
     s = metrics["summary"]
     assert s["final_eval_loss"] < s["initial_eval_loss"]
     assert len(metrics["server"]["updates"]) == 30
+    srv = metrics["server"]   # a short run: every gradient has its row; the exact totals agree
+    assert srv["update_stride"] == srv["pull_gap_stride"] == 1 and srv["updates_total"] == 30
+    assert srv["pull_gaps_total"] == len(srv["pull_gaps"]) and srv["first_grant_s"] == srv["pull_gaps"][0][0]
     # the server's torch threads: the cores shared by the workers and the server, as it ran with them
     server = json.loads((out / "server_metrics.json").read_text())
     assert server["status"]["threads"] == server["config"]["threads"] == max(1, (os.cpu_count() or 1) // 3)

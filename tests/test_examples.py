@@ -43,10 +43,14 @@ def test_interrupted_worker_leaves_the_job(start_server, sig):
     `with` block in the script), so the server stops waiting for it at once instead of after --worker-timeout."""
     srv = start_server(num_workers=1, mode="sync", lr=0.01, worker_timeout=300)
     # as started from a terminal: a process started by a background job (`cmd &`) inherits SIGINT ignored, and
-    # Python then never turns Ctrl-C into KeyboardInterrupt
-    p = subprocess.Popen([sys.executable, EXAMPLE, "--epochs", "1000"], env=_worker_env(srv.address, 0, 1),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Python then never turns Ctrl-C into KeyboardInterrupt. A signal with a handler here is reset to its default
+    # in the child by exec
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen([sys.executable, EXAMPLE, "--epochs", "1000"], env=_worker_env(srv.address, 0, 1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     deadline = time.monotonic() + 120
     while srv.server.store.version < 3 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.1)

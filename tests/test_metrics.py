@@ -9,17 +9,22 @@ def test_rows_are_thinned_evenly_once_a_series_is_full(monkeypatch):
     monkeypatch.setattr(ServerMetrics, "MAX_ROWS", 8)
     rec = ServerMetrics()
     for v in range(1, 101):
-        rec.record_update(v, [Contribution(worker=v % 3, clock=v, base_version=v - 1 - v % 4)], applied_before=v - 1)
+        rec.record_update(v, [Contribution(worker=v % 3, clock=v, base_version=v - 1 - v % 4, staleness=v % 4)],
+                          applied_before=v - 1)
         rec.record_grant(worker=v % 3, clock=v, min_clock=v - 1, waited=0.001)
     assert len(rec.updates) <= 8 and len(rec.gaps) <= 8             # bounded (was: one row per push and pull)
     assert rec.update_stride == rec.gap_stride == 16                  # 100 events in rows of every 16th
-    assert [u[6] for u in rec.updates] == list(range(16, 101, 16))    # evenly: the 16th, 32nd, ... gradient
-    assert [u[1] for u in rec.updates] == list(range(16, 101, 16))
-    assert [g[2] for g in rec.gaps] == list(range(16, 101, 16))
+    assert [u[6] for u in rec.updates] == list(range(1, 101, 16))     # evenly: the 1st, 17th, 33rd ... gradient
+    assert [u[1] for u in rec.updates] == list(range(1, 101, 16))
+    assert [g[2] for g in rec.gaps] == list(range(1, 101, 16))
     assert len(rec.staleness_feed) == 100                             # the histogram still sees every gradient
     series = rec.series()
     assert series["update_stride"] == series["pull_gap_stride"] == 16
-    assert round(sum(rec.waits.values()), 6) == 0.1                  # totals are not thinned
+    # what thinned rows cannot tell is kept exactly
+    assert series["updates_total"] == series["pull_gaps_total"] == 100
+    assert series["staleness_max"] == 3 and series["pull_gap_max"] == 1
+    assert series["first_grant_s"] == rec.gaps[0][0]
+    assert round(sum(rec.waits.values()), 6) == 0.1
 
 
 def test_a_short_run_keeps_every_row():

@@ -71,8 +71,12 @@ def test_stop_with_a_shard_list_stops_every_shard_even_past_one_that_is_gone(tmp
     a = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "a.pt"))
     b = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "b.pt"))
     try:
+        r = ps("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--curve-server", "a.key,nope.key,b.key",
+               "--curve-secret", "ops.key_secret")
+        assert r.returncode == 2 and "no such key file" in r.stderr, r.stderr   # a missing key: nothing sent
+        assert a.thread.is_alive() and b.thread.is_alive()
         r = ps("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--timeout", "2")
-        assert r.returncode == 1 and "no answer" in r.stderr, r.stderr      # the missing one is named ...
+        assert r.returncode == 1 and "tcp://127.0.0.1:9: no answer" in r.stderr, r.stderr   # the missing one named
         assert f"{a.address} acknowledged" in r.stdout and f"{b.address} acknowledged" in r.stdout   # ... the rest stop
         for s in (a, b):
             s.thread.join(timeout=30)

@@ -177,7 +177,9 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         srv = raw["server"]
         upd = srv["updates"]
         t0 = srv["t0_epoch"]
-        start = min((g[0] for g in srv["pull_gaps"]), default=0.0)      # the start gate opened
+        start = srv.get("first_grant_s")                                 # the start gate opened
+        if start is None:
+            start = min((g[0] for g in srv["pull_gaps"]), default=0.0)
         times = [u[0] - start for u in upd]
         staleness = [u[3] for u in upd]
         losses = [u[4] for u in upd]
@@ -190,7 +192,11 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         for v, a in zip(versions, applied):
             version_to_applied[v] = a
         dropped = sum(v for k, v in counters.items() if k.startswith("dropped"))
-        gap_max = max((g[2] - g[3] for g in srv["pull_gaps"]), default=0)
+        gap_max = srv.get("pull_gap_max", max((g[2] - g[3] for g in srv["pull_gaps"]), default=0))
+        # rows are every update_stride-th gradient in a very long run (paramserver/metrics.py): counts come
+        # from the exact totals
+        n_applied = srv.get("updates_total", len(upd))
+        staleness_max = srv.get("staleness_max", max(staleness, default=0))
         per_version = np.bincount(np.asarray(versions, dtype=int)).tolist() if versions else []
     else:   # DDP: one update per step of N gradients; replicas identical by construction
         r0 = workers[0]
@@ -207,6 +213,7 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         counters = {"received": len(staleness), "applied": len(staleness)}
         dropped = gap_max = 0
         per_version = [0] + [n] * n_updates
+        n_applied, staleness_max = len(applied), 0
     wall = max(times) if times else 0.0
     # every push a worker made is a computed gradient (applied, accumulated or dropped): when it was made
     pushed = np.sort(np.concatenate([np.array([w["t0_epoch"] + s[0] for s in w["steps"]], dtype=float)
@@ -218,7 +225,7 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
         t_rel = (r0["t0_epoch"] + t) - origin
         computed = int(np.searchsorted(pushed, r0["t0_epoch"] + t, side="right"))
         evals.append([round(max(0.0, t_rel), 3), version_to_applied.get(version, version * n), loss, computed])
-    evals.append([round(wall, 3), len(applied), final_eval, int(len(pushed))])
+    evals.append([round(wall, 3), n_applied, final_eval, int(len(pushed))])
     equal = cfg.budget          # compare every run after this many computed gradients
     ev = np.array(evals, dtype=float)
     loss_at_equal = float(np.interp(equal, ev[:, 3], ev[:, 2])) if len(pushed) >= equal else None
@@ -230,15 +237,15 @@ def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_e
     return {
         "name": run["name"], "mode": run["mode"], "scenario": run["scenario"],
         "summary": {
-            "wall_s": round(wall, 3), "updates": n_updates, "gradients_applied": len(applied),
+            "wall_s": round(wall, 3), "updates": n_updates, "gradients_applied": n_applied,
             "gradients_dropped": dropped,
             "gradients_computed": int(len(pushed)), "samples_processed": int(len(pushed)) * samples_per_grad,
             "time_at_equal_computed_s": round(t_equal, 3) if t_equal is not None else None,
             "loss_at_equal_computed": round(loss_at_equal, 4) if loss_at_equal is not None else None,
             "updates_per_s": round(n_updates / wall, 2) if wall else 0.0,
-            "samples_per_s": round(len(applied) * samples_per_grad / wall, 1) if wall else 0.0,
+            "samples_per_s": round(n_applied * samples_per_grad / wall, 1) if wall else 0.0,
             "staleness_mean": round(float(np.mean(staleness)), 3) if staleness else 0.0,
-            "staleness_max": int(max(staleness)) if staleness else 0,
+            "staleness_max": int(staleness_max),
             "clock_gap_max": int(gap_max),
             "divergence_mean": round(float(np.mean(divergence)), 5) if divergence else None,
             "divergence_max": round(float(np.max(divergence)), 5) if divergence else None,

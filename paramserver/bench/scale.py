@@ -375,10 +375,13 @@ def _throughput(cfg: ScaleConfig, v: Variant, batch: int, server: dict) -> dict:
     updates = server.get("updates") or []
     per_grad = batch // v.workers   # samples behind one pushed gradient (all its micro-batches)
     skip = cfg.warmup * v.workers
-    out = {"gradients_applied": updates[-1][6] if updates else 0, "samples_per_s": None, "step_ms": None,
-           "apply_s_total": (server.get("status") or {}).get("apply_s")}
-    if len(updates) > skip and skip > 0 and updates[-1][0] > updates[skip - 1][0]:
-        first, last = updates[skip - 1], updates[-1]
+    # (in a very long run the rows are every update_stride-th gradient: their "applied" column, not their
+    # positions, counts gradients)
+    out = {"gradients_applied": server.get("updates_total", updates[-1][6] if updates else 0), "samples_per_s": None,
+           "step_ms": None, "apply_s_total": (server.get("status") or {}).get("apply_s")}
+    first = next((u for u in updates if u[6] >= skip), None) if skip > 0 else None
+    if first is not None and updates[-1][0] > first[0]:
+        last = updates[-1]
         rate = (last[6] - first[6]) * per_grad / (last[0] - first[0])
         out.update(samples_per_s=round(rate, 1), step_ms=round(1e3 * batch / rate, 3))
     elif skip == 0 and len(updates) > 1 and updates[-1][0] > 0:
