@@ -5,7 +5,8 @@ measures, in this order and on this machine:
 
 * limits: a raw ZeroMQ round trip (DEALER -> ROUTER in another process: send P float32, receive P
   float32, zero-copy, the same transport and the same frames as paramserver's), and in-place
-  updates with torch on the server's thread count (`_foreach_add_`, `Adam(fused=True)`);
+  updates with torch on the server's thread count (`_foreach_add_`, `Adam(fused=True)`), each timed
+  repetition by repetition with what it limits (interleaved: both sides of a ratio see the same load);
 * paramserver: the push+pull round trip of one worker against a `paramserver server` process
   (async, sgd); the server's apply time per optimizer (gradient check + update, in process); the
   async server's capacity (pushes applied per second) with 1, 2 and 4 pushing processes (Adam),
@@ -187,41 +188,47 @@ class _RawEcho:
         self.sock.close(linger=0)
 
 
-def torch_limits(p: int, tensors: int, reps: int) -> dict:
-    """Best ms of torch's in-place updates on this process's threads: foreach add_, fused Adam."""
-    import torch
-    theta = [torch.from_numpy(a) for a in make_theta(p, tensors).values()]
-    grads = [torch.from_numpy(a) for a in make_theta(p, tensors, seed=3).values()]
-    add = []
-    for _ in range(reps + 1):
+class _Limits:
+    """torch's own in-place updates on this process's threads: foreach add_ and fused Adam over P float32."""
+
+    def __init__(self, p: int, tensors: int):
+        import torch
+        self.torch = torch
+        self.theta = [torch.from_numpy(a) for a in make_theta(p, tensors).values()]
+        self.grads = [torch.from_numpy(a) for a in make_theta(p, tensors, seed=3).values()]
+        self.adam_theta = [torch.from_numpy(a) for a in make_theta(p, tensors, seed=4).values()]
+        for t, g in zip(self.adam_theta, self.grads):
+            t.grad = g
+        self.adam = torch.optim.Adam(self.adam_theta, lr=1e-3, fused=True)
+        self.times: dict[str, list[float]] = {"add": [], "adam": []}
+
+    def once(self, which: str, keep: bool = True) -> None:
         t0 = time.perf_counter()
-        torch._foreach_add_(theta, grads, alpha=-1e-3)
-        add.append(time.perf_counter() - t0)
-    for t, g in zip(theta, grads):
-        t.grad = g
-    adam = torch.optim.Adam(theta, lr=1e-3, fused=True)
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        adam.step()
-        times.append(time.perf_counter() - t0)
-    return {"add_ms": _best_ms(add[1:]), "adam_fused_ms": _best_ms(times[1:]), "threads": torch.get_num_threads()}
+        if which == "adam":
+            self.adam.step()
+        else:
+            self.torch._foreach_add_(self.theta, self.grads, alpha=-1e-3)
+        if keep:
+            self.times[which].append(time.perf_counter() - t0)
 
 
-# -- paramserver --------------------------------------------------------------------------------
-
-def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
-    """Best ms of the server's work per push (gradient check + update) per optimizer, in process;
-    "check" is the gradient check alone."""
+def apply_and_limits(p: int, tensors: int, reps: int, optimizers: list[str]) -> tuple[dict, dict]:
+    """(limits, apply_ms): best ms of the server's work per push (gradient check + update) per optimizer, in
+    process ("check": the gradient check alone), and of torch's in-place update it compares with (add_ for sgd
+    and momentum, fused Adam for adam). Each repetition times the limit and then the apply, so that on a
+    shared machine both sides of a ratio see the same moments of load (as the round trips do)."""
     from paramserver.store import ParamStore
+    limits = _Limits(p, tensors)
     out = {}
     grads = make_theta(p, tensors, seed=3)
     checks = []
     for o in optimizers:
         store = ParamStore(o, lr=1e-3)
         store.init(make_theta(p, tensors))
+        which = "adam" if o == "adam" else "add"
         times = []
-        for _ in range(reps + 1):
+        for i in range(reps + 1):   # the first one warms up (optimizer state, pages)
+            limits.once(which, keep=i > 0)
             t0 = time.perf_counter()
             store.check_gradient(grads)
             t1 = time.perf_counter()
@@ -231,7 +238,12 @@ def apply_times(p: int, tensors: int, reps: int, optimizers: list[str]) -> dict:
         out[o] = _best_ms(times[1:])
         del store
     out["check"] = _best_ms(checks)
-    return out
+    for which in ("add", "adam"):   # a limit no optimizer was timed against: measured on its own
+        if not limits.times[which]:
+            for i in range(reps + 1):
+                limits.once(which, keep=i > 0)
+    return ({"add_ms": _best_ms(limits.times["add"]), "adam_fused_ms": _best_ms(limits.times["adam"]),
+             "threads": limits.torch.get_num_threads()}, out)
 
 
 def _client(address: str, worker: int, wire: str, transport: str = "tcp"):
@@ -448,10 +460,8 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     t_start = time.perf_counter()
     for p in cfg.size_list:
         r = {"params": p, "theta_mb": round(p * 4 / 2**20, 1)}
-        print(f"P = {p:,}: limits ...", flush=True)
-        r["torch"] = torch_limits(p, cfg.tensors, cfg.reps)
-        print(f"P = {p:,}: apply ...", flush=True)
-        r["apply_ms"] = apply_times(p, cfg.tensors, cfg.reps, cfg.optimizer_list)
+        print(f"P = {p:,}: apply and its torch limits, interleaved ...", flush=True)
+        r["torch"], r["apply_ms"] = apply_and_limits(p, cfg.tensors, cfg.reps, cfg.optimizer_list)
         lanes = cfg.wire_list + (["fp32 over shm"] if "shm" in cfg.transport_list else [])
         print(f"P = {p:,}: round trips, raw ZeroMQ and {', '.join(lanes)} interleaved ...", flush=True)
         trips = round_trips(p, cfg.tensors, cfg.reps, cfg.wire_list, tmp, shm="shm" in cfg.transport_list)
