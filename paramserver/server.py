@@ -143,7 +143,7 @@ class Server:
         self.push_queue: dict[int, tuple[bytes, Message, float]] = {}
         self._handling = False   # a message is being handled (push slots freed meanwhile are granted after it)
         self._shm_segments: dict[int, str] = {}   # worker -> its shared-memory gradient segment (same host)
-        self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async)
+        self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async, not plain SGD)
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
