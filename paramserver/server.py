@@ -533,8 +533,7 @@ class Server:
             if state is not None:
                 log.info("worker %d taken over by a new connection (the old one is %s)", worker,
                          "left" if state.left else ("live" if state.alive else "dead"))
-                self.push_queue.pop(worker, None)   # the old connection's reservation dies with it
-                self._release_slot(worker)
+                self._drop_admission(worker)   # the old connection's reservation or slot dies with it
             self.workers[worker] = WorkerState(identity, time.monotonic(), session=session, key=key,
                                                seq_base=msg.seq, registered_at=time.monotonic())
         self.pending.pop(worker, None)
@@ -751,6 +750,11 @@ class Server:
         if not self._handling:
             self._admit_waiting()
 
+    def _drop_admission(self, worker: int) -> None:
+        """The worker (or its connection) is gone: its waiting reservation and its slot, if any, go too."""
+        self.push_queue.pop(worker, None)
+        self._release_slot(worker)
+
     def _admit_waiting(self) -> None:
         """Tell workers waiting for a push slot to send, while slots are free."""
         limit = self.cfg.max_pushes_in_flight
@@ -814,8 +818,7 @@ class Server:
         self.pending.pop(worker, None)
         self.held.pop(worker, None)
         self.policy.leave(worker)
-        self.push_queue.pop(worker, None)
-        self._release_slot(worker)
+        self._drop_admission(worker)
         segment = self._shm_segments.pop(worker, None)
         if segment and self.transport is not None:   # its gradient segment and buffers go with it
             self.transport.grads.forget(segment)
