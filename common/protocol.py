@@ -89,13 +89,13 @@ CHUNK_BYTES = 24 << 20
 #: a client asks the server before sending a gradient of at least this many bytes (push admission, see the
 #: server's --max-pushes-in-flight); smaller ones cost less to hold than a round trip
 RESERVE_MIN_BYTES = 1 << 20
+#: how float32 tensors may travel: as they are, or as 16-bit values (half the bytes)
+WIRE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def wire_bytes(tensors) -> int:
     """Bytes a message's tensors take on the wire (`Encoded` ones as their 16-bit values)."""
     return sum(getattr(t, "bits", t).nbytes for t in tensors.values())
-#: how float32 tensors may travel: as they are, or as 16-bit values (half the bytes)
-WIRE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 class MsgType(IntEnum):

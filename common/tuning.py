@@ -1,6 +1,6 @@
 """Process settings that decide whether moving large messages runs at memory speed.
 
-Two things, measured on this project's hot path (a 40 MB push into a server, 16 frames):
+Three things, measured on this project's hot path (a 40 MB push into a server, 16 frames):
 
 * **Freed memory is kept for reuse.** By default glibc returns a freed multi-megabyte buffer to the
   kernel (a large allocation gets its own mmap, a heap top above 128 KiB is trimmed, and a per-thread
@@ -18,7 +18,6 @@ Two things, measured on this project's hot path (a 40 MB push into a server, 16 
   stalls the others: the same in-place add took 2.5 ms and 125 ms on a loaded 2-core machine with
   2 threads, and 3-4 ms with 1. `set_threads(n)` sets torch's intra-op threads (0: leave torch's
   default, one per core).
-
 * **OpenMP threads spin briefly.** `short_openmp_spin()` (before torch is imported) sets libgomp's spin
   count so that the threads of one tensor's region go straight into the next tensor's, then sleep.
 
