@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common.config import WorkerConfig
+from common.protocol import Encoded, Message, MsgType, decode_wire, encode_wire
 from tests.conftest import worker_process
 
 
@@ -60,3 +61,51 @@ def test_pinned_io_copies_like_the_plain_path():
     second = io.grads()                       # no gradients now: zeros, in the other buffer set
     assert all(not second[n].any() for n in second)
     assert all(np.array_equal(first[n], expected[n]) for n in expected)   # the previous set is untouched
+
+
+class _SlowInner:
+    """A stand-in client whose push reads the gradient only after a pause (as ZeroMQ's I/O thread may, since
+    gradients are sent zero-copy), recording what it read."""
+
+    def __init__(self):
+        self.worker, self.stats, self.server_timeout = 0, {}, 1.0
+        self.sent: list[dict] = []
+
+    def register(self, init=None, job=None):
+        return Message(MsgType.WELCOME, meta={"mode": "async"})
+
+    def pull(self, clock=0, raw=False):
+        return Message(MsgType.PARAMS, version=len(self.sent))
+
+    def push(self, grads, version, clock, **meta):
+        import time
+        time.sleep(0.1)
+        self.sent.append({n: decode_wire(g) if isinstance(g, Encoded) else np.array(g, copy=True)
+                          for n, g in grads.items()})
+        return Message(MsgType.ACK, meta={"status": "applied"})
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+def test_async_push_sends_the_gradient_it_was_given(wire):
+    """With async prefetch the next pull returns before the last push is sent, and the worker then zeroes and
+    refills its .grad buffers (train.py pushes views of them): the push must send the gradient as it was."""
+    from worker.overlap import OverlapClient
+    inner = _SlowInner()
+    bits = np.empty(4, np.uint16)      # Transfer's reused 16-bit gradient buffer
+    ps = OverlapClient(inner)
+    ps.register()
+    grad = {"w": np.full(4, 1.0, np.float32)}
+    for step in range(3):
+        params = ps.pull()
+        ps.push({"w": grad["w"] if wire == "fp32" else encode_wire(grad["w"], wire, out=bits)},
+                version=params.version, clock=step)
+        ps.pull()                      # prefetched: answered without waiting for the push
+        grad["w"][:] = 0.0             # zero_grad, then backward writes the next gradient into the same buffer
+        grad["w"][:] = step + 2.0
+        bits[:] = 0
+    ps._settle()
+    ps.close()
+    assert [s["w"].tolist() for s in inner.sent] == [[1.0] * 4, [2.0] * 4, [3.0] * 4]

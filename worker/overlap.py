@@ -8,6 +8,12 @@
   theta lacks this worker's own last gradient (one more version of staleness), which async allows
   and ssp's clock would not, so ssp and sync never prefetch.
 
+A pushed gradient is read by the background push (zero-copy, by ZeroMQ's I/O thread) until its ACK comes.
+Without prefetch the next pull waits for that ACK, and the worker computes the next gradient only after
+that pull, so the push sends the caller's arrays as they are. With prefetch the next pull returns at once
+and the worker then zeroes and refills its `.grad` buffers while the push may still be reading them, so the
+gradient is first copied into buffers of this client's own (one set, reused: a push waits for the last).
+
 The ACK that `push` returns says status "sent"; the server's answer (applied, dropped, stop) is
 taken by the next pull, which returns a stop reply when the push said stop.
 
@@ -23,7 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.protocol import Message, MsgType
+from common.protocol import Encoded, Message, MsgType
 
 
 class OverlapClient:
@@ -35,6 +41,7 @@ class OverlapClient:
         self._prefetch: Future | None = None
         self.prefetch = False
         self.last_ack: Message | None = None
+        self._owned: dict[str, np.ndarray] = {}   # prefetch: the copy of the gradient in flight
 
     def _call(self, fn, *args, **kwargs):
         return self._pool.submit(fn, *args, **kwargs).result()
@@ -92,8 +99,21 @@ class OverlapClient:
         stop = self._settle()
         if stop is not None:
             return stop
-        self._push = self._pool.submit(self.inner.push, dict(grads), version, clock, **meta)
+        grads = self._own(grads) if self.prefetch else dict(grads)
+        self._push = self._pool.submit(self.inner.push, grads, version, clock, **meta)
         return Message(MsgType.ACK, worker=self.worker, clock=clock, version=version, meta={"status": "sent"})
+
+    def _own(self, grads: Mapping) -> dict:
+        """The gradient copied into this client's buffers (the last push is settled: they are free)."""
+        out = {}
+        for name, g in grads.items():
+            src = g.bits if isinstance(g, Encoded) else np.asarray(g)
+            buf = self._owned.get(name)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = self._owned[name] = np.empty_like(src)
+            np.copyto(buf, src)
+            out[name] = Encoded(buf, g.wire) if isinstance(g, Encoded) else buf
+        return out
 
     def leave(self, reason: str = "done") -> None:
         try:
