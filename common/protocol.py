@@ -199,6 +199,9 @@ class Message:
     wire: str = "fp32"    # encode: how float32 tensors travel; decode: the encoding that was received
     #: sender's bookkeeping, never on the wire: (version, wire) of the server snapshot in `tensors`
     snapshot: tuple | None = field(default=None, repr=False, compare=False)
+    #: receiver's bookkeeping, never on the wire: {name: all values finite?} for tensors already checked as they
+    #: were copied into memory of the receiver's own (a gradient read out of shared memory, common/shm.py)
+    checked: dict | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:  # compact: never the contents
         nbytes = sum(t.nbytes for t in self.tensors.values())

@@ -707,7 +707,7 @@ class Server:
             self._widen(msg, reuse=self.cfg.mode != "sync")
         # (else plain SGD applied at once: 16-bit wire values are added as they are, see ParamStore.apply)
         try:
-            self.store.check_gradient(msg.tensors)
+            self.store.check_gradient(msg.tensors, msg.checked)
         except ValueError as exc:
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:invalid"] += 1

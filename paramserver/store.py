@@ -205,8 +205,9 @@ class ParamStore:
         """{name: [dtype, shape]}: what every push must match."""
         return {n: [t.dtype.name, list(t.shape)] for n, t in self.theta.items()}
 
-    def check_gradient(self, grads: Mapping[str, np.ndarray]) -> None:
-        """Raise ValueError (naming the problem) unless `grads` fits theta exactly and is finite."""
+    def check_gradient(self, grads: Mapping[str, np.ndarray], checked: Mapping[str, bool] | None = None) -> None:
+        """Raise ValueError (naming the problem) unless `grads` fits theta exactly and is finite. `checked`:
+        {name: finite?} for tensors whose values were already checked (as they were copied, common/shm.py)."""
         missing = sorted(set(self.theta) - set(grads))
         unknown = sorted(set(grads) - set(self.theta))
         if unknown:
@@ -223,7 +224,7 @@ class ParamStore:
                     raise ValueError(f"wrong dtype for {name!r}: got {g.wire} wire values, expected {t.dtype.name}")
             elif g.dtype != t.dtype:
                 raise ValueError(f"wrong dtype for {name!r}: got {g.dtype.name}, expected {t.dtype.name}")
-            if not _finite(g):
+            if not (checked[name] if checked and name in checked else _finite(g)):
                 raise ValueError(f"non-finite gradient (NaN or Inf) in {name!r}; rejected, theta unchanged")
 
     def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0) -> int:

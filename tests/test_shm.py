@@ -104,6 +104,42 @@ def test_pull_and_push_go_through_shared_memory(start_server):
     assert all(np.allclose(theta[n], params[n] - 0.5) for n in params)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_copy_checked_copies_and_finds_every_non_finite_value(dtype, bad, monkeypatch):
+    """The copy out of shared memory is checked block by block (small blocks here): a NaN or Inf anywhere,
+    the first or last value of a block included, is found; the copy is exact either way."""
+    monkeypatch.setattr(shm, "COPY_BLOCK", 7)
+    for where in (0, 6, 7, 40, 99):
+        src = np.random.default_rng(where).standard_normal(100).astype(dtype).reshape(4, 25)
+        if bad is not None:
+            src.reshape(-1)[where] = bad
+        dst = np.zeros_like(src)
+        assert shm.copy_checked(dst, src) is (bad is None)
+        assert np.array_equal(dst, src, equal_nan=True)
+
+
+def test_a_non_finite_gradient_in_shared_memory_is_rejected(start_server, monkeypatch):
+    """A NaN written into the worker's segment is refused (bad_gradient) and theta stays as it was. The
+    check made while copying it out is the one that counts (the separate check is disabled here)."""
+    from paramserver import store
+    from worker.client import ServerError
+    monkeypatch.setattr(store, "_finite", lambda g: True)
+    srv = start_server(num_workers=1, mode="async", optimizer="adam", lr=0.5)
+    params = _params()
+    with ShmClient(srv.address, worker=0, request_timeout=1, server_timeout=10) as ps:
+        ps.register(init=params)
+        p = ps.pull()
+        grads = {n: np.ones_like(t) for n, t in params.items()}
+        grads["w"][63, 32] = np.nan
+        with pytest.raises(ServerError, match="non-finite"):
+            ps.push(grads, version=p.version, clock=p.clock)
+        assert ps.stats["shm_pushes"] == 0 and ps.writer is not None   # it went through shared memory
+        grads["w"][63, 32] = 1.0
+        assert ps.push(grads, version=p.version, clock=p.clock).meta["status"] == "applied"
+    assert srv.server.policy.counters["dropped:invalid"] == 1 and srv.server.store.version == 1
+
+
 class _CountingSocket:
     """A client socket that counts the bytes it sends and receives (everything else passes through)."""
 
