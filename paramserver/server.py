@@ -136,7 +136,9 @@ class Server:
                                   follower=cfg.shard_index > 0)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
-        self.held: dict[int, tuple[int, dict]] = {}   # worker -> (version, sample of theta) it computes on
+        # worker -> {version: sample of theta} of its last two pulls (with async prefetch a worker pulls the next
+        # theta before pushing the gradient of the one before)
+        self.held: dict[int, dict[int, dict]] = {}
         # push admission (--max-pushes-in-flight): workers allowed to send a gradient now (-> when), and
         # workers waiting for that (-> their held reservation)
         self.push_slots: dict[int, float] = {}
@@ -645,7 +647,11 @@ class Server:
             wire = "fp32"   # (checked in _on_pull; a held pull was checked when it arrived)
         version, theta = self.store.snapshot(wire)
         if self.cfg.track_divergence:
-            self.held[msg.worker] = self.store.sample()
+            samples = self.held.setdefault(msg.worker, {})
+            samples.pop(version, None)
+            samples[version] = self.store.sample()[1]
+            if len(samples) > 2:
+                del samples[next(iter(samples))]
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
                        tensors=theta, snapshot=(version, wire),
                        meta={"wait_s": waited, "min_clock": self.policy.min_clock()})
@@ -778,12 +784,12 @@ class Server:
         """L2 distance between the theta this gradient was computed on and the server's theta now: exact
         for models up to DIVERGENCE_SAMPLE values, else estimated from that many sampled coordinates
         (store.sample at pull time), so it costs well under 1% of an apply."""
-        held = self.held.get(worker)
-        if held is None or held[0] != base_version:
+        sample = self.held.get(worker, {}).get(base_version)
+        if sample is None:
             return None
         if base_version == self.store.version:
             return 0.0
-        return self.store.distance(held[1])
+        return self.store.distance(sample)
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)

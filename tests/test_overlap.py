@@ -35,13 +35,19 @@ def test_overlapped_sync_equals_sync(start_server, tmp_path, shards):
         assert all(np.array_equal(a.server.store.theta[n], b.server.store.theta[n]) for n in a.server.store.theta)
 
 
-def test_async_prefetch_applies_every_push(start_server, tmp_path):
-    srvs, rows = _run(start_server, tmp_path, "async", "async", True, steps=10)
-    server = srvs[0].server
-    assert server.store.version == 20 and server.policy.counters["applied"] == 20
-    # a prefetched theta never holds the worker's own last gradient: every push is at least 1 version stale
-    mine = [u for u in server.record.updates if u[2] == 0][1:]
-    assert mine and min(u[3] for u in mine) >= 1
+@pytest.mark.parametrize("shards", [1, 2])
+def test_async_prefetch_applies_every_push(start_server, tmp_path, shards):
+    srvs, rows = _run(start_server, tmp_path, "async", "async", True, shards=shards, steps=10)
+    for srv in srvs:
+        server = srv.server
+        assert server.store.version == 20 and server.policy.counters["applied"] == 20
+        # a prefetched theta never holds the worker's own last gradient: every push is at least 1 version stale
+        # (each shard is told the version the gradient was computed on, not that of the prefetch made since)
+        for worker in (0, 1):
+            mine = [u for u in server.record.updates if u[2] == worker][1:]
+            assert mine and min(u[3] for u in mine) >= 1
+        # and its divergence is measured against the theta it was computed on (the server keeps two samples)
+        assert all(u[5] is not None and u[5] > 0 for u in server.record.updates if u[3] >= 1)
 
 
 class _SlowInner:

@@ -42,6 +42,7 @@ class OverlapClient:
         self.prefetch = False
         self.last_ack: Message | None = None
         self._owned: dict[str, np.ndarray] = {}   # prefetch: the copy of the gradient in flight
+        self._returned: Message | None = None      # the last pull reply handed to the caller
 
     def _call(self, fn, *args, **kwargs):
         return self._pool.submit(fn, *args, **kwargs).result()
@@ -93,6 +94,7 @@ class OverlapClient:
             reply = self._call(self.inner.pull, clock)
         if self.prefetch and not reply.meta.get("stop"):
             self._prefetch = self._pool.submit(self.inner.pull, clock)   # goes out before the next push
+        self._returned = reply
         return reply
 
     def push(self, grads: Mapping[str, np.ndarray], version: int, clock: int, **meta) -> Message:
@@ -100,6 +102,9 @@ class OverlapClient:
         if stop is not None:
             return stop
         grads = self._own(grads) if self.prefetch else dict(grads)
+        shards = self._returned.meta.get("shards") if self._returned is not None else None
+        if shards:   # a ShardedClient: each shard's tags of the pull this gradient was computed on (not the prefetch's)
+            meta["pulled"] = shards
         self._push = self._pool.submit(self.inner.push, grads, version, clock, **meta)
         return Message(MsgType.ACK, worker=self.worker, clock=clock, version=version, meta={"status": "sent"})
 

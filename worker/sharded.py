@@ -163,17 +163,22 @@ class ShardedClient:
                        meta={**meta, "shards": [{"version": r.version, "clock": r.clock} for r in replies]})
 
     def push(self, grads: Mapping[str, np.ndarray], version: int | None = None, clock: int | None = None,
-             **meta) -> Message:
-        """Send each shard its pieces of `grads`, with the version and clock of that shard's last pull
-        (`version` and `clock` are those of the combined pull reply and are not needed)."""
+             pulled: list[dict] | None = None, **meta) -> Message:
+        """Send each shard its pieces of `grads`, with the version and clock of that shard's pull the gradient
+        was computed on: `pulled` (the pull reply's meta["shards"]), by default the last pull (`version` and
+        `clock` are those of the combined pull reply and are not needed). With async prefetch the last pull
+        is already the next one, so worker/overlap.py passes `pulled`."""
         parts = self.plan.split(grads)
+        tags = [(int(t["version"]), int(t["clock"])) for t in pulled] if pulled else list(self._pulled)
+        if len(tags) != self.num_shards:
+            raise ValueError(f"pulled names {len(tags)} shards; this client has {self.num_shards}")
 
         def one(k: int) -> Message:
-            v, c = self._pulled[k]
+            v, c = tags[k]
             return self.clients[k].push(parts[k], version=v, clock=c, **meta)
 
         def skip(k: int) -> Message:
-            v, c = self._pulled[k]
+            v, c = tags[k]
             return self.clients[k]._request(Message(MsgType.PUSH, clock=c, version=v, meta={"skip": True}))
 
         if self.shard0_decides and self.num_shards > 1:
