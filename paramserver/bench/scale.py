@@ -56,7 +56,7 @@ class ScaleConfig(JobConfig):
     workers: int = opt(4, "worker processes of each paramserver run (a variant's workers=N overrides it)")
     global_batches: str = opt("64,256", "comma-separated global batches per update; each is B/(workers x accum) "
                                         "samples per worker micro-batch")
-    variants: str = opt("sync;sync,accum=4,batch=256;sync,shards=2;sync,shards=2,wire=bf16;async;ssp",
+    variants: str = opt("sync;sync,accum=4,batch=256;sync,shards=4;sync,shards=4,wire=bf16;async;ssp",
                         "paramserver runs, separated by ';': a mode (sync, ssp, async), then comma-separated "
                         "options: shards=K, wire=fp32|bf16|fp16, shm or tcp, overlap, accum=A, staleness=S (ssp), "
                         "workers=N, batch=B[/B2] (run only at these global batches)")
