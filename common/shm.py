@@ -276,7 +276,10 @@ def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
     Measured at 25M float32 on this 2-core machine: 8.3 ms, against 9.0 for numpy's copy and 2.5 more for a
     separate check."""
     import torch
-    d, s = torch.from_numpy(dst.reshape(-1)), torch.from_numpy(src.reshape(-1))
+    if not (dst.flags.c_contiguous and src.flags.c_contiguous):   # (what read() passes always is)
+        np.copyto(dst, src)
+        return dst.dtype.kind != "f" or bool(np.isfinite(dst).all())
+    d, s = torch.from_numpy(dst).view(-1), torch.from_numpy(src).view(-1)
     floating = d.is_floating_point()
     finite = True
     for i in range(0, d.numel(), COPY_BLOCK):
@@ -291,34 +294,47 @@ def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
 class GradientReaders:
     """Server side: the workers' gradient segments, opened on first use; `read` copies a gradient out.
 
-    The copy goes into a buffer kept per segment (at most POOL of them) and reused once nothing refers to
-    the gradient it held any more (every array handed out is a view of it, so its reference count says so):
-    a fresh model-size allocation per push costs its page faults on the server's only thread (measured at
-    25M on this 2-core machine: the copy into fresh memory was most of a shared-memory push's handling).
-    A gradient still held (a sync step waiting for the others) is never overwritten: another buffer is used
-    (a fresh one beyond POOL)."""
+    The copy goes into a buffer from one pool shared by every segment, reused once nothing refers to the
+    gradient it held any more (every array handed out is a view of it, so its reference count says so): a
+    fresh model-size allocation per push costs its page faults on the server's only thread (measured at 25M on
+    this 2-core machine: the copy into fresh memory was most of a shared-memory push's handling). A gradient
+    still held (a sync step waiting for the others) is never overwritten: another buffer is used. In ssp/async
+    a gradient is applied and let go of before the next push is read, so one buffer serves every worker (it
+    was one per worker: 4 workers at 25M held 3 x 95 MB more); the pool keeps at most max(POOL, segments)."""
 
     POOL = 2
 
     def __init__(self, limit: int = 1024):
         self.segments: dict[str, Segment] = {}
-        self.buffers: dict[str, list[np.ndarray]] = {}
+        self.pool: list[np.ndarray] = []
         self.limit = limit
         self.allocations = 0
 
-    def _buffer(self, name: str, size: int) -> np.ndarray:
-        pool = self.buffers.setdefault(name, [])
+    def _keep(self) -> int:
+        return max(self.POOL, len(self.segments))
+
+    def _trim(self) -> None:
+        """Let go of free buffers beyond what the pool keeps (after a worker is gone)."""
+        i = 0
+        while len(self.pool) > self._keep() and i < len(self.pool):
+            # referrers of a free buffer: the pool's list and getrefcount's argument; a view handed out adds one
+            if sys.getrefcount(self.pool[i]) == 2:
+                del self.pool[i]
+            else:
+                i += 1
+
+    def _buffer(self, size: int) -> np.ndarray:
         if not getattr(sys, "_is_gil_enabled", lambda: True)():   # reference counts are not exact without the GIL
             self.allocations += 1
             return np.empty(size, np.uint8)
-        for i in range(len(pool)):
-            # referrers: the pool's list and getrefcount's argument; any view handed out adds one
-            if pool[i].size == size and sys.getrefcount(pool[i]) == 2:
-                return pool[i]
+        for i in range(len(self.pool)):
+            if self.pool[i].size == size and sys.getrefcount(self.pool[i]) == 2:
+                return self.pool[i]
         self.allocations += 1
         buf = np.empty(size, np.uint8)
-        if len(pool) < self.POOL:
-            pool.append(buf)
+        self._trim()
+        if len(self.pool) < self._keep():
+            self.pool.append(buf)
         return buf
 
     def read(self, ref: dict, checked: dict | None = None) -> dict[str, np.ndarray]:
@@ -336,16 +352,14 @@ class GradientReaders:
                 raise ProtocolError(f"cannot open shared-memory segment {name!r} ({exc.strerror}); the worker is "
                                     "not on this host: it must push over the socket") from None
             if len(self.segments) >= self.limit:
-                old = next(iter(self.segments))
-                self.segments.pop(old).close()
-                self.buffers.pop(old, None)
+                self.segments.pop(next(iter(self.segments))).close()
             self.segments[name] = seg
         srcs = {}
         for spec in ref["specs"]:
             if not isinstance(spec, list) or len(spec) != 4 or not isinstance(spec[0], str):
                 raise ProtocolError(f"bad shared-memory spec {spec!r}: expected [name, dtype, shape, offset]")
             srcs[spec[0]] = (seg.view(spec[1], spec[2], spec[3]), spec[3])   # bounds-checked against the segment
-        buf = self._buffer(name, seg.size)   # the same layout as the segment: every spec fits (checked above)
+        buf = self._buffer(seg.size)   # the same layout as the segment: every spec fits (checked above)
         out = {}
         for key, (src, offset) in srcs.items():
             dst = buf[offset:offset + src.nbytes].view(src.dtype).reshape(src.shape)
@@ -356,17 +370,18 @@ class GradientReaders:
         return out
 
     def forget(self, name: str) -> None:
-        """A worker is gone: close its segment and drop its buffers (a gradient still held keeps its own)."""
+        """A worker is gone: close its segment; the pool shrinks with the segments (a gradient still held keeps
+        its buffer)."""
         seg = self.segments.pop(name, None)
         if seg is not None:
             seg.close()
-        self.buffers.pop(name, None)
+        self._trim()
 
     def close(self) -> None:
         for seg in self.segments.values():
             seg.close()
         self.segments = {}
-        self.buffers = {}
+        self.pool = []
 
 
 class ServerTransport:

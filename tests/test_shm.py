@@ -85,6 +85,33 @@ def test_gradient_buffers_are_reused_only_when_nothing_holds_them():
         writer.close()
 
 
+def test_one_gradient_buffer_serves_every_worker_when_each_is_let_go_of():
+    """ssp/async: each gradient is applied and released before the next is read, so the copies of several
+    workers' gradients share one buffer; one held by a sync step makes another; the pool shrinks when workers go."""
+    g = _params()
+    layout = {n: [t.dtype.name, list(t.shape)] for n, t in g.items()}
+    writers = [shm.GradientWriter(layout) for _ in range(4)]
+    readers = shm.GradientReaders()
+    try:
+        for k in range(3):
+            for i, w in enumerate(writers):
+                got = readers.read(w.write({n: t * (k + i) for n, t in g.items()}))
+                assert all(np.array_equal(got[n], g[n] * (k + i)) for n in g)
+                del got
+        assert readers.allocations == 1 and len(readers.pool) == 1
+        held = [readers.read(w.write(g)) for w in writers]     # a sync step: all four held at once
+        assert readers.allocations == 4 and len(readers.pool) == 4
+        assert all(np.array_equal(h[n], g[n]) for h in held for n in g)
+        del held
+        for w in writers[:3]:
+            readers.forget(w.seg.name)
+        assert len(readers.pool) == shm.GradientReaders.POOL
+    finally:
+        readers.close()
+        for w in writers:
+            w.close()
+
+
 def test_pull_and_push_go_through_shared_memory(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.5)
     params = _params()
