@@ -351,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
     add_arguments(p, ClusterConfig)
     # keys: the cluster makes its own (--curve / --keys): one per worker, an admin key for itself
+    # (the cluster writes OUT/checkpoint.pt itself: continue a run with --resume OUT/checkpoint.pt)
     add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth",
-                                         "shard_index", "num_shards"))
+                                         "shard_index", "num_shards", "auto_resume"))
     add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown", "curve_server",
                                          "curve_secret"))
     p.set_defaults(func=cmd_cluster)

@@ -24,6 +24,7 @@ import sys
 import time
 
 from common.config import ClusterConfig, ServerConfig, WorkerConfig, to_argv
+from common.shards import merge_states
 
 
 class ClusterError(RuntimeError):
@@ -217,15 +218,32 @@ def cluster_keys(folder: str, n: int, shards: int = 1) -> list[dict]:
              "curve_secret": os.path.join(folder, "cluster.key_secret")} for name in servers]
 
 
-def _prepare_out(out: str, resume: str) -> None:
-    """Remove the outputs of an earlier run in `out`, except the checkpoint being resumed."""
+def _prepare_out(out: str, keep: list[str]) -> None:
+    """Remove the outputs of an earlier run in `out` (its checkpoints, shards' included, and metrics), except
+    the checkpoints being resumed."""
     os.makedirs(out, exist_ok=True)
-    keep = os.path.realpath(resume) if resume else ""
+    keep_real = {os.path.realpath(k) for k in keep if k}
     for stale in ["checkpoint.pt", "server_metrics.json", "metrics.json", "eval.json"] + \
-            [f for f in os.listdir(out) if f.startswith("worker") and f.endswith(".json")]:
+            [f for f in os.listdir(out) if (f.startswith("worker") and f.endswith(".json"))
+             or (f.startswith("checkpoint-shard") and f.endswith(".pt"))
+             or (f.startswith("server_metrics-shard") and f.endswith(".json"))]:
         path = os.path.join(out, stale)
-        if os.path.exists(path) and os.path.realpath(path) != keep:
+        if os.path.exists(path) and os.path.realpath(path) not in keep_real:
             os.unlink(path)
+
+
+def shard_resumes(resume: str, shards: int) -> list[str]:
+    """--resume PATH with --shards K: shard i resumes from checkpoint-shardI.pt beside PATH (a `cluster --shards K`
+    run writes them there, with the merged checkpoint.pt). Raises ClusterError naming what is missing."""
+    folder = os.path.dirname(os.path.abspath(resume))
+    paths = [os.path.join(folder, f"checkpoint-shard{i}.pt") for i in range(shards)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise ClusterError(f"--resume {resume} with --shards {shards}: each shard resumes from its own checkpoint, "
+                           f"written beside the merged one by a `paramserver cluster --shards {shards}` run; "
+                           f"missing {', '.join(missing)} (a checkpoint of a run with one server resumes with "
+                           "--shards 1)")
+    return paths
 
 
 def _written_since(path: str, t0: float) -> bool:
@@ -256,74 +274,96 @@ class _Signals:
 
 
 def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
+    """One server (or --shards K server shards) and --workers worker processes, to the end of the run."""
+    from common.checkpoint import load_checkpoint
+    from common.security import server_key_names
     from worker.client import PSClient
     from worker.evaluate import evaluate_checkpoint
-    from common.checkpoint import load_checkpoint
-    out = ccfg.out
-    start_state = load_checkpoint(scfg.resume) if scfg.resume else None   # read before it is overwritten
+    out, k = ccfg.out, ccfg.shards
+    resumes = ([scfg.resume] if k == 1 else shard_resumes(scfg.resume, k)) if scfg.resume else []
+    # read before it is overwritten: the model the run starts from ("before" in the held-out loss)
+    start_state = None
+    if resumes:
+        start_state = load_checkpoint(resumes[0]) if k == 1 else merge_states([load_checkpoint(p) for p in resumes])
     start_version = int(start_state["version"]) if start_state is not None else 0
-    _prepare_out(out, scfg.resume)
+    _prepare_out(out, [scfg.resume] + resumes)
     scfg.checkpoint = os.path.join(out, "checkpoint.pt")
     scfg.metrics = os.path.join(out, "server_metrics.json")
     scfg.bind = "tcp://127.0.0.1:*"
     keys = ccfg.keys or (os.path.join(out, "keys") if ccfg.curve else "")
-    curve: dict = {}
-    curves: list[dict] = []
+    curves: list[dict] = [{} for _ in range(k)]
     if keys:
-        curves = cluster_keys(keys, ccfg.workers, ccfg.shards)
-        curve = curves[0]
-        scfg.curve_secret = os.path.join(keys, "server.key_secret")   # the shards': server-shardI (_run_sharded)
+        curves = cluster_keys(keys, ccfg.workers, k)
+        scfg.curve_secret = os.path.join(keys, "server.key_secret")
         scfg.auth = os.path.join(keys, "clients")
     threads = wcfg.threads or max(1, (os.cpu_count() or 1) // ccfg.workers)
-    scfg.threads = scfg.threads or max(1, (os.cpu_count() or 1) // (ccfg.workers + ccfg.shards))
+    scfg.threads = scfg.threads or max(1, (os.cpu_count() or 1) // (ccfg.workers + k))
+    cfgs = [scfg]
+    if k > 1:   # each shard: its index, its own checkpoint, metrics, key pair, resumed file and metrics port
+        cfgs = [dataclasses.replace(c, resume=resumes[i] if resumes else "",
+                                    metrics_port=c.metrics_port + i if c.metrics_port else 0,
+                                    **({"curve_secret": os.path.join(keys, name + ".key_secret")} if keys else {}))
+                for i, (c, name) in enumerate(zip(shard_configs(scfg, k, out), server_key_names(k)))]
+    logs = ["server.log"] if k == 1 else [f"server-shard{i}.log" for i in range(k)]
     mode = scfg.mode + (f" (staleness bound {scfg.staleness})" if scfg.mode == "ssp" else "") + \
         (f" ({scfg.backup_workers} backup workers)" if scfg.backup_workers else "")
     straggler = (f", straggler: worker {ccfg.workers - 1} x{ccfg.straggler:g}"
                  + (f" on {wcfg.slowdown_prob:.0%} of its steps" if wcfg.slowdown_prob < 1 else "")
                  if ccfg.straggler > 1.0 else "")
-    servers_text = "1 server" if ccfg.shards == 1 else f"{ccfg.shards} server shards"
+    servers_text = "1 server" if k == 1 else f"{k} server shards"
     print(f"paramserver cluster: {servers_text} + {ccfg.workers} workers, job {wcfg.entry or wcfg.job}, mode {mode}, "
           f"{wcfg.steps} steps/worker, optimizer {scfg.optimizer} lr {scfg.lr}{straggler}"
           f"{', CurveZMQ keys in ' + keys if keys else ''}, output in {out}/", flush=True)
     t0 = time.time()
-    if ccfg.shards > 1:
-        return _run_sharded(ccfg, scfg, wcfg, threads, t0, keys, curves)
-    children: list[subprocess.Popen] = []     # the server first, then the workers
-    server, address, workers = None, "", []
+    servers: list[subprocess.Popen] = []   # in shard order, appended as they start
+    addresses: list[str] = []
+    workers: list[subprocess.Popen] = []
+    monitors: list = []
     interrupted, failure = False, ""
     try:
-        server, address = start_server(scfg, out, procs=children)
+        for i, c in enumerate(cfgs):
+            try:
+                addresses.append(start_server(c, out, procs=servers, log_name=logs[i])[1])
+            except ClusterError as exc:
+                raise ClusterError(f"shard {i}: {exc}" if k > 1 else str(exc)) from None
         slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
-        start_workers(wcfg, ccfg.workers, address, out, slow, threads, wcfg.slowdown_prob, procs=workers,
-                      keys=keys)
+        start_workers(wcfg, ccfg.workers, ",".join(addresses), out, slow, threads, wcfg.slowdown_prob,
+                      procs=workers, keys=keys)
         next_tick = time.time() + ccfg.progress_every
-        # one connection for all status calls
-        with PSClient(address, server_timeout=2.0, request_timeout=1.0, **curve) as monitor:
-            while any(p.poll() is None for p in workers):
-                time.sleep(0.2)
-                if time.time() >= next_tick:
-                    next_tick += ccfg.progress_every
-                    print(_progress(monitor, t0, ccfg.workers), flush=True)
-                if server.poll() is not None:
-                    failure = (f"the server {exit_text(server.returncode)}: "
-                               f"{last_error_line(os.path.join(out, 'server.log'))}")
-                    break
-                bad = [r for r, p in enumerate(workers) if p.poll() not in (None, 0)]
-                if bad:   # the others would wait for it (the start gate, the barrier): stop the run
-                    r = bad[0]
-                    failure = (f"worker {r} {exit_text(workers[r].returncode)}: "
-                               f"{last_error_line(os.path.join(out, f'worker{r}.log'))}")
-                    break
+        # one connection per server for all status calls
+        monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0, **c) for a, c in zip(addresses, curves)]
+        while any(p.poll() is None for p in workers):
+            time.sleep(0.2)
+            if time.time() >= next_tick:
+                next_tick += ccfg.progress_every
+                print(_progress(monitors[0], t0, ccfg.workers) if k == 1 else
+                      " | ".join(f"shard {i} " + _progress(m, t0, ccfg.workers) for i, m in enumerate(monitors)),
+                      flush=True)
+            dead = [i for i, proc in enumerate(servers) if proc.poll() is not None]
+            if dead:
+                i = dead[0]
+                failure = (f"the server{f' shard {i}' if k > 1 else ''} {exit_text(servers[i].returncode)}: "
+                           f"{last_error_line(os.path.join(out, logs[i]))}")
+                break
+            bad = [r for r, p in enumerate(workers) if p.poll() not in (None, 0)]
+            if bad:   # the others would wait for it (the start gate, the barrier): stop the run
+                r = bad[0]
+                failure = (f"worker {r} {exit_text(workers[r].returncode)}: "
+                           f"{last_error_line(os.path.join(out, f'worker{r}.log'))}")
+                break
     except KeyboardInterrupt:
         interrupted = True
-        print("\ninterrupted: stopping workers and server (the server writes its checkpoint)", flush=True)
+        print(f"\ninterrupted: stopping workers and {'server' if k == 1 else 'server shards'} (each server writes "
+              "its checkpoint)", flush=True)
     except ClusterError as exc:
         failure = str(exc)
     finally:
         with _Signals() as sigs:
-            if server is None and children:
-                server = children[0]
-            stop_all(workers, server, address, curve)
+            for m in monitors:
+                m.close()
+            stop_all(workers, None, "")
+            for i, proc in enumerate(servers):
+                stop_all([], proc, addresses[i] if i < len(addresses) else "", curves[i])
             if sigs.again:
                 interrupted = True
     if failure:
@@ -334,20 +374,27 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
             print(f"worker {r} {exit_text(workers[r].returncode)}; see {out}/worker{r}.log", flush=True)
     wall = time.time() - t0
     summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed,
-               "failure": failure}
-    written = _written_since(scfg.checkpoint, t0)
-    server_metrics = _read_json(scfg.metrics)
-    st = server_metrics.get("status", {})
+               "failure": failure, **({"shards": k} if k > 1 else {})}
+    written = bool(servers) and all(_written_since(c.checkpoint, t0) for c in cfgs)
+    if written and k > 1:   # one unsharded checkpoint for evaluate and for --resume with --shards 1
+        summary["shard_versions"] = merge_checkpoints([c.checkpoint for c in cfgs], scfg.checkpoint)["shard_versions"]
+    servers_m = [_read_json(c.metrics) for c in cfgs]
+    st = servers_m[0].get("status", {})
     end_version = int(st.get("version", start_version))
     summary.update(start_version=start_version, end_version=end_version, updates=end_version - start_version)
     if written and end_version > start_version:   # a run that trained nothing has no "after" to report
         summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out, start_state=start_state))
     workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "server": server_metrics, "workers": workers_m}, f)
+        json.dump({"summary": summary, "server": servers_m[0], **({"shards": servers_m} if k > 1 else {}),
+                   "workers": workers_m}, f)
+    if k > 1:
+        for i, m in enumerate(servers_m):
+            sst = m.get("status", {})
+            print(f"shard {i}: version {sst.get('version', 0)}, counters {sst.get('counters', {})}")
     resumed = f" (version {start_version} -> {end_version}, resumed from {scfg.resume})" if scfg.resume else ""
-    print(f"done in {wall:.1f}s: {end_version - start_version} updates applied in this run{resumed}, "
-          f"counters {st.get('counters', {})}")
+    print(f"done in {wall:.1f}s: {end_version - start_version} updates applied in this run{resumed}"
+          + (f", counters {st.get('counters', {})}" if k == 1 else ""))
     if "final_eval_loss" in summary:
         first = summary.get("initial_eval_loss")
         print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
@@ -358,8 +405,13 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     if summary.get("sample"):
         print(f"sample from the trained model (prompt {summary['prompt']!r} from the held-out text):\n"
               + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
-    print(f"checkpoint: {scfg.checkpoint if written else 'none written'}   "
-          f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
+    if not written:
+        where = "none written"
+    elif k == 1:
+        where = scfg.checkpoint
+    else:
+        where = f"{', '.join(c.checkpoint for c in cfgs)} (merged: {scfg.checkpoint})"
+    print(f"checkpoint{'s' if k > 1 else ''}: {where}   metrics: {os.path.join(out, 'metrics.json')}", flush=True)
     return 1 if failed or interrupted or failure else 0
 
 
@@ -373,90 +425,6 @@ def shard_configs(scfg: ServerConfig, shards: int, out: str) -> list[ServerConfi
 def merge_checkpoints(paths: list[str], path: str) -> dict:
     """Merge the shards' checkpoints into one unsharded checkpoint at `path` (see common/shards.merge_states)."""
     from common.checkpoint import load_checkpoint, save_checkpoint
-    from common.shards import merge_states
     merged = merge_states([load_checkpoint(p) for p in paths])
     save_checkpoint(path, merged)
     return merged
-
-
-def _run_sharded(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, threads: int, t0: float,
-                 keys: str = "", curves: list[dict] | None = None) -> int:
-    """`paramserver cluster --shards K`: K server processes, workers given all K addresses. With `keys` (a
-    folder from cluster_keys, `curves` what it returned) every shard has its own CurveZMQ key pair
-    server-shardI and admits the same clients (--auth); the workers get every shard's public key."""
-    from common.security import server_key_names
-    from worker.client import PSClient
-    from worker.evaluate import evaluate_checkpoint
-    out = ccfg.out
-    cfgs = shard_configs(scfg, ccfg.shards, out)
-    curves = curves or [{} for _ in cfgs]
-    if keys:
-        cfgs = [dataclasses.replace(c, curve_secret=os.path.join(keys, name + ".key_secret"))
-                for c, name in zip(cfgs, server_key_names(ccfg.shards))]
-    for c in cfgs:
-        for stale in (c.checkpoint, c.metrics):
-            if os.path.exists(stale):
-                os.unlink(stale)
-    servers, addresses = [], []
-    try:
-        for i, c in enumerate(cfgs):
-            proc, address = start_server(c, out, log_name=f"server-shard{i}.log")
-            servers.append(proc)
-            addresses.append(address)
-    except BaseException:
-        for proc in servers:
-            proc.kill()
-        raise
-    address = ",".join(addresses)
-    slow = {ccfg.workers - 1: ccfg.straggler} if ccfg.straggler > 1.0 else None
-    workers = start_workers(wcfg, ccfg.workers, address, out, slow, threads, keys=keys)
-    interrupted = False
-    next_tick = time.time() + ccfg.progress_every
-    monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0, **c) for a, c in zip(addresses, curves)]
-    try:
-        while any(p.poll() is None for p in workers):
-            time.sleep(0.2)
-            if time.time() >= next_tick:
-                next_tick += ccfg.progress_every
-                print(" | ".join(f"shard {i} " + _progress(m, t0, ccfg.workers) for i, m in enumerate(monitors)),
-                      flush=True)
-            dead = [i for i, s in enumerate(servers) if s.poll() is not None]
-            if dead:
-                print(f"server shard {dead[0]} exited with code {servers[dead[0]].returncode}; see "
-                      f"{out}/server-shard{dead[0]}.log", flush=True)
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: stopping workers and server shards (each writes its checkpoint)", flush=True)
-    finally:
-        for m in monitors:
-            m.close()
-        stop_all(workers, None, "")
-        for proc, a, c in zip(servers, addresses, curves):
-            stop_all([], proc, a, c)
-    failed = [r for r, p in enumerate(workers) if p.returncode not in (0, -signal.SIGTERM, 143)]
-    for r in failed:
-        print(f"worker {r} exited with code {workers[r].returncode}; see {out}/worker{r}.log", flush=True)
-    wall = time.time() - t0
-    summary = {"wall_s": round(wall, 2), "interrupted": interrupted, "failed_workers": failed, "shards": ccfg.shards}
-    if all(os.path.exists(c.checkpoint) for c in cfgs):
-        merged = merge_checkpoints([c.checkpoint for c in cfgs], scfg.checkpoint)
-        summary["shard_versions"] = merged["shard_versions"]
-        summary.update(evaluate_checkpoint(scfg.checkpoint, wcfg, ccfg.sample_bytes, out))
-    servers_m = [_read_json(c.metrics) for c in cfgs]
-    workers_m = {str(r): _read_json(os.path.join(out, f"worker{r}.json")) for r in range(ccfg.workers)}
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "server": servers_m[0], "shards": servers_m, "workers": workers_m}, f)
-    for i, m in enumerate(servers_m):
-        st = m.get("status", {})
-        print(f"shard {i}: {st.get('version', 0)} updates applied, counters {st.get('counters', {})}")
-    print(f"done in {wall:.1f}s")
-    if "final_eval_loss" in summary:
-        first = summary.get("initial_eval_loss")
-        print(f"held-out loss: {first:.4f} -> {summary['final_eval_loss']:.4f}"
-              + (f" ({summary['final_bits_per_byte']:.3f} bits/byte)" if "final_bits_per_byte" in summary else ""))
-    if summary.get("sample"):
-        print("sample from the trained model:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
-    print(f"checkpoints: {', '.join(c.checkpoint for c in cfgs)} (merged: {scfg.checkpoint})   "
-          f"metrics: {os.path.join(out, 'metrics.json')}", flush=True)
-    return 1 if failed or interrupted else 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -80,23 +81,38 @@ def test_kill_9_of_the_cluster_still_stops_the_server_with_a_checkpoint(tmp_path
     assert json.loads((out / "worker0.json").read_text())["exit"] == "interrupted"
 
 
-def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path):
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path, shards):
+    """With shards, each shard resumes from its own checkpoint beside the merged one that --resume names."""
     out = tmp_path / "run"
-    r = ps("cluster", "--workers", "2", "--steps", "6", *TINY, "--out", str(out))
+    r = ps("cluster", "--workers", "2", "--shards", shards, "--steps", "6", *TINY, "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     assert torch.load(out / "checkpoint.pt")["version"] == 6
     first = json.loads((out / "metrics.json").read_text())["summary"]
-    r = ps("cluster", "--workers", "2", "--steps", "4", *TINY, "--out", str(out),
+    r = ps("cluster", "--workers", "2", "--shards", shards, "--steps", "4", *TINY, "--out", str(out),
            "--resume", str(out / "checkpoint.pt"))
     assert r.returncode == 0, r.stdout + r.stderr
     end = torch.load(out / "checkpoint.pt")["version"]
     assert end > 6
+    if shards == "2":
+        assert all(torch.load(out / f"checkpoint-shard{i}.pt")["version"] == end for i in range(2))
     # the summary reports this run's updates, and "before" is the resumed model, not a fresh one
     assert f"{end - 6} updates applied in this run (version 6 -> {end}" in r.stdout
     second = json.loads((out / "metrics.json").read_text())["summary"]
     assert second["updates"] == end - 6 and second["start_version"] == 6
     assert abs(second["initial_eval_loss"] - first["final_eval_loss"]) < 1e-9
     assert "before: the resumed model" in r.stdout
+
+
+def test_a_sharded_resume_without_the_shards_checkpoints_is_one_line_and_keeps_everything(tmp_path):
+    out = tmp_path / "run"
+    assert ps("cluster", "--workers", "2", "--steps", "3", *TINY, "--out", str(out)).returncode == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    r = ps("cluster", "--workers", "2", "--shards", "2", "--steps", "3", *TINY, "--out", str(out),
+           "--resume", str(out / "checkpoint.pt"))
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert "each shard resumes from its own checkpoint" in r.stderr and "--shards 1" in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "server-shard0.log").exists()
 
 
 def test_a_run_whose_workers_are_all_refused_reports_no_held_out_loss(tmp_path):
@@ -125,10 +141,11 @@ def test_cluster_with_curve_keys_trains_monitors_and_shuts_down(tmp_path):
     assert not (out / "keys" / "clients" / "server.key").exists()
 
 
-def test_cluster_passes_slowdown_prob_and_threads_to_the_workers(tmp_path):
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_cluster_passes_slowdown_prob_and_threads_to_the_workers(tmp_path, shards):
     out = tmp_path / "run"
-    r = ps("cluster", "--workers", "2", "--steps", "30", *TINY, "--out", str(out), "--straggler", "3",
-           "--slowdown-prob", "0.5", "--threads", "2")
+    r = ps("cluster", "--workers", "2", "--shards", shards, "--steps", "30", *TINY, "--out", str(out),
+           "--straggler", "3", "--slowdown-prob", "0.5", "--threads", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "straggler: worker 1 x3 on 50% of its steps" in r.stdout
     workers = json.loads((out / "metrics.json").read_text())["workers"]
