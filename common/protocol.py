@@ -89,6 +89,9 @@ CHUNK_BYTES = 24 << 20
 #: a client asks the server before sending a gradient of at least this many bytes (push admission, see the
 #: server's --max-pushes-in-flight); smaller ones cost less to hold than a round trip
 RESERVE_MIN_BYTES = 1 << 20
+#: the server refuses a gradient with a value beyond +-this (as it refuses NaN and Inf): its square would overflow
+#: Adam's second moment in float32 (at 1.8e19), and finite values near float32's limit overflow a sync step's sum
+MAX_GRADIENT = 1e18
 #: how float32 tensors may travel: as they are, or as 16-bit values (half the bytes)
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 

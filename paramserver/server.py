@@ -77,6 +77,19 @@ def load_admin_keys(cfg: ServerConfig) -> set[str]:
     return {k.decode() if isinstance(k, bytes) else k for k in zmq.auth.load_certificates(folder)}
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """Refuse at start-up an output file whose folder cannot be made or written (not at the first write)."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot create its folder {folder} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: its folder {folder} is not writable")
+
+
 def _user_id(frame) -> str:
     """The CurveZMQ public key (z85) ZeroMQ's authenticator attached to a received frame, or ""."""
     try:
@@ -171,6 +184,8 @@ class Server:
             MsgType.STATUS: self._on_status, MsgType.SHUTDOWN: self._on_shutdown,
         }
         self.prom = None         # the Prometheus exporter (paramserver/prom.py) when --metrics-port is set
+        for flag, path in (("--checkpoint", cfg.checkpoint), ("--metrics", cfg.metrics)):
+            _check_writable(flag, path)
         if cfg.resume or (cfg.auto_resume and os.path.exists(cfg.checkpoint)):
             self._resume(cfg.resume or cfg.checkpoint)
         elif cfg.auto_resume:
@@ -254,11 +269,11 @@ class Server:
             deferred = self._deferred_since()
             if deferred is not None:
                 ready = dict(poller.poll(1 if time.monotonic() - deferred < 0.2 else 50))
-                self._serve_pending()
+                self._guarded("answering held pulls", self._serve_pending)
             else:
                 ready = dict(poller.poll(100))
             if self._monitor in ready:
-                self._connection_events()
+                self._guarded("reading connection events", self._connection_events)
             if self.sock in ready:
                 for _ in range(1000):   # drain what is queued before housekeeping
                     try:
@@ -270,13 +285,22 @@ class Server:
                         break
             now = time.monotonic()
             if now >= next_sweep:
-                self._sweep_dead(now)
+                self._guarded("sweeping for dead workers", self._sweep_dead, now)
                 next_sweep = now + min(0.5, self.cfg.worker_timeout / 4)
             if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
-                self.write_checkpoint()
+                self._guarded("writing the periodic checkpoint", self.write_checkpoint)
                 next_ckpt = now + self.cfg.checkpoint_every
             if self.prom is not None:
-                self.prom.publish()
+                self._guarded("publishing metrics", self.prom.publish)
+
+    def _guarded(self, what: str, fn, *args) -> None:
+        """Housekeeping between messages, under the same rule as a message's handling: an error is logged and
+        counted (internal_errors), never the end of the server."""
+        try:
+            fn(*args)
+        except Exception:
+            self.policy.counters["internal_errors"] += 1
+            log.exception("internal error while %s", what)
 
     def _connection_events(self) -> None:
         """Say when ZeroMQ drops a connection: it does so without a message for an oversized message
@@ -468,12 +492,15 @@ class Server:
 
     # -- handlers -----------------------------------------------------------------------------
 
-    def _check_shard(self, msg: Message) -> None:
-        """Refuse a worker whose shard map (count, this server's index, partition plan) differs from ours."""
+    def _check_shard(self, msg: Message) -> tuple[str, dict] | None:
+        """Refuse a worker whose shard map (count, this server's index, partition plan) differs from ours.
+        Returns the (plan hash, layout) the first worker brings, for _on_register to adopt once the
+        registration has succeeded (a refused REGISTER must not fix the plan for everyone after it)."""
         offered = msg.meta.get("shard")
         if offered is not None and not isinstance(offered, dict):
             raise RequestError("shard_mismatch", "REGISTER meta 'shard' must be a map {index, count, plan, layout}")
         why = check_identity(self.cfg.shard_index, self.cfg.num_shards, self.shard["plan"], offered)
+        adopt = None
         if not why and offered and not self.shard["plan"]:
             try:   # the first worker's plan: recompute it from its layout, so a bad map is caught here
                 plan = ShardPlan.build(offered.get("layout") or {}, self.cfg.num_shards)
@@ -486,9 +513,10 @@ class Server:
             elif msg.tensors and set(msg.tensors) != set(mine):
                 why = "the pieces this worker sent are not the ones its plan assigns to this shard"
             else:
-                self.shard["plan"], self.shard_layout = plan.hash, plan.layout
+                adopt = plan.hash, plan.layout
         if why:
             raise RequestError("shard_mismatch", why)
+        return adopt
 
     def _widen(self, msg: Message, reuse: bool = False) -> None:
         """bf16/fp16 tensors of a request -> float32 (the server computes in fp32). With `reuse` (a gradient
@@ -504,7 +532,7 @@ class Server:
 
     def _on_register(self, identity: bytes, msg: Message) -> Message:
         self._widen(msg)
-        self._check_shard(msg)
+        plan = self._check_shard(msg)
         self._check_job(msg.meta.get("job") or {})
         worker = self._worker_id_for(msg)
         if msg.tensors:
@@ -520,6 +548,8 @@ class Server:
         elif not self.store.initialized:
             raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
                                "carry the initial parameters")
+        if plan is not None:   # the first worker's shard plan: the job's from now on
+            self.shard["plan"], self.shard_layout = plan
         session, key = self._peer
         state = self.workers.get(worker)
         rejoin = state is not None
@@ -709,15 +739,15 @@ class Server:
             result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
-        if self.cfg.mode == "sync" or self.store.optimizer != "sgd":
-            self._widen(msg, reuse=self.cfg.mode != "sync")
-        # (else plain SGD applied at once: 16-bit wire values are added as they are, see ParamStore.apply)
-        try:
+        try:   # (16-bit wire values are checked as they are: widening is exact, and only a gradient that fits is)
             self.store.check_gradient(msg.tensors, msg.checked)
         except ValueError as exc:
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:invalid"] += 1
             raise RequestError("bad_gradient", str(exc)) from None
+        if self.cfg.mode == "sync" or self.store.optimizer != "sgd":
+            self._widen(msg, reuse=self.cfg.mode != "sync")
+        # (else plain SGD applied at once: 16-bit wire values are added as they are, see ParamStore.apply)
         if self.finished:   # the budget is spent: nothing more is applied
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:budget"] += 1
@@ -913,11 +943,20 @@ class Server:
                 "shard": self.shard, "shard_layout": self.shard_layout}
 
     def write_checkpoint(self) -> None:
+        """Write --checkpoint. A write that fails (a full disk, a folder gone) is logged and counted
+        (checkpoint_errors); theta stays in memory and the server keeps serving (the next write may succeed)."""
         if not self.cfg.checkpoint or not self.store.initialized:
             return
         t0 = time.monotonic()
-        save_checkpoint(self.cfg.checkpoint, self.state_dict())
-        release_free_memory()   # the checkpoint's copies of theta and optimizer state go back to the system
+        try:
+            save_checkpoint(self.cfg.checkpoint, self.state_dict())
+        except OSError as exc:
+            self.policy.counters["checkpoint_errors"] += 1
+            log.error("checkpoint at version %d NOT written to %s: %s; the server keeps serving (theta is in memory)",
+                      self.store.version, self.cfg.checkpoint, exc)
+            return
+        finally:
+            release_free_memory()   # the checkpoint's copies of theta and optimizer state go back to the system
         self.last_checkpoint = {"path": self.cfg.checkpoint, "version": self.store.version,
                                 "written_s": self.record.elapsed(),
                                 "seconds": round(time.monotonic() - t0, 3)}
@@ -950,6 +989,8 @@ class Server:
                 last_seq=int(info["last_seq"]), last_reply=[bytes.fromhex(f) for f in info["last_reply"]] or None,
                 last_reply_seq=int(info.get("last_reply_seq", info["last_seq"])),
                 alive=False, left=info["state"] == "left")
+        if state.get("pending_gradients"):
+            self._forget_dropped_acks()
         back = sorted(int(w) for w, info in state.get("workers", {}).items() if info["state"] == "live")
         self.policy.await_workers(back)
         self._resumed_at = now
@@ -960,14 +1001,34 @@ class Server:
             log.info("holding pulls until workers %s re-register (or each has been silent for --worker-timeout "
                      "%gs)", ", ".join(map(str, back)), self.cfg.worker_timeout)
 
+    def _forget_dropped_acks(self) -> None:
+        """A resumed sync step starts again without the gradients the checkpoint held for it (they are not in
+        it): a worker whose cached answer says its push was accumulated for that step would be told so again
+        when it resends, and its gradient would be applied zero times. Forget those answers, so that the resend
+        is handled as a new push and accumulated again."""
+        for worker, st in self.workers.items():
+            if not st.last_reply or st.last_reply_seq != st.last_seq:
+                continue
+            try:
+                ack = decode(st.last_reply)
+            except ProtocolError:
+                continue
+            if ack.type == MsgType.ACK and ack.meta.get("status") == "accumulated" and ack.clock == self.policy.step:
+                st.last_reply, st.last_seq = None, st.last_seq - 1
+                log.info("worker %d's push for step %d was held in the unfinished step: its resend is accumulated "
+                         "again", worker, ack.clock)
+
     def metrics(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}
 
     def save_outputs(self) -> None:
         self.write_checkpoint()
         if self.cfg.metrics:
-            os.makedirs(os.path.dirname(os.path.abspath(self.cfg.metrics)), exist_ok=True)
-            tmp = self.cfg.metrics + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.metrics(), f)
-            os.replace(tmp, self.cfg.metrics)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.cfg.metrics)), exist_ok=True)
+                tmp = self.cfg.metrics + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(self.metrics(), f)
+                os.replace(tmp, self.cfg.metrics)
+            except OSError as exc:
+                log.error("metrics NOT written to %s: %s", self.cfg.metrics, exc)

@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.protocol import WIRE_DTYPES, Encoded, encode_wire
+from common.protocol import MAX_GRADIENT, WIRE_DTYPES, Encoded, encode_wire
 
 #: divergence is estimated from at most this many coordinates of theta (exact below it)
 DIVERGENCE_SAMPLE = 65536
@@ -225,7 +225,8 @@ class ParamStore:
             elif g.dtype != t.dtype:
                 raise ValueError(f"wrong dtype for {name!r}: got {g.dtype.name}, expected {t.dtype.name}")
             if not (checked[name] if checked and name in checked else _finite(g)):
-                raise ValueError(f"non-finite gradient (NaN or Inf) in {name!r}; rejected, theta unchanged")
+                raise ValueError(f"non-finite gradient (NaN or Inf) or a value beyond +-{MAX_GRADIENT:g} in {name!r}; "
+                                 "rejected, theta unchanged")
 
     def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0) -> int:
         """One optimizer step with gradient `scale * grads` (already checked) and learning rate
@@ -487,11 +488,11 @@ def _grad(g) -> torch.Tensor:
 
 
 def _finite(g) -> bool:
-    """All values finite? One read-only pass without a temporary: the smallest and the largest value are
-    finite exactly when every value is (NaN propagates into both; +Inf shows in the largest, -Inf in the
-    smallest)."""
+    """All values finite and within +-MAX_GRADIENT? One read-only pass without a temporary: the smallest and
+    the largest value are within the bounds exactly when every value is (NaN propagates into both and fails
+    every comparison; +Inf shows in the largest, -Inf in the smallest)."""
     if not isinstance(g, Encoded) and g.size < 1 << 16:   # below 64K values a call's overhead dominates
-        return bool(np.isfinite(g).all())
+        return bool(np.isfinite(g).all()) and float(np.abs(g).max(initial=0)) <= MAX_GRADIENT
     # torch's min+max is one vectorized pass on the server's threads, faster than a sum (which also had to be
     # re-checked on overflow): 0.9 ms for 16 x 625K floats on 2 threads against 1.4 ms for torch.sum and 1.8 ms
     # for numpy's; 16-bit wire values are read as they are
@@ -499,4 +500,4 @@ def _finite(g) -> bool:
     if not t.numel():
         return True
     lo, hi = torch.aminmax(t)
-    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+    return -MAX_GRADIENT <= lo.item() and hi.item() <= MAX_GRADIENT

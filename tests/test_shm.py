@@ -146,6 +146,16 @@ def test_copy_checked_copies_and_finds_every_non_finite_value(dtype, bad, monkey
         assert np.array_equal(dst, src, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_copy_checked_refuses_values_beyond_max_gradient(dtype):
+    from common.protocol import MAX_GRADIENT
+    src = np.zeros(100, dtype)
+    src[50] = MAX_GRADIENT
+    assert shm.copy_checked(np.empty_like(src), src) is True
+    src[50] = -2 * MAX_GRADIENT
+    assert shm.copy_checked(np.empty_like(src), src) is False
+
+
 def test_a_non_finite_gradient_in_shared_memory_is_rejected(start_server, monkeypatch):
     """A NaN written into the worker's segment is refused (bad_gradient) and theta stays as it was. The
     check made while copying it out is the one that counts (the separate check is disabled here)."""

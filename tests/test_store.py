@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.protocol import decode_wire, encode_wire
+from common.protocol import MAX_GRADIENT, decode_wire, encode_wire
 from paramserver.store import ParamStore
 
 
@@ -167,8 +167,25 @@ def test_non_finite_anywhere_is_rejected(bad):
     g = {"w": np.zeros(100_000, np.float32), "h": np.array([0, bad, 0], np.float16)}
     with pytest.raises(ValueError, match="non-finite"):
         store.check_gradient(g)
-    # finite values whose sum overflows are accepted (the check looks at the extremes, not at a sum)
-    store.check_gradient({"w": np.full(100_000, 3e38, np.float32), "h": np.full(3, 60000, np.float16)})
+    # values up to +-MAX_GRADIENT are accepted (the check looks at the extremes, not at a sum) ...
+    store.check_gradient({"w": np.full(100_000, MAX_GRADIENT, np.float32), "h": np.full(3, 60000, np.float16)})
+    store.check_gradient({"w": np.full(100_000, -MAX_GRADIENT, np.float32), "h": np.full(3, -60000, np.float16)})
+
+
+@pytest.mark.parametrize("size", [10, 100_000])   # numpy's check below 64K values, torch's above
+@pytest.mark.parametrize("value", [3e38, -3e38, 2e18])
+def test_finite_values_beyond_max_gradient_are_rejected(size, value):
+    """... and beyond it refused like NaN, theta untouched: finite values near float32's limit would overflow a
+    sync step's sum or Adam's second moment (g^2 > 3.4e38 from |g| > 1.8e19)."""
+    store = ParamStore("adam", lr=0.1)
+    store.init({"w": np.zeros(size, np.float32)})
+    g = np.zeros(size, np.float32)
+    g[size // 2] = value
+    with pytest.raises(ValueError, match=r"beyond \+-1e\+18"):
+        store.check_gradient({"w": g})
+    with pytest.raises(ValueError, match="beyond"):   # the same bound for 16-bit wire values
+        store.check_gradient({"w": encode_wire(g, "bf16")})
+    assert store.version == 0 and not store.theta["w"].any()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
