@@ -175,6 +175,9 @@ class ServerConfig:
         check_address("--bind", self.bind)
         if self.staleness != 3 and self.mode != "ssp":   # 3 is the default: only a value the user gave
             raise ValueError("--staleness only applies to --mode ssp")
+        if self.mode != "sync" and (self.min_workers != 1 or self.step_timeout > 0):
+            flag = "--min-workers" if self.min_workers != 1 else "--step-timeout"
+            raise ValueError(f"{flag} only applies to --mode sync (this server runs --mode {self.mode})")
         if self.auto_resume and not self.checkpoint:
             raise ValueError("--auto-resume resumes from --checkpoint: give --checkpoint PATH too")
         if self.auto_resume and self.resume:

@@ -82,6 +82,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     with server:
         print(f"paramserver listening on {server.address}", flush=True)
         server.serve_forever()
+    if server.final_checkpoint_failed:   # (logged): a supervisor must not take this exit for a clean one
+        print(f"paramserver server: error: the final checkpoint was not written to {cfg.checkpoint}; see the log",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -301,7 +301,6 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
     cfgs = [scfg]
     if k > 1:   # each shard: its index, its own checkpoint, metrics, key pair, resumed file and metrics port
         cfgs = [dataclasses.replace(c, resume=resumes[i] if resumes else "",
-                                    metrics_port=c.metrics_port + i if c.metrics_port else 0,
                                     **({"curve_secret": os.path.join(keys, name + ".key_secret")} if keys else {}))
                 for i, (c, name) in enumerate(zip(shard_configs(scfg, k, out), server_key_names(k)))]
     logs = ["server.log"] if k == 1 else [f"server-shard{i}.log" for i in range(k)]
@@ -416,10 +415,13 @@ def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> 
 
 
 def shard_configs(scfg: ServerConfig, shards: int, out: str) -> list[ServerConfig]:
-    """One server config per shard: its index, and its own checkpoint and metrics files."""
+    """One server config per shard: its index, its own checkpoint and metrics files, and (--metrics-port P)
+    its own Prometheus port P + index."""
     return [dataclasses.replace(scfg, shard_index=i, num_shards=shards,
                                 checkpoint=os.path.join(out, f"checkpoint-shard{i}.pt"),
-                                metrics=os.path.join(out, f"server_metrics-shard{i}.json")) for i in range(shards)]
+                                metrics=os.path.join(out, f"server_metrics-shard{i}.json"),
+                                metrics_port=scfg.metrics_port + i if scfg.metrics_port else 0)
+            for i in range(shards)]
 
 
 def merge_checkpoints(paths: list[str], path: str) -> dict:

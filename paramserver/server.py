@@ -81,6 +81,8 @@ def _check_writable(flag: str, path: str) -> None:
     """Refuse at start-up an output file whose folder cannot be made or written (not at the first write)."""
     if not path:
         return
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a folder; give a file path in it")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -149,8 +151,8 @@ class Server:
                                   follower=cfg.shard_index > 0)
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[int, tuple[bytes, Message, float]] = {}   # worker -> held pull
-        # worker -> {version: sample of theta} of its last two pulls (with async prefetch a worker pulls the next
-        # theta before pushing the gradient of the one before)
+        # worker -> {version: sample of theta} of its last three pulls (with async prefetch a worker pulls the next
+        # theta before pushing the gradient of the one before; a resend of a pull may add one more)
         self.held: dict[int, dict[int, dict]] = {}
         # push admission (--max-pushes-in-flight): workers allowed to send a gradient now (-> when), and
         # workers waiting for that (-> their held reservation)
@@ -165,6 +167,7 @@ class Server:
         self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.last_checkpoint: dict = {}
+        self.final_checkpoint_failed = False   # the checkpoint at close could not be written (`paramserver server` exits 1)
         self._stop = False
         self._ctx = context or zmq.Context.instance()
         self._auth = None        # the ZAP authenticator thread when --auth is on
@@ -680,7 +683,7 @@ class Server:
             samples = self.held.setdefault(msg.worker, {})
             samples.pop(version, None)
             samples[version] = self.store.sample()[1]
-            if len(samples) > 2:
+            if len(samples) > 3:   # (a resent pull adds one: the push computed on the pull before stays measurable)
                 del samples[next(iter(samples))]
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
                        tensors=theta, snapshot=(version, wire),
@@ -1022,7 +1025,9 @@ class Server:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}
 
     def save_outputs(self) -> None:
+        errors = self.policy.counters["checkpoint_errors"]
         self.write_checkpoint()
+        self.final_checkpoint_failed = self.policy.counters["checkpoint_errors"] > errors
         if self.cfg.metrics:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.cfg.metrics)), exist_ok=True)

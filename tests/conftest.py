@@ -46,6 +46,8 @@ def start_server():
     yield start
     for s in servers:
         s.stop()
+    for s in servers:   # the README's promise, checked after every test that ran a server
+        counts_add_up(s.server.status())
 
 
 def worker_process(cfg: WorkerConfig, **popen) -> subprocess.Popen:

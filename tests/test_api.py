@@ -235,6 +235,8 @@ def test_settings_from_flags_env_and_keywords(monkeypatch):
     monkeypatch.setenv("PS_NUM_WORKERS", "4")
     cfg = ps.worker_config(parser.parse_args([]))
     assert (cfg.server, cfg.rank, cfg.num_workers, cfg.accum) == ("tcp://10.0.0.5:5555", 1, 4, 1)
+    cfg = ps.worker_config(parser.parse_args(["--rank", "2", "--num-workers", "8"]))
+    assert (cfg.rank, cfg.num_workers) == (2, 8)          # a flag on the command line beats the environment
     cfg = ps.worker_config(parser.parse_args(["--rank", "2", "--accum", "4", "--shard", "hash"]), rank=3)
     assert (cfg.server, cfg.rank, cfg.num_workers, cfg.accum, cfg.shard) == ("tcp://10.0.0.5:5555", 3, 4, 4, "hash")
     with pytest.raises(SystemExit):

@@ -102,6 +102,12 @@ def test_resume_continues_from_the_clusters_own_checkpoint(tmp_path, shards):
     assert second["updates"] == end - 6 and second["start_version"] == 6
     assert abs(second["initial_eval_loss"] - first["final_eval_loss"]) < 1e-9
     assert "before: the resumed model" in r.stdout
+    if shards == "2":
+        # after a kill -9 there is no merged checkpoint: any shard's checkpoint names the folder
+        (out / "checkpoint.pt").unlink()
+        r = ps("cluster", "--workers", "2", "--shards", shards, "--steps", "2", *TINY, "--out", str(out),
+               "--resume", str(out / "checkpoint-shard0.pt"))
+        assert r.returncode == 0 and f"version {end} -> " in r.stdout, r.stdout + r.stderr
 
 
 def test_a_sharded_resume_without_the_shards_checkpoints_is_one_line_and_keeps_everything(tmp_path):
@@ -173,3 +179,12 @@ def test_bf16_wire_trains_the_same_over_shared_memory_sockets_and_shards(tmp_pat
         losses[name] = summary["final_eval_loss"]
     assert abs(losses["shards"] - losses["shm"]) < 1e-6, losses
     assert abs(losses["shm"] - losses["tcp"]) < 1e-3 * losses["tcp"], losses
+
+
+def test_each_shard_gets_its_own_files_and_metrics_port():
+    from common.config import ServerConfig
+    from paramserver.cluster import shard_configs
+    cfgs = shard_configs(ServerConfig(metrics_port=9100), 3, "out")
+    assert [(c.shard_index, c.num_shards, c.metrics_port) for c in cfgs] == [(0, 3, 9100), (1, 3, 9101), (2, 3, 9102)]
+    assert [c.checkpoint for c in cfgs] == [os.path.join("out", f"checkpoint-shard{i}.pt") for i in range(3)]
+    assert all(c.metrics_port == 0 for c in shard_configs(ServerConfig(), 2, "out"))

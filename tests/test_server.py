@@ -676,18 +676,21 @@ def test_a_held_shared_memory_pull_asking_for_bf16_is_answered_over_the_socket(s
     if not shm.available():
         pytest.skip("no writable /dev/shm")
     from common.protocol import ROLE_HEARTBEAT, ROLE_REQUESTS, new_session, routing_id
-    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.1, worker_timeout=0.5)
+    srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.1, worker_timeout=2.0)
     session = new_session()
     odd, beat = _raw_socket(srv.address, routing_id(session, ROLE_REQUESTS)), \
         _raw_socket(srv.address, routing_id(session, ROLE_HEARTBEAT))
-    gone = PSClient(srv.address, worker=0, server_timeout=10)
+    gone = PSClient(srv.address, worker=0, server_timeout=10, heartbeat=0.2)
     gone.register(init=THETA)
     _ask(odd, Message(MsgType.REGISTER, worker=1, seq=1, meta={"shm_offer": True}))
+    beat.send_multipart(encode(Message(MsgType.HEARTBEAT, worker=1)))
     p0, p1 = gone.pull(), _ask(odd, Message(MsgType.PULL, worker=1, seq=2, meta={"shm": True}))
     _ask(odd, Message(MsgType.PUSH, worker=1, seq=3, clock=p1.clock, version=p1.version, tensors=GRAD))
     odd.send_multipart(encode(Message(MsgType.PULL, worker=1, seq=4, meta={"shm": True, "wire": "bf16"})))
+    _wait_for(lambda: 1 in srv.server.pending)                          # held at the barrier for worker 0
+    assert srv.server.policy.step == 0
     gone.close()       # worker 0 goes silent: the sweep declares it dead and completes the step without it
-    for _ in range(100):   # worker 1 keeps beating meanwhile
+    for _ in range(300):   # worker 1 keeps beating meanwhile
         beat.send_multipart(encode(Message(MsgType.HEARTBEAT, worker=1)))
         if odd.poll(100):
             break
@@ -742,6 +745,30 @@ def test_an_output_path_that_cannot_be_written_is_refused_at_start(tmp_path):
     for flag in ("checkpoint", "metrics"):
         with pytest.raises(ConfigError, match=f"--{flag} .*cannot create its folder"):
             Server(ServerConfig(**{flag: str(tmp_path / "file" / "out")}))
+        with pytest.raises(ConfigError, match=f"--{flag} .* is a folder"):
+            Server(ServerConfig(**{flag: str(tmp_path)}))
+
+
+def test_a_final_checkpoint_that_cannot_be_written_makes_the_server_exit_1(tmp_path):
+    """Logged and counted while serving; but at the end a supervisor must not take it for a clean exit."""
+    folder = tmp_path / "d"
+    p = subprocess.Popen([sys.executable, "-m", "paramserver", "server", "--bind", "tcp://127.0.0.1:*",
+                          "--num-workers", "1", "--mode", "async", "--checkpoint", str(folder / "c.pt")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        address = p.stdout.readline().split()[-1]
+        with PSClient(address, worker=0, server_timeout=30) as ps:
+            ps.register(init=THETA)
+        folder.rmdir()
+        folder.write_text("now a file: the checkpoint's folder cannot be made")
+        with PSClient(address, server_timeout=30) as ps:
+            ps.shutdown()
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "the final checkpoint was not written" in err, err
 
 
 def test_rejected_16_bit_pushes_with_made_up_names_leave_no_buffers(start_server):
@@ -813,6 +840,38 @@ def test_a_push_accumulated_in_the_unfinished_step_is_accumulated_again_after_a_
         assert again.meta["status"] in ("accumulated", "applied") and counters["received"] == received + 1
         assert _ask(a, push).meta["status"] == again.meta["status"]   # a second resend: answered from the record
         assert counters["received"] == received + 1 and counters["duplicates"] == duplicates + 1
+        assert counters["dropped:restart"] == 1            # the first handling's gradient, lost with the step
         a.close()
     finally:
         second.stop()
+
+
+def test_a_bug_in_a_handler_is_an_internal_error_and_the_server_keeps_serving(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    handler = srv.server.handlers[MsgType.STATUS]
+
+    def broken(identity, msg):
+        raise RuntimeError("a bug of ours")
+    srv.server.handlers[MsgType.STATUS] = broken
+    raw = _raw_socket(srv.address)
+    reply = _ask(raw, Message(MsgType.STATUS, seq=1))
+    assert reply.type == MsgType.ERROR and reply.meta["code"] == "internal"
+    assert "RuntimeError: a bug of ours" in reply.meta["error"]
+    assert srv.server.policy.counters["internal_errors"] == 1
+    srv.server.handlers[MsgType.STATUS] = handler
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)
+        p = ps.pull()
+        assert ps.push(GRAD, p.version, p.clock).meta["status"] == "applied"
+        assert ps.status()["version"] == 1
+    raw.close()
+
+
+def test_no_track_divergence_records_none_and_keeps_no_samples(start_server):
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, track_divergence=False)
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)
+        for _ in range(3):
+            p = ps.pull()
+            ps.push(GRAD, p.version, p.clock)
+    assert [u[5] for u in srv.server.record.updates] == [None] * 3 and srv.server.held == {}

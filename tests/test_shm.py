@@ -146,6 +146,14 @@ def test_copy_checked_copies_and_finds_every_non_finite_value(dtype, bad, monkey
         assert np.array_equal(dst, src, equal_nan=True)
 
 
+def test_copy_checked_copies_non_contiguous_arrays_too():
+    src = np.arange(12, dtype=np.float32).reshape(3, 4).T           # a transposed view
+    dst = np.zeros((8, 3), np.float32)[::2]                          # every other row
+    assert shm.copy_checked(dst, src) is True and np.array_equal(dst, src)
+    src[1, 1] = np.nan
+    assert shm.copy_checked(dst, src) is False
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_copy_checked_refuses_values_beyond_max_gradient(dtype):
     from common.protocol import MAX_GRADIENT
