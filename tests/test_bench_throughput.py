@@ -70,6 +70,8 @@ def test_shared_memory_and_shard_tables(tmp_path):
     text = shm_table(r)
     row = next(line for line in text.splitlines() if line.startswith("| 0.02M |"))
     assert f"| {size['wire']['fp32']['round_trip_ms']} / {rt['round_trip_ms']} |" in row and "% / 100% |" in row
+    mem = " / ".join(str(rt["capacity"][n]["peak_anon_over_theta"]) for n in ("1", "2"))
+    assert f"| {mem} |" in row and rt["capacity"]["1"]["peak_anon_over_theta"] > 0
     lines = [line for line in shards_table(r).splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(lines) == len(rows)
     for x, line in zip(rows, lines):

@@ -578,8 +578,9 @@ def shm_table(results: dict) -> str:
             f"socket); capacity = async pushes applied/s, Adam, 1 server + N pushing processes on {cpus} cores",
             "",
             f"| P | push+pull RT ms tcp / shm | shm speed-up | async pushes/s tcp ({' / '.join(workers)} workers) | "
-            f"async pushes/s shm | shm / tcp | pulls / pushes via shm | oversubscribed |",
-            "|---|---|---|---|---|---|---|---|"]
+            f"async pushes/s shm | shm / tcp | pulls / pushes via shm | server private memory / theta, shm | "
+            f"oversubscribed |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in sizes:
         tcp, shm = r["wire"]["fp32"], r["shm"]
         caps_t = [tcp["capacity"].get(n, {}).get("pushes_per_s") for n in workers]
@@ -594,6 +595,7 @@ def shm_table(results: dict) -> str:
                     f"{tcp['round_trip_ms'] / shm['round_trip_ms']:.2f}x | "
                     f"{' / '.join(str(c) for c in caps_t)} | {' / '.join(str(c) for c in caps_s)} | {ratio} | "
                     f"{_share(shares)} | "
+                    f"{' / '.join(str(shm['capacity'][n].get('peak_anon_over_theta', '-')) for n in workers)} | "
                     f"{', '.join(f'{n} workers ({int(n) + 1} processes)' for n in over) or 'no'} |")
     return "\n".join(rows)
 
