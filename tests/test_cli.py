@@ -193,11 +193,14 @@ def _worker(address, *flags, timeout=120):
               "--server-timeout", "20", *flags, timeout=timeout)
 
 
-def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_server):
+def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_server, tmp_path):
     srv = start_server(num_workers=2, mode="sync")
-    r = _worker(srv.address, "--num-workers", "3")
+    r = _worker(srv.address, "--num-workers", "3", "--out", str(tmp_path))
     _one_line(r, "--num-workers 3 (the server has --num-workers 2)")
     assert not srv.server.store.initialized or srv.server.store.version == 0
+    # its metrics file is written on this way out too, saying why
+    exit_text = json.loads((tmp_path / "worker0.json").read_text())["exit"]
+    assert exit_text.startswith("error: ServerError") and "job_mismatch" in exit_text
 
 
 def test_a_worker_with_other_job_flags_is_refused_naming_each_flag(start_server):

@@ -188,3 +188,16 @@ def test_each_shard_gets_its_own_files_and_metrics_port():
     assert [(c.shard_index, c.num_shards, c.metrics_port) for c in cfgs] == [(0, 3, 9100), (1, 3, 9101), (2, 3, 9102)]
     assert [c.checkpoint for c in cfgs] == [os.path.join("out", f"checkpoint-shard{i}.pt") for i in range(3)]
     assert all(c.metrics_port == 0 for c in shard_configs(ServerConfig(), 2, "out"))
+
+
+def test_cluster_keys_dir_uses_the_keys_there_and_makes_the_missing_ones(tmp_path):
+    keys, out = tmp_path / "keys", tmp_path / "run"
+    assert ps("keys", str(keys), "--clients", "worker0").returncode == 0
+    mine = {name: (keys / name).read_bytes() for name in ("server.key_secret", "worker0.key_secret")}
+    r = ps("cluster", "--keys", str(keys), "--workers", "2", "--steps", "4", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all((keys / name).read_bytes() == data for name, data in mine.items())     # used, not replaced
+    assert (keys / "worker1.key_secret").exists() and (keys / "admins" / "cluster.key").exists()
+    st = json.loads((out / "metrics.json").read_text())["server"]["status"]
+    assert st["version"] == 4 and st["counters"].get("handshake_failures", 0) == 0
+    assert not (out / "keys").exists()                                               # not --curve's folder

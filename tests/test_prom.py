@@ -89,6 +89,9 @@ def test_metrics_of_a_training_run(start_server, tmp_path):
     assert value(m, "paramserver_checkpoint_version") == 50
     assert 0 <= value(m, "paramserver_checkpoint_age_seconds") < 600
     assert value(m, "paramserver_train_loss") > 0
+    assert value(m, "paramserver_step") == status["step"] and value(m, "paramserver_waiting_pulls") == 0
+    assert value(m, "paramserver_min_clock") == status["min_clock"] == srv.server.policy.min_clock()
+    assert 0 < value(before, "paramserver_uptime_seconds") < value(m, "paramserver_uptime_seconds") < 600
 
 
 def _pkg(samples: dict) -> str:
