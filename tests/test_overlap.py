@@ -46,7 +46,7 @@ def test_async_prefetch_applies_every_push(start_server, tmp_path, shards):
         for worker in (0, 1):
             mine = [u for u in server.record.updates if u[2] == worker][1:]
             assert mine and min(u[3] for u in mine) >= 1
-        # and its divergence is measured against the theta it was computed on (the server keeps two samples)
+        # and its divergence is measured against the theta it was computed on (the server keeps samples of the last pulls)
         assert all(u[5] is not None and u[5] > 0 for u in server.record.updates if u[3] >= 1)
 
 

@@ -757,6 +757,8 @@ def test_a_final_checkpoint_that_cannot_be_written_makes_the_server_exit_1(tmp_p
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     try:
+        import select
+        assert select.select([p.stdout], [], [], 120)[0], "the server never said where it listens"
         address = p.stdout.readline().split()[-1]
         with PSClient(address, worker=0, server_timeout=30) as ps:
             ps.register(init=THETA)
@@ -875,3 +877,29 @@ def test_no_track_divergence_records_none_and_keeps_no_samples(start_server):
             p = ps.pull()
             ps.push(GRAD, p.version, p.clock)
     assert [u[5] for u in srv.server.record.updates] == [None] * 3 and srv.server.held == {}
+
+
+def test_a_resent_pull_does_not_evict_the_sample_a_prefetched_push_needs(start_server):
+    """With async prefetch a push is computed on the pull before the last; a resend of the last pull (its
+    reply lost) adds one more sample: the push's base must still be there for its divergence."""
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1)
+    raw = _raw_socket(srv.address)
+    other = PSClient(srv.address, worker=1, server_timeout=10)
+    _ask(raw, Message(MsgType.REGISTER, worker=0, seq=1, tensors=THETA))
+    other.register()
+
+    def bump():
+        q = other.pull()
+        other.push(GRAD, q.version, q.clock)
+    first = _ask(raw, Message(MsgType.PULL, worker=0, seq=2))           # the theta the push is computed on
+    bump()
+    prefetch = Message(MsgType.PULL, worker=0, seq=3)
+    assert _ask(raw, prefetch).version == first.version + 1
+    bump()
+    assert _ask(raw, prefetch).version == first.version + 2            # the resend, answered at the newest theta
+    ack = _ask(raw, Message(MsgType.PUSH, worker=0, seq=4, clock=first.clock, version=first.version, tensors=GRAD))
+    assert ack.meta["status"] == "applied"
+    mine = [u for u in srv.server.record.updates if u[2] == 0]
+    assert mine[-1][3] == 2 and mine[-1][5] is not None and mine[-1][5] > 0   # stale by 2, divergence measured
+    other.close()
+    raw.close()
