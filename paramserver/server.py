@@ -160,7 +160,6 @@ class Server:
         self.push_queue: dict[int, tuple[bytes, Message, float]] = {}
         self._handling = False   # a message is being handled (push slots freed meanwhile are granted after it)
         self._shm_segments: dict[int, str] = {}   # worker -> its shared-memory gradient segment (same host)
-        self._wire_in: dict[str, np.ndarray] = {}     # float32 buffers for 16-bit gradients (ssp/async, not plain SGD)
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
@@ -521,17 +520,11 @@ class Server:
             raise RequestError("shard_mismatch", why)
         return adopt
 
-    def _widen(self, msg: Message, reuse: bool = False) -> None:
-        """bf16/fp16 tensors of a request -> float32 (the server computes in fp32). With `reuse` (a gradient
-        that is applied at once and not kept: ssp/async) into buffers kept for the next push."""
+    def _widen(self, msg: Message) -> None:
+        """bf16/fp16 tensors of a request -> float32 (the server keeps theta and sync sums in fp32)."""
         for name, t in msg.tensors.items():
             if isinstance(t, Encoded):
-                out = None
-                if reuse:
-                    out = self._wire_in.get(name)
-                    if out is None or out.shape != t.shape:
-                        out = self._wire_in[name] = np.empty(t.shape, np.float32)
-                msg.tensors[name] = decode_wire(t, out)
+                msg.tensors[name] = decode_wire(t)
 
     def _on_register(self, identity: bytes, msg: Message) -> Message:
         self._widen(msg)
@@ -748,9 +741,10 @@ class Server:
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:invalid"] += 1
             raise RequestError("bad_gradient", str(exc)) from None
-        if self.cfg.mode == "sync" or self.store.optimizer != "sgd":
-            self._widen(msg, reuse=self.cfg.mode != "sync")
-        # (else plain SGD applied at once: 16-bit wire values are added as they are, see ParamStore.apply)
+        if self.cfg.mode == "sync":   # held until the step is complete: float32 copies of its own
+            self._widen(msg)
+        # (ssp/async apply it at once: 16-bit wire values go to the store as they are, which adds them for plain
+        # SGD and widens them a slice at a time for the fused optimizers, see ParamStore.apply)
         if self.finished:   # the budget is spent: nothing more is applied
             self.policy.counters["received"] += 1
             self.policy.counters["dropped:budget"] += 1

@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.protocol import MAX_GRADIENT, WIRE_DTYPES, Encoded, encode_wire
+from common.protocol import MAX_GRADIENT, WIRE_DTYPES, Encoded, decode_wire, encode_wire
 
 #: divergence is estimated from at most this many coordinates of theta (exact below it)
 DIVERGENCE_SAMPLE = 65536
@@ -39,6 +39,8 @@ DIVERGENCE_SAMPLE = 65536
 SAMPLE_RUN = 512
 #: 16-bit gradients are added to theta in slices of this many values (see _add)
 MIXED_SLICE = 1 << 20
+#: a fused optimizer's 16-bit gradients are widened at most this many values at a time (see _step_widened)
+WIDEN_CHUNK = 1 << 22
 #: free 16-bit wire snapshot buffers kept for reuse (more are released to the allocator)
 POOL_KEEP = 2
 
@@ -137,6 +139,7 @@ class ParamStore:
         self._params: list[torch.Tensor] = []   # torch views of theta, in self.theta's order
         self._opt: torch.optim.Optimizer | None = None
         self._scratch: list[torch.Tensor] | None = None   # scale * g, allocated once when needed
+        self._widen_buf: np.ndarray | None = None   # 16-bit gradients widened for a fused optimizer (see _step_widened)
         self._sum: dict[str, np.ndarray] | None = None     # sync: the step's gradient sum, allocated once
         self._sample: tuple[int, dict[str, np.ndarray]] | None = None
         self._sample_at: dict[str, np.ndarray | None] | None = None   # which coordinates sample() takes
@@ -164,7 +167,7 @@ class ParamStore:
         self._live = _Buffer(theta, self.version)
         self._frozen, self._free, self._wire, self._wire_frozen, self._wire_free = [], [], {}, [], {}
         self._params = [_tensor(a) for a in theta.values()]
-        self._scratch = self._sum = None
+        self._scratch = self._sum = self._widen_buf = None
         self._sample = self._checksum = self._sample_at = None
         fused = all(p.dtype in (torch.float32, torch.float64) for p in self._params)
         if self.optimizer == "adam":
@@ -245,9 +248,13 @@ class ParamStore:
             else:
                 for p, src, x in zip(self._params, sources, g):
                     _add(p, src, x, -lr * scale)
+        elif any(isinstance(x, Encoded) for x in grads.values()):   # 16-bit values for a fused optimizer
+            self._writable()
+            for group in self._opt.param_groups:
+                group["lr"] = lr
+            self._step_widened(grads, scale)
         else:   # torch's fused optimizers want float32 gradients
-            g = [_tensor(grads[n].to_float32() if isinstance(grads[n], Encoded) else np.asarray(grads[n]))
-                 for n in self.theta]
+            g = [_tensor(np.asarray(grads[n])) for n in self.theta]
             self._writable()
             if scale != 1.0 and grads is self._sum:   # our own sum buffer: scaled where it is
                 torch._foreach_mul_(g, scale)
@@ -269,6 +276,38 @@ class ParamStore:
         self._live.version = self.version
         self._checksum = None
         return self.version
+
+    def _step_widened(self, grads: Mapping, scale: float) -> None:
+        """One step of the fused optimizer with 16-bit wire gradients (ssp/async: applied as they come), without
+        a float32 copy of the whole gradient: tensors are widened into one reused buffer of WIDEN_CHUNK values
+        (or of the largest tensor), and each batch of tensors that fits it gets its own step() call. The
+        optimizers' math is per element, so this is bit-identical to one step over the widened gradient."""
+        names = list(self.theta)
+        sizes = [self.theta[n].size for n in names]
+        cap = max(min(WIDEN_CHUNK, sum(sizes)), max(sizes))
+        if self._widen_buf is None or self._widen_buf.size < cap:
+            self._widen_buf = np.empty(cap, np.float32)
+        i = 0
+        while i < len(names):
+            used, batch = 0, []
+            while i < len(names) and (not batch or used + sizes[i] <= self._widen_buf.size):
+                x = grads[names[i]]
+                if isinstance(x, Encoded):
+                    t = _tensor(decode_wire(x, self._widen_buf[used:used + sizes[i]].reshape(x.shape)))
+                    used += sizes[i]
+                    if scale != 1.0:
+                        t.mul_(scale)
+                else:   # (a parameter of another dtype, sent as it is)
+                    t = _tensor(np.asarray(x))
+                    if scale != 1.0:
+                        t = torch.mul(t, scale)
+                batch.append((self._params[i], t))
+                i += 1
+            for p, t in batch:
+                p.grad = t
+            self._opt.step()
+            for p, _ in batch:
+                p.grad = None
 
     def accumulate(self, total: Mapping[str, np.ndarray] | None, g: Mapping[str, np.ndarray]) -> Mapping:
         """A sync step's running sum: `total + g` (`total` None: g itself, not copied). The sum lives in one

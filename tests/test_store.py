@@ -413,13 +413,16 @@ def test_divergence_is_exact_for_small_models_and_estimated_for_large():
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, wire, sliced, monkeypatch):
     # plain SGD adds the 16-bit values directly (slice by slice, no float32 copy of the gradient), the fused
-    # optimizers widen them first: either way theta is bit-identical to applying the widened gradient, also
-    # while theta is being sent (the update then writes into another buffer)
+    # optimizers widen them into one reused buffer, a batch of tensors per step() call: either way theta is
+    # bit-identical to applying the widened gradient, also while theta is being sent (the update then writes
+    # into another buffer)
     from paramserver import store as store_mod
     if sliced:
         monkeypatch.setattr(store_mod, "MIXED_SLICE", 1000)   # 120 slices of the 300 x 400 tensor, a ragged last one
+        monkeypatch.setattr(store_mod, "WIDEN_CHUNK", 125_000)   # "w", then "v" and "b" together: two step() calls
     rng = np.random.default_rng(7)
-    init = {"w": rng.standard_normal((300, 400)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    init = {"w": rng.standard_normal((300, 400)).astype(np.float32), "v": rng.standard_normal(9000).astype(np.float32),
+            "b": rng.standard_normal(5).astype(np.float32)}
     direct, widened = ParamStore(optimizer, lr=0.01), ParamStore(optimizer, lr=0.01)
     direct.init(init)
     widened.init(init)
@@ -432,6 +435,8 @@ def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, 
         widened.apply({n: decode_wire(e) for n, e in g.items()}, scale=0.5, lr_scale=0.9)
         for n in init:
             np.testing.assert_array_equal(direct.theta[n], widened.theta[n])
+        if optimizer != "sgd":   # the widening buffer holds the largest batch, not the whole gradient
+            assert direct._widen_buf.size == (125_000 if sliced else 129_005)
 
 
 @pytest.mark.parametrize("wire", ["bf16", "fp16"])
