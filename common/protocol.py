@@ -150,11 +150,16 @@ class Encoded:
         """A torch tensor of dtype bfloat16 / float16 viewing these values (no copy): torch computes with it
         directly, e.g. theta.add_(g) widens each value on the fly, exactly as decode_wire would."""
         torch = _torch()
-        bits = np.ascontiguousarray(self.bits)
+        bits = _contiguous(self.bits)
         with warnings.catch_warnings():   # read-only frames: torch only reads them
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) if self.wire == "bf16" \
                 else torch.from_numpy(bits)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """`a`, copied only when it is not C-contiguous (np.ascontiguousarray would make a 0-d array 1-d)."""
+    return a if a.flags.c_contiguous else a.copy()
 
 
 def _torch():
@@ -173,7 +178,7 @@ def encode_wire(arr: np.ndarray, wire: str, out: np.ndarray | None = None) -> En
         out = np.empty(np.shape(arr), dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        src = torch.from_numpy(_contiguous(np.asarray(arr, dtype=np.float32)))
     if wire == "bf16":
         torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(src)
     else:

@@ -393,7 +393,7 @@ class Server:
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
-            msg = decode(body, raw=True)   # 16-bit tensors stay Encoded: _widen turns them into float32
+            msg = decode(body, raw=True)   # 16-bit tensors stay Encoded (see _push_gradient)
         except ProtocolError as exc:
             self.policy.counters["malformed"] += 1
             log.warning("malformed message from %r: %s", identity[:16], exc)

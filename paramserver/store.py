@@ -303,11 +303,13 @@ class ParamStore:
                         t = torch.mul(t, scale)
                 batch.append((self._params[i], t))
                 i += 1
-            for p, t in batch:
-                p.grad = t
-            self._opt.step()
-            for p, _ in batch:
-                p.grad = None
+            try:
+                for p, t in batch:
+                    p.grad = t
+                self._opt.step()
+            finally:   # no gradient left pointing into the reused buffer
+                for p, _ in batch:
+                    p.grad = None
 
     def accumulate(self, total: Mapping[str, np.ndarray] | None, g: Mapping[str, np.ndarray]) -> Mapping:
         """A sync step's running sum: `total + g` (`total` None: g itself, not copied). The sum lives in one

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import zmq
 
-from common.protocol import DTYPES, PROTOCOL_VERSION, Message, MsgType, ProtocolError, decode, encode
+from common.protocol import (DTYPES, PROTOCOL_VERSION, Message, MsgType, ProtocolError, decode, decode_wire, encode,
+                             encode_wire)
 from worker.client import PSClient, ServerError
 
 SHAPES = [(), (0,), (5,), (3, 4), (2, 3, 4)]
@@ -235,6 +236,18 @@ def test_bf16_is_round_to_nearest_even():
     x = np.array([1 + 2 ** -8, 1 + 2 ** -8 + 2 ** -20, 1 + 3 * 2 ** -8], np.float32)
     bits = encode_wire(x, "bf16").bits
     assert list(bits) == [0x3F80, 0x3F81, 0x3F82]
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_a_0_d_tensor_keeps_its_shape_on_a_16_bit_wire(wire):
+    """A scalar parameter (shape ()) used to come back 1-d, and could not be decoded into its place."""
+    import torch
+    from worker.transfer import _host_view
+    enc = encode_wire(np.array(1.5, np.float32), wire)
+    assert enc.shape == () and decode_wire(enc).shape == () and float(decode_wire(enc)) == 1.5
+    assert enc.as_torch().shape == torch.Size([]) and _host_view(enc).shape == torch.Size([])
+    back = decode(encode(Message(MsgType.PUSH, tensors={"s": np.array(2.5, np.float32)}, wire=wire)))
+    assert back.tensors["s"].shape == () and float(back.tensors["s"]) == 2.5
 
 
 def test_bad_wire_is_named():

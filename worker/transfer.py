@@ -28,13 +28,10 @@ _TORCH_WIRE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def _host_view(t: torch.Tensor) -> torch.Tensor:
     """A torch view of a received tensor (a numpy array, possibly read-only, or `Encoded` bits)."""
+    if isinstance(t, Encoded):
+        return t.as_torch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # read-only frames: we only read them
-        if isinstance(t, Encoded):
-            bits = np.ascontiguousarray(t.bits)
-            if t.wire == "bf16":
-                return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(bits)
         return torch.from_numpy(np.asarray(t))
 
 
