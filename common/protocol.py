@@ -96,6 +96,17 @@ MAX_GRADIENT = 1e18
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
 
 
+def within_bounds(values) -> bool:
+    """Every value finite and within +-MAX_GRADIENT? A numpy array is checked by numpy; a torch tensor by its
+    smallest and largest value, one read-only pass (NaN fails every comparison, +-Inf shows in an extreme)."""
+    if isinstance(values, np.ndarray):
+        return bool(np.isfinite(values).all()) and float(np.abs(values).max(initial=0)) <= MAX_GRADIENT
+    if not values.numel():
+        return True
+    lo, hi = _torch().aminmax(values)
+    return -MAX_GRADIENT <= lo.item() and hi.item() <= MAX_GRADIENT
+
+
 def wire_bytes(tensors) -> int:
     """Bytes a message's tensors take on the wire (`Encoded` ones as their 16-bit values)."""
     return sum(getattr(t, "bits", t).nbytes for t in tensors.values())
@@ -239,8 +250,7 @@ def encode(msg: Message) -> list:
                 raise ProtocolError(f"tensor {name!r}: dtype {wire} cannot go on the wire; use one of {sorted(DTYPES)}")
             if arr.dtype.byteorder == ">":
                 arr = arr.astype(DTYPES[wire])
-        if not arr.flags.c_contiguous:
-            arr = arr.copy(order="C")   # (np.ascontiguousarray would turn a 0-d array into 1-d)
+        arr = _contiguous(arr)
         specs.append([name, wire, list(arr.shape)] + ([enc] if enc else []))
         if not arr.size:
             buffers.append(b"")

@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from common.protocol import DTYPES, MAX_GRADIENT, Encoded, Message, MsgType, ProtocolError, decode_wire
+from common.protocol import DTYPES, Encoded, Message, MsgType, ProtocolError, decode_wire, within_bounds
 
 log = logging.getLogger("common.shm")
 
@@ -279,8 +279,7 @@ def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
     import torch
     if not (dst.flags.c_contiguous and src.flags.c_contiguous):   # (what read() passes always is)
         np.copyto(dst, src)
-        return dst.dtype.kind != "f" or (bool(np.isfinite(dst).all())
-                                         and float(np.abs(dst).max(initial=0)) <= MAX_GRADIENT)
+        return dst.dtype.kind != "f" or within_bounds(dst)
     d, s = torch.from_numpy(dst).view(-1), torch.from_numpy(src).view(-1)
     floating = d.is_floating_point()
     finite = True
@@ -288,8 +287,7 @@ def copy_checked(dst: np.ndarray, src: np.ndarray) -> bool:
         block = d[i:i + COPY_BLOCK]
         block.copy_(s[i:i + COPY_BLOCK])
         if floating and finite:
-            lo, hi = torch.aminmax(block)
-            finite = -MAX_GRADIENT <= lo.item() and hi.item() <= MAX_GRADIENT
+            finite = within_bounds(block)
     return finite
 
 

@@ -21,7 +21,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -374,11 +373,7 @@ class Server:
         finally:
             self._handling = False
             frames.clear()
-            try:
-                self._admit_waiting()
-            except Exception:   # the same rule as above: logged and counted, never the end of the server
-                self.policy.counters["internal_errors"] += 1
-                log.exception("internal error while admitting a waiting push")
+            self._guarded("admitting a waiting push", self._admit_waiting)
             self.record.handle_s.append(time.perf_counter() - t0)
             if self.prom is not None:
                 self.prom.handled(self.record.handle_s[-1])
@@ -939,11 +934,12 @@ class Server:
                 "config": dataclasses.asdict(self.cfg), "job": self.job, "workers": workers,
                 "shard": self.shard, "shard_layout": self.shard_layout}
 
-    def write_checkpoint(self) -> None:
+    def write_checkpoint(self) -> bool:
         """Write --checkpoint. A write that fails (a full disk, a folder gone) is logged and counted
-        (checkpoint_errors); theta stays in memory and the server keeps serving (the next write may succeed)."""
+        (checkpoint_errors) and returns False; theta stays in memory and the server keeps serving (the next
+        write may succeed). True when written or when there is nothing to write."""
         if not self.cfg.checkpoint or not self.store.initialized:
-            return
+            return True
         t0 = time.monotonic()
         try:
             save_checkpoint(self.cfg.checkpoint, self.state_dict())
@@ -951,13 +947,14 @@ class Server:
             self.policy.counters["checkpoint_errors"] += 1
             log.error("checkpoint at version %d NOT written to %s: %s; the server keeps serving (theta is in memory)",
                       self.store.version, self.cfg.checkpoint, exc)
-            return
+            return False
         finally:
             release_free_memory()   # the checkpoint's copies of theta and optimizer state go back to the system
         self.last_checkpoint = {"path": self.cfg.checkpoint, "version": self.store.version,
                                 "written_s": self.record.elapsed(),
                                 "seconds": round(time.monotonic() - t0, 3)}
         log.info("checkpoint at version %d -> %s", self.store.version, self.cfg.checkpoint)
+        return True
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path)
@@ -1019,9 +1016,7 @@ class Server:
         return {"config": dataclasses.asdict(self.cfg), "status": self.status(), **self.record.series()}
 
     def save_outputs(self) -> None:
-        errors = self.policy.counters["checkpoint_errors"]
-        self.write_checkpoint()
-        self.final_checkpoint_failed = self.policy.counters["checkpoint_errors"] > errors
+        self.final_checkpoint_failed = not self.write_checkpoint()
         if self.cfg.metrics:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.cfg.metrics)), exist_ok=True)
