@@ -100,8 +100,12 @@ class ServerConfig:
     metrics: str = opt("", "path of the JSON metrics file written on shutdown; empty: none")
     max_gradients: int = opt(0, "end the job once this many gradients have been applied: every worker is told "
                                 "to stop (0: no limit; workers stop after their --steps)")
-    track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| for every push (exact up to "
-                                       "65536 values, else estimated from 65536 sampled coordinates, under 1 percent of an apply)")
+    track_divergence: bool = opt(True, "measure ||theta_server - theta_worker|| of pushes (exact up to 65536 values, "
+                                       "else estimated from 65536 sampled coordinates); sync: 0 for every applied "
+                                       "gradient, at no cost; ssp/async: see --divergence-every")
+    divergence_every: int = opt(0, "ssp/async: measure the divergence of every K-th pull's push per worker; 0 (auto): "
+                                   "of the pushes whose pull comes while divergence has cost at most 5 percent of "
+                                   "the server's apply time so far")
     worker_timeout: float = opt(30.0, "seconds of silence after which a worker is declared dead")
     max_message_mb: float = opt(0.0, "largest message frame accepted, in MiB (ZMQ_MAXMSGSIZE); a peer that sends "
                                      "more is disconnected. 0: automatic: the largest frame the protocol sends (a "

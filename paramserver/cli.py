@@ -254,6 +254,10 @@ def format_status(st: dict) -> str:
                  f"uptime {st['uptime_s']}s")
     if handle:
         lines.append("  handling ms per message: " + "  ".join(f"{q} {v}" for q, v in handle.items()))
+    if st.get("time_s"):
+        from paramserver.metrics import time_split
+        busy = 100 * st["time_s"]["busy"] / st["uptime_s"] if st.get("uptime_s") else 0.0
+        lines.append(f"  server thread {busy:.0f}% busy; {time_split(st['time_s'])}")
     for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
     lines.append("  counters: " + (", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())) or "none"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -20,6 +21,73 @@ import numpy as np
 #: the worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
 UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
 GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
+
+
+#: the parts of the server thread's work timed apart (status `time_s`, Prometheus `paramserver_server_seconds`);
+#: what is left of its busy time (decoding, bookkeeping, housekeeping) is "other"
+PHASES = {
+    "shm_in": "gradients copied out of same-host shared memory, with their NaN/Inf/bounds check",
+    "check": "gradients checked (names, shapes, dtypes, NaN/Inf/bounds) and, in sync, 16-bit ones widened",
+    "update": "the consistency policy: a sync step's sum and every optimizer apply",
+    "divergence": "divergence samples at pulls and distances at pushes",
+    "snapshot": "theta readied for a pull (16-bit copies, copy-on-write)",
+    "shm_out": "theta written into the shared-memory slot a pull reads",
+    "send": "replies handed to ZeroMQ (theta itself goes zero-copy)",
+}
+
+
+class PhaseTimes:
+    """Where the server thread's time goes: seconds busy (handling messages and housekeeping) and, within them,
+    seconds per phase (PHASES). Timers nest safely: an inner phase or busy span inside an outer one is counted
+    once, in the outer one, so the phases never add up to more than the busy time."""
+
+    def __init__(self):
+        self.busy_s = 0.0
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._busy_depth = 0
+        self._phase: str | None = None
+
+    @contextmanager
+    def busy(self):
+        self._busy_depth += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._busy_depth -= 1
+            if not self._busy_depth:
+                self.busy_s += time.perf_counter() - t0
+
+    @contextmanager
+    def phase(self, name: str):
+        if self._phase is not None or not self._busy_depth:   # nested, or outside the busy time: not apart
+            yield
+            return
+        self._phase = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phase = None
+            self.seconds[name] += time.perf_counter() - t0
+
+    def summary(self) -> dict:
+        """{"busy": s, phase: s ..., "other": s} (seconds since the start, rounded to 0.1 ms)."""
+        other = max(0.0, self.busy_s - sum(self.seconds.values()))
+        return {"busy": round(self.busy_s, 4), **{k: round(v, 4) for k, v in self.seconds.items()},
+                "other": round(other, 4)}
+
+
+def time_split(time_s: dict, per: int | None = None) -> str:
+    """One line of where the server thread's time went, from status `time_s`: busy seconds (per `per` events,
+    in ms, when given) and each phase's share of them, largest first (phases under 0.5% left out)."""
+    busy = time_s.get("busy") or 0.0
+    if busy <= 0:
+        return "idle"
+    parts = sorted(((k, v) for k, v in time_s.items() if k != "busy" and v / busy >= 0.005), key=lambda kv: -kv[1])
+    shares = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in parts)
+    head = f"busy {busy:.2f} s" if not per else f"busy {1e3 * busy / per:.2f} ms per push"
+    return f"{head}: {shares}"
 
 
 class ServerMetrics:

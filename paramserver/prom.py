@@ -108,6 +108,11 @@ class _Snapshot:
         if s["checkpoint_version"] is not None:
             yield GaugeMetricFamily("paramserver_checkpoint_version", "theta version in the last checkpoint written",
                                     value=s["checkpoint_version"])
+        c = CounterMetricFamily("paramserver_server_seconds", "seconds the server thread spent busy (phase=busy) and, "
+                                "within that, in each phase of its work (the rest: phase=other)", labels=["phase"])
+        for phase, seconds in s["time_s"].items():
+            c.add_metric([phase], seconds)
+        yield c
         yield GaugeMetricFamily("paramserver_uptime_seconds", "seconds since this server process started",
                                 value=time.time() - s["started_at"])
 
@@ -168,6 +173,7 @@ class PromExporter:
             "loss": sum(r[2] for r in recent) / len(recent) if recent else None,
             "counters": dict(srv.policy.counters), "checkpoint_at": checkpoint_at,
             "checkpoint_version": checkpoint_version, "started_at": srv.record.started_at,
+            "time_s": srv.phases.summary(),
         }
         with self.snapshot.lock:
             for staleness in new_staleness:

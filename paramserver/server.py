@@ -35,7 +35,7 @@ from common.shards import ShardPlan, check_identity
 from common.tuning import release_free_memory
 from common import shm
 from paramserver.consistency import Consistency, Contribution
-from paramserver.metrics import ServerMetrics
+from paramserver.metrics import PhaseTimes, ServerMetrics
 from paramserver.store import ParamStore
 
 log = logging.getLogger("paramserver.server")
@@ -54,6 +54,9 @@ AS_WORKER = SEQUENCED | {MsgType.HEARTBEAT}
 REFUSALS = frozenset({"identity", "worker_live", "bad_seq", "too_many_workers", "not_admin"})
 #: a sequence number further than this past a worker's last one is refused, not adopted
 MAX_SEQ_JUMP = 10_000
+#: --divergence-every 0 (auto): pulls take divergence samples while divergence has cost at most this share of the
+#: server's apply time so far
+DIVERGENCE_BUDGET = 0.05
 #: replies queued per connection before ZeroMQ drops more (a client that never reads pins no more than this)
 SEND_HWM = 8
 
@@ -153,6 +156,7 @@ class Server:
         # worker -> {version: sample of theta} of its last three pulls (with async prefetch a worker pulls the next
         # theta before pushing the gradient of the one before; a resend of a pull may add one more)
         self.held: dict[int, dict[int, dict]] = {}
+        self._pulls_unsampled: dict[int, int] = {}   # --divergence-every K: pulls since the worker's last sample
         # push admission (--max-pushes-in-flight): workers allowed to send a gradient now (-> when), and
         # workers waiting for that (-> their held reservation)
         self.push_slots: dict[int, float] = {}
@@ -164,6 +168,7 @@ class Server:
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
         self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
+        self.phases = PhaseTimes()   # where this thread's time goes (status time_s)
         self.last_checkpoint: dict = {}
         self.final_checkpoint_failed = False   # the checkpoint at close could not be written (`paramserver server` exits 1)
         self._stop = False
@@ -298,7 +303,8 @@ class Server:
         """Housekeeping between messages, under the same rule as a message's handling: an error is logged and
         counted (internal_errors), never the end of the server."""
         try:
-            fn(*args)
+            with self.phases.busy():
+                fn(*args)
         except Exception:
             self.policy.counters["internal_errors"] += 1
             log.exception("internal error while %s", what)
@@ -342,20 +348,26 @@ class Server:
 
     def _send(self, identity: bytes, msg: Message | list, track: bool = False) -> zmq.MessageTracker | None:
         if self.transport is not None and not isinstance(msg, list):
-            msg = self.transport.outbound(identity, msg)
+            with self.phases.phase("shm_out"):
+                msg = self.transport.outbound(identity, msg)
         frames = msg if isinstance(msg, list) else encode(msg)
         snapshot = None if isinstance(msg, list) else msg.snapshot
         try:
-            if snapshot is not None or track:
-                # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent); theta itself
-                # goes out zero-copy and the store recycles it once ZeroMQ is done with it
-                tracker = _send_tracked(self.sock, [identity] + frames)
-                if snapshot is not None:
-                    self.store.track(snapshot[0], tracker, snapshot[1])
-                return tracker
-            self.sock.send_multipart([identity] + frames, copy=False)
+            with self.phases.phase("send"):
+                return self._send_frames(identity, frames, snapshot, track)
         except zmq.ZMQError as exc:  # peer gone or queue full: the client resends
             log.warning("reply to %r not sent: %s", identity, exc)
+        return None
+
+    def _send_frames(self, identity: bytes, frames: list, snapshot, track: bool) -> zmq.MessageTracker | None:
+        if snapshot is not None or track:
+            # the tracker says when ZeroMQ no longer needs any of the frames (the reply is sent); theta itself
+            # goes out zero-copy and the store recycles it once ZeroMQ is done with it
+            tracker = _send_tracked(self.sock, [identity] + frames)
+            if snapshot is not None:
+                self.store.track(snapshot[0], tracker, snapshot[1])
+            return tracker
+        self.sock.send_multipart([identity] + frames, copy=False)
         return None
 
     def _handle(self, frames: list) -> None:
@@ -365,7 +377,8 @@ class Server:
         t0 = time.perf_counter()
         self._handling = True
         try:
-            self._dispatch(frames)
+            with self.phases.busy():
+                self._dispatch(frames)
         except Exception as exc:   # a bug of ours must not take the server down with it
             self.policy.counters["internal_errors"] += 1
             log.exception("internal error while handling a message from %r", frames[0].bytes[:16])
@@ -401,7 +414,8 @@ class Server:
             return
         if self.transport is not None:
             try:
-                msg = self.transport.inbound(identity, msg)
+                with self.phases.phase("shm_in"):
+                    msg = self.transport.inbound(identity, msg)
             except ProtocolError as exc:
                 self.policy.counters["malformed"] += 1
                 log.warning("shared memory of %r unusable: %s", msg, exc)
@@ -666,11 +680,13 @@ class Server:
         wire = msg.meta.get("wire", "fp32")
         if wire not in WIRE_DTYPES:
             wire = "fp32"   # (checked in _on_pull; a held pull was checked when it arrived)
-        version, theta = self.store.snapshot(wire)
-        if self.cfg.track_divergence:
+        with self.phases.phase("snapshot"):
+            version, theta = self.store.snapshot(wire)
+        if self._want_sample(msg.worker):
             samples = self.held.setdefault(msg.worker, {})
             samples.pop(version, None)
-            samples[version] = self.store.sample()[1]
+            with self.phases.phase("divergence"):
+                samples[version] = self.store.sample()[1]
             if len(samples) > 3:   # (a resent pull adds one: the push computed on the pull before stays measurable)
                 del samples[next(iter(samples))]
         return Message(MsgType.PARAMS, worker=msg.worker, seq=msg.seq, clock=clock, version=version,
@@ -730,14 +746,15 @@ class Server:
             result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
-        try:   # (16-bit wire values are checked as they are: widening is exact, and only a gradient that fits is)
-            self.store.check_gradient(msg.tensors, msg.checked)
-        except ValueError as exc:
-            self.policy.counters["received"] += 1
-            self.policy.counters["dropped:invalid"] += 1
-            raise RequestError("bad_gradient", str(exc)) from None
-        if self.cfg.mode == "sync":   # held until the step is complete: float32 copies of its own
-            self._widen(msg)
+        with self.phases.phase("check"):
+            try:   # (16-bit wire values are checked as they are: widening is exact, and only a gradient that fits is)
+                self.store.check_gradient(msg.tensors, msg.checked)
+            except ValueError as exc:
+                self.policy.counters["received"] += 1
+                self.policy.counters["dropped:invalid"] += 1
+                raise RequestError("bad_gradient", str(exc)) from None
+            if self.cfg.mode == "sync":   # held until the step is complete: float32 copies of its own
+                self._widen(msg)
         # (ssp/async apply it at once: 16-bit wire values go to the store as they are, which adds them for plain
         # SGD and widens them a slice at a time for the fused optimizers, see ParamStore.apply)
         if self.finished:   # the budget is spent: nothing more is applied
@@ -746,9 +763,11 @@ class Server:
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=self.store.version,
                            meta={"status": "dropped", "reason": "the --max-gradients budget is spent", "stop": True})
         meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
-        meta["divergence"] = self._divergence(msg.worker, msg.version)
-        result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta,
-                                  members=msg.meta.get("members"))   # shards + backups: shard 0's step set
+        with self.phases.phase("divergence"):
+            meta["divergence"] = self._divergence(msg.worker, msg.version)
+        with self.phases.phase("update"):
+            result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta,
+                                      members=msg.meta.get("members"))   # shards + backups: shard 0's step set
         return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                        meta={"status": result.status, "reason": result.reason, "stop": self.finished,
                              **({"members": result.members} if result.members is not None else {})})
@@ -802,16 +821,31 @@ class Server:
                 log.warning("worker %d reserved a push %.1fs ago and sent none: slot given back", worker, now - since)
                 self._release_slot(worker)
 
+    def _want_sample(self, worker: int) -> bool:
+        """Does this pull take a divergence sample (store.sample) for the push computed on it? Never in sync
+        (theta cannot change between a worker's pull and its applied push: 0, free); in ssp/async every
+        --divergence-every-th pull of each worker, or (0, auto) while divergence has cost at most
+        DIVERGENCE_BUDGET of the apply time so far: on a big model a sample is a small share of an apply and
+        every pull gets one, on a small one (1M values: a third of an Adam apply) only some do."""
+        if not self.cfg.track_divergence or self.cfg.mode == "sync":
+            return False
+        if self.cfg.divergence_every <= 0:
+            return self.phases.seconds["divergence"] <= DIVERGENCE_BUDGET * self.policy.apply_s
+        n = self._pulls_unsampled.get(worker, 0) + 1
+        self._pulls_unsampled[worker] = 0 if n >= self.cfg.divergence_every else n
+        return n >= self.cfg.divergence_every
+
     def _divergence(self, worker: int, base_version: int) -> float | None:
-        """L2 distance between the theta this gradient was computed on and the server's theta now: exact
-        for models up to DIVERGENCE_SAMPLE values, else estimated from that many sampled coordinates
-        (store.sample at pull time), so it costs well under 1% of an apply."""
-        sample = self.held.get(worker, {}).get(base_version)
-        if sample is None:
+        """L2 distance between the theta this gradient was computed on and the server's theta now: 0 when
+        theta has not changed since (always the case for an applied gradient in sync), else from the sample its
+        pull took (see _want_sample; None without one): exact for models up to DIVERGENCE_SAMPLE values, else
+        estimated from that many sampled coordinates."""
+        if not self.cfg.track_divergence:
             return None
         if base_version == self.store.version:
             return 0.0
-        return self.store.distance(sample)
+        sample = self.held.get(worker, {}).get(base_version)
+        return None if sample is None else self.store.distance(sample)
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:
         state = self._known(msg)
@@ -845,7 +879,9 @@ class Server:
         self.workers[worker].alive = False
         self.pending.pop(worker, None)
         self.held.pop(worker, None)
-        self.policy.leave(worker)
+        self._pulls_unsampled.pop(worker, None)
+        with self.phases.phase("update"):   # (a sync step may complete without it)
+            self.policy.leave(worker)
         self._drop_admission(worker)
         segment = self._shm_segments.pop(worker, None)
         if segment and self.transport is not None:   # its gradient segment and buffers go with it
@@ -915,6 +951,7 @@ class Server:
             "num_workers": self.cfg.num_workers,
             "counters": dict(self.policy.counters), "pending_gradients": self.policy.pending_gradients,
             "apply_s": round(self.policy.apply_s, 4),
+            "time_s": self.phases.summary(),
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             "resumed_from": self.resumed_from, "shard": self.shard,
             "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from paramserver.consistency import Contribution
-from paramserver.metrics import ServerMetrics
+from paramserver.metrics import PHASES, PhaseTimes, ServerMetrics, time_split
 
 
 def test_rows_are_thinned_evenly_once_a_series_is_full(monkeypatch):
@@ -32,3 +32,25 @@ def test_a_short_run_keeps_every_row():
     for v in range(1, 51):
         rec.record_update(v, [Contribution(worker=0, clock=v, base_version=v - 1)], applied_before=v - 1)
     assert len(rec.updates) == 50 and rec.update_stride == 1 and [u[6] for u in rec.updates] == list(range(1, 51))
+
+
+def test_phase_times_count_nested_spans_once_and_the_rest_as_other(monkeypatch):
+    from paramserver import metrics
+    clock = iter(range(100))
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: float(next(clock)))
+    t = PhaseTimes()
+    with t.phase("check"):            # outside the busy time: not counted
+        pass
+    with t.busy():                    # 0 .. 6 (the clock reads 1 at the nested busy span's start)
+        with t.busy():                # nested busy: counted once, in the outer span
+            with t.phase("update"):   # 2 .. 3, and the nested phase inside it belongs to update
+                with t.phase("send"):
+                    pass
+        with t.phase("send"):         # 4 .. 5
+            pass
+    s = t.summary()
+    assert s["busy"] == 6.0 and s["update"] == 1.0 and s["send"] == 1.0 and s["check"] == 0.0
+    assert s["other"] == 4.0 and set(s) == {"busy", "other", *PHASES}
+    assert time_split(s) == "busy 6.00 s: other 67%, update 17%, send 17%"
+    assert time_split(s, per=3) == "busy 2000.00 ms per push: other 67%, update 17%, send 17%"
+    assert time_split(PhaseTimes().summary()) == "idle"

@@ -37,7 +37,7 @@ def test_overlapped_sync_equals_sync(start_server, tmp_path, shards):
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_async_prefetch_applies_every_push(start_server, tmp_path, shards):
-    srvs, rows = _run(start_server, tmp_path, "async", "async", True, shards=shards, steps=10)
+    srvs, rows = _run(start_server, tmp_path, "async", "async", True, shards=shards, steps=10, divergence_every=1)
     for srv in srvs:
         server = srv.server
         assert server.store.version == 20 and server.policy.counters["applied"] == 20

@@ -92,6 +92,12 @@ def test_metrics_of_a_training_run(start_server, tmp_path):
     assert value(m, "paramserver_step") == status["step"] and value(m, "paramserver_waiting_pulls") == 0
     assert value(m, "paramserver_min_clock") == status["min_clock"] == srv.server.policy.min_clock()
     assert 0 < value(before, "paramserver_uptime_seconds") < value(m, "paramserver_uptime_seconds") < 600
+    # where the server thread's time went: busy, and within it each phase (sgd applies 50 times)
+    busy = value(m, "paramserver_server_seconds_total", phase="busy")
+    parts = {p: value(m, "paramserver_server_seconds_total", phase=p)
+             for p in ("shm_in", "check", "update", "divergence", "snapshot", "shm_out", "send", "other")}
+    assert busy > 0 and parts["update"] > 0 and parts["check"] > 0 and parts["send"] > 0
+    assert sum(parts.values()) == pytest.approx(busy, abs=1e-3)
 
 
 def _pkg(samples: dict) -> str:

@@ -881,10 +881,59 @@ def test_no_track_divergence_records_none_and_keeps_no_samples(start_server):
     assert [u[5] for u in srv.server.record.updates] == [None] * 3 and srv.server.held == {}
 
 
+def test_sync_divergence_is_zero_and_takes_no_sample(start_server):
+    # in sync theta cannot change between a worker's pull and its applied push: 0, with no sample kept
+    srv = start_server(num_workers=1, mode="sync", optimizer="sgd", lr=0.1)
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)
+        for _ in range(3):
+            p = ps.pull()
+            ps.push(GRAD, p.version, p.clock)
+    assert [u[5] for u in srv.server.record.updates] == [0.0] * 3 and srv.server.held == {}
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_divergence_every_k_samples_every_kth_pull_of_each_worker(start_server, every):
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, divergence_every=every)
+    a, b = (PSClient(srv.address, worker=w, server_timeout=10) for w in (0, 1))
+    a.register(init=THETA)
+    b.register()
+    for _ in range(6):   # each of a's pushes is one version stale: b pushed between a's pull and its push
+        p = a.pull()
+        q = b.pull()
+        b.push(GRAD, q.version, q.clock)
+        a.push(GRAD, p.version, p.clock)
+    measured = [u[5] is not None for u in srv.server.record.updates if u[2] == 0]
+    assert measured == [(i + 1) % every == 0 for i in range(6)]
+    assert all(u[5] > 0 for u in srv.server.record.updates if u[2] == 0 and u[5] is not None)
+    a.close()
+    b.close()
+
+
+def test_auto_divergence_samples_while_it_costs_under_5_percent_of_the_apply(start_server):
+    from paramserver import server as server_mod
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    server = srv.server
+    with PSClient(srv.address, worker=0, server_timeout=10) as ps:
+        ps.register(init=THETA)
+        p = ps.pull()
+        ps.push(GRAD, p.version, p.clock)
+        assert server.held.get(0)                                   # nothing spent yet: the first pull samples
+        server.held.clear()
+        server.phases.seconds["divergence"] = 1.0                   # over budget: 1 s against (far) under 20 s
+        assert server.policy.apply_s < 1.0 / server_mod.DIVERGENCE_BUDGET
+        p = ps.pull()
+        ps.push(GRAD, p.version, p.clock)
+        assert not server.held.get(0)
+        server.policy.apply_s = 2.0 / server_mod.DIVERGENCE_BUDGET  # back within it
+        p = ps.pull()
+        assert server.held.get(0)
+
+
 def test_a_resent_pull_does_not_evict_the_sample_a_prefetched_push_needs(start_server):
     """With async prefetch a push is computed on the pull before the last; a resend of the last pull (its
     reply lost) adds one more sample: the push's base must still be there for its divergence."""
-    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1)
+    srv = start_server(num_workers=2, mode="async", optimizer="sgd", lr=0.1, divergence_every=1)
     raw = _raw_socket(srv.address)
     other = PSClient(srv.address, worker=1, server_timeout=10)
     _ask(raw, Message(MsgType.REGISTER, worker=0, seq=1, tensors=THETA))

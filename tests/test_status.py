@@ -34,6 +34,7 @@ def test_status_text_shows_what_the_readme_promises(start_server):
     out = r.stdout
     assert f"theta crc32 {srv.server.store.checksum()}" in out
     assert "handling ms per message: p50" in out and "train loss 0." in out
+    assert "server thread " in out and "% busy; busy " in out and "update " in out   # where its time went
     assert "clocks 6..6" in out and "(bound 2)" in out and "step 0" not in out   # ssp has no sync step
     assert "checkpoint: none written yet" in out
 

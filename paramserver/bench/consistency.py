@@ -134,7 +134,8 @@ def run_ps(cfg: BenchConfig, run: dict, folder: str) -> dict:
     from paramserver.server import Server
     server = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=cfg.workers, optimizer=cfg.optimizer,
                                  lr=cfg.lr, aggregate="mean", max_gradients=cfg.budget, log_level="warning",
-                                 worker_timeout=120, **run["server"]))
+                                 worker_timeout=120, divergence_every=1,   # divergence is what it compares
+                                 **run["server"]))
     address = server.bind()
     loop = threading.Thread(target=server.serve_forever, daemon=True)
     loop.start()

@@ -427,7 +427,8 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
               "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
               "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
               "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2),
-              "processes": workers + 1, "cores": os.cpu_count()}
+              "processes": workers + 1, "cores": os.cpu_count(),
+              "server_time_s": info["status"].get("time_s", {})}   # where the server thread's time went
     if transport == "shm":
         result["shm_share"] = {k: sum(r[k] for r in rows) for k in ("pulls", "pushes", "shm_pulls", "shm_pushes")}
     return result
@@ -559,6 +560,38 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def time_notes(results: dict) -> str:
+    """Where the time goes, from the same run: the round trip's ceiling (a server that checks and applies the
+    whole gradient before it answers adds at least its apply to the raw round trip) and, for each capacity
+    lane at its most workers, the server thread's busy time per applied push split by phase (status time_s)."""
+    from paramserver.metrics import time_split
+    rows = []
+    for r in results["sizes"]:
+        size = f"{r['params'] / 1e6:g}M"
+        fp32, sgd = r["wire"].get("fp32"), r["apply_ms"].get("sgd")
+        if fp32 and sgd:
+            raw = r["raw_zmq_ms"]
+            rows.append(f"- {size}, round trip: raw / (raw + the server's sgd apply) = {raw:g} / ({raw:g} + {sgd:g}) = "
+                        f"{raw / (raw + sgd):.2f}x at best for an apply before the answer; measured "
+                        f"{raw / fp32['round_trip_ms']:.2f}x (shared memory: {raw / r['shm']['round_trip_ms']:.2f}x)"
+                        if "shm" in r else
+                        f"- {size}, round trip: raw / (raw + the server's sgd apply) = {raw:g} / ({raw:g} + {sgd:g}) = "
+                        f"{raw / (raw + sgd):.2f}x at best for an apply before the answer; measured "
+                        f"{raw / fp32['round_trip_ms']:.2f}x")
+        lanes = [(f"{wire} tcp", w.get("capacity", {})) for wire, w in r["wire"].items()]
+        if "shm" in r:
+            lanes.append(("fp32 shm", r["shm"].get("capacity", {})))
+        for name, caps in lanes:
+            if not caps:
+                continue
+            n = list(caps)[-1]
+            c = caps[n]
+            if c.get("server_time_s") and c.get("applied"):
+                rows.append(f"- {size}, {name}, {n} workers ({c['pushes_per_s']} pushes/s): server "
+                            f"{time_split(c['server_time_s'], per=c['applied'])}")
+    return ("where the time goes (same run):\n" + "\n".join(rows)) if rows else ""
+
+
 def _share(share: dict | None) -> str:
     """'100% / 100%': the pulls / pushes that went through shared memory."""
     if not share:
@@ -627,6 +660,6 @@ def print_throughput(results: dict) -> None:
           f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s")
     if results["sizes"]:
         print(table(results))
-    for extra in (shm_table(results), shards_table(results)):
+    for extra in (shm_table(results), shards_table(results), time_notes(results)):
         if extra:
             print("\n" + extra)
