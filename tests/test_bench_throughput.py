@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from paramserver.bench.throughput import ThroughputConfig, run_throughput, shards_table, shm_table, table
+from paramserver.bench.throughput import (ThroughputConfig, run_throughput, shards_table, shm_table, table,
+                                          time_notes)
 
 
 def test_tiny_throughput_run(tmp_path):
@@ -26,6 +27,14 @@ def test_tiny_throughput_run(tmp_path):
             cap = w["capacity"][n]
             assert cap["applied"] > 0 and cap["pushes_per_s"] > 0 and cap["peak_rss_mb"] > cap["idle_rss_mb"] > 0
             assert cap["peak_anon_over_theta"] > 0 and cap["peak_shmem_over_theta"] >= 0
+            # the rate is over the pushing itself, inside the processes' whole run; the server says where its
+            # time went and what its snapshot pool did
+            assert 0 < cap["window_s"] <= cap["wall_s"]
+            assert cap["pushes_per_s"] == pytest.approx(cap["applied"] / cap["window_s"], rel=0.01)
+            assert cap["server_time_s"]["busy"] > 0 and cap["server_time_s"]["update"] > 0
+            assert {"allocated", "copies", "over_cap"} <= set(cap["snapshots"])
+    assert r["machine"]["commit"] and r["machine"]["load_avg"] >= 0   # which code ran, on how busy a machine
+    assert "where the time goes" in time_notes(r) and "busy" in time_notes(r)
     text = table(r)
     assert "| 0.05M | bf16 | 0.1 |" in text and "bf16 vs fp32: bytes 0.50x" in text
     assert "raw ZeroMQ at half the bytes" in text
@@ -113,3 +122,22 @@ def test_run_workers_collects_results_and_names_a_failed_worker(mode, needle):
         return
     with pytest.raises(RuntimeError, match=needle):       # at once: nobody waits for the start timeout
         run_workers(_bench_target, 3, (mode,), timeout=600, start_timeout=600)
+
+
+def test_the_tables_ratios_and_notes_from_given_figures():
+    """The arithmetic of table() and time_notes() on figures given by hand: every ratio in its direction."""
+    cap = {"pushes_per_s": 10.0, "applied": 40, "peak_rss_over_theta": 9.0, "peak_minus_idle_over_theta": 5.0,
+           "peak_anon_over_theta": 6.0, "server_time_s": {"busy": 2.0, "update": 1.5, "check": 0.5, "other": 0.0}}
+    r = {"config": {"workers": "4"}, "machine": {"cpus": 2},
+         "sizes": [{"params": 10_000_000, "raw_zmq_ms": 20.0, "raw_zmq_half_ms": 10.0,
+                    "apply_ms": {"sgd": 4.0, "adam": 8.0, "check": 1.0},
+                    "torch": {"add_ms": 3.0, "adam_fused_ms": 6.4},
+                    "wire": {"fp32": {"bytes": 40e6, "round_trip_ms": 25.0, "capacity": {"4": cap}},
+                             "bf16": {"bytes": 20e6, "round_trip_ms": 20.0, "capacity": {"4": dict(cap, pushes_per_s=15.0)}}}}]}
+    text = table(r)
+    # raw / push+pull 20/25; adam / fused 8/6.4; add_ / sgd 3/4
+    assert "| 10M | fp32 | 40 | 20.0 | 25.0 | 0.80x | 4.0 / - / 8.0 (1.0) | 3.0 / 6.4 | 1.25x | 0.75x | 10.0 | 9.0x (5.0x; 6.0x) |" in text
+    assert "10M, bf16 vs fp32: bytes 0.50x, round trip 1.25x faster (raw ZeroMQ at half the bytes: 2.00x faster), capacity 4 workers 1.50x" in text
+    notes = time_notes(r)
+    assert "raw / (raw + the server's sgd apply) = 20 / (20 + 4) = 0.83x at best" in notes and "measured 0.80x" in notes
+    assert "10M, fp32 tcp, 4 workers (10.0 pushes/s): server busy 50.00 ms per push: update 75%, check 25%" in notes

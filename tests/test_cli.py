@@ -236,3 +236,22 @@ def test_cluster_refuses_a_resume_with_another_optimizer_before_starting(tmp_pat
            timeout=60)
     _one_line(r, "the checkpoint was written with --optimizer adam")
     assert not (tmp_path / "c" / "server.log").exists()
+
+
+def test_the_readme_documents_every_flag_of_every_command():
+    """The README is the user's manual: every --flag of every (sub)command appears in it."""
+    import argparse
+    import re
+    from paramserver.cli import build_parser
+    readme = open(os.path.join(ROOT, "README.md")).read()
+
+    def flags(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from flags(sub)
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    yield opt
+    missing = sorted({f for f in flags(build_parser()) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", readme)})
+    assert not missing, f"flags the README does not document: {missing}"

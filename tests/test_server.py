@@ -954,3 +954,41 @@ def test_a_resent_pull_does_not_evict_the_sample_a_prefetched_push_needs(start_s
     assert mine[-1][3] == 2 and mine[-1][5] is not None and mine[-1][5] > 0   # stale by 2, divergence measured
     other.close()
     raw.close()
+
+
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_snapshots_are_recycled_through_real_zeromq_sends(start_server, optimizer, wire):
+    """Over tcp, with theta sent zero-copy and two workers pulling and pushing at once for 40 versions, the
+    server's theta-sized snapshot buffers come from its pool: allocations stay within --snapshot-buffers (and,
+    for a 16-bit wire, the 16-bit copies within the kept free ones plus those in flight), not one per version."""
+    from paramserver import store as store_mod
+    big = {"w": np.zeros((500, 400), np.float32), "b": np.zeros(100_000, np.float32)}   # frames sent zero-copy
+    grad = {n: np.full(t.shape, 1e-3, np.float32) for n, t in big.items()}
+    srv = start_server(num_workers=2, mode="async", optimizer=optimizer, lr=0.1, snapshot_buffers=2)
+    errors = []
+    clients = [PSClient(srv.address, worker=rank, server_timeout=20, wire_dtype=wire) for rank in (0, 1)]
+    clients[0].register(init=big)
+    clients[1].register()
+
+    def work(ps):
+        try:
+            for _ in range(20):
+                p = ps.pull(raw=True)
+                ps.push(grad, p.version, p.clock)
+        except BaseException as exc:   # surfaced below
+            errors.append(exc)
+        finally:
+            ps.close()
+    threads = [threading.Thread(target=work, args=(ps,)) for ps in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    st = srv.server.status()
+    assert st["version"] == 40
+    snaps = st["snapshots"]
+    bound = 2 if wire == "fp32" else 2 + store_mod.POOL_KEEP + 2   # (16-bit: kept free + the live one + 1 per worker)
+    assert snaps["allocated"] <= bound, snaps
+    assert snaps["copies"] <= snaps["allocated"] + 40 and snaps["over_cap"] == 0, snaps

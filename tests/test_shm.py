@@ -41,6 +41,32 @@ def test_segment_round_trip_and_seqlock():
     assert not os.path.exists(os.path.join(shm.SHM_DIR, pub.seg.name))   # the creator removes it
 
 
+def test_a_slot_rewritten_during_the_copy_is_noticed(monkeypatch):
+    """The seqlock's second look: the server republishes into the slot while the reader is copying it out
+    (here: between the first and the second tensor's copy); the reader returns None, never a mix of versions."""
+    theta = _params()
+    pub = shm.ThetaSegment.create({n: [t.dtype.name, list(t.shape)] for n, t in theta.items()})
+    try:
+        reader = shm.ThetaReader.attach(pub.info())
+        ref = pub.publish(7, theta)
+        real_copyto, calls = np.copyto, []
+
+        def copy_then_overwrite(dst, src, **kw):
+            real_copyto(dst, src, **kw)
+            calls.append(1)
+            if len(calls) == 1:   # the slot comes round again while the reader is mid-copy
+                for v in range(8, 8 + shm.SLOTS):
+                    pub.publish(v, {n: t + v for n, t in theta.items()})
+        out = {n: np.empty_like(t) for n, t in theta.items()}
+        monkeypatch.setattr(shm.np, "copyto", copy_then_overwrite)
+        assert reader.read(ref, out) is None
+        monkeypatch.setattr(shm.np, "copyto", real_copyto)
+        assert reader.read(pub.publish(20, theta), out) is not None   # a quiet slot reads fine
+        reader.close()
+    finally:
+        pub.close()
+
+
 def test_gradient_segment_is_bounds_checked():
     g = _params()
     writer = shm.GradientWriter({n: [t.dtype.name, list(t.shape)] for n, t in g.items()})

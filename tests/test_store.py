@@ -429,9 +429,13 @@ def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, 
     for step in range(4):
         g = {n: encode_wire(rng.standard_normal(t.shape).astype(np.float32), wire) for n, t in init.items()}
         direct.check_gradient(g)
-        if step % 2:   # a send still reads theta: the update goes out of place
-            version, _, _ = _send(direct)
+        sent = None
+        if step % 2:   # a send still reads theta: the update goes out of place, the snapshot does not change
+            _, snap, _ = _send(direct)
+            sent = {n: (snap[n], snap[n].copy()) for n in snap}
         direct.apply(g, scale=0.5, lr_scale=0.9)
+        for n, (live, then) in (sent or {}).items():
+            np.testing.assert_array_equal(live, then)
         widened.apply({n: decode_wire(e) for n, e in g.items()}, scale=0.5, lr_scale=0.9)
         for n in init:
             np.testing.assert_array_equal(direct.theta[n], widened.theta[n])

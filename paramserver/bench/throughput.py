@@ -134,6 +134,22 @@ def make_theta(p: int, tensors: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {f"layer{i:03d}.weight": (rng.standard_normal(n, dtype=np.float32) * 0.02) for i, n in enumerate(sizes)}
 
 
+def source_commit() -> str | None:
+    """The git commit of the code being measured ("+dirty" with uncommitted changes); None outside a checkout."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def _best_ms(xs: list[float]) -> float:
     """The best of the repetitions, in ms: on a shared machine other load only ever adds time, so the
     minimum is the steadiest estimate of what the code costs (the same rule for limits and paramserver)."""
@@ -368,15 +384,17 @@ def _pusher(rank: int, address: str, p: int, tensors: int, seconds: float, wire:
         params = ps.pull(raw=True)
         ps.push(grads, version=params.version, clock=params.clock)
         sync.start.wait()
-        deadline = time.monotonic() + seconds
+        t_start = time.monotonic()   # (CLOCK_MONOTONIC: one clock for every process of the machine)
+        deadline = t_start + seconds
         while time.monotonic() < deadline:
             params = ps.pull(raw=True)
             ack = ps.push(grads, version=params.version, clock=params.clock)
             pulls, pushes = pulls + 1, pushes + 1
             n += ack.meta.get("status") == "applied"
+        t_end = time.monotonic()
         share = _shm_share(ps, pulls + 1, pushes + 1)   # the warm-up step included
         ps.leave()
-    return {"applied": n, **share}
+    return {"applied": n, "t_start": t_start, "t_end": t_end, **share}
 
 
 class _MemoryWatch:
@@ -421,7 +439,12 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
         info = _stop_server(proc, address)
     applied = sum(r["applied"] for r in rows)
     theta_mb = p * 4 / 2**20
-    result = {"pushes_per_s": round(applied / wall, 2), "applied": applied,
+    # over the pushing itself: from the first worker's first pull to the last worker's last ACK (not the
+    # processes' start-up, goodbyes and reports, which `wall_s` includes)
+    window = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
+    snaps = info["status"].get("snapshots", {})
+    result = {"pushes_per_s": round(applied / window, 2), "applied": applied, "window_s": round(window, 3),
+              "wall_s": round(wall, 3), "snapshots": snaps,
               "peak_anon_over_theta": round(peaks["rssanon_mb"] / theta_mb, 2),
               "peak_shmem_over_theta": round(peaks["rssshmem_mb"] / theta_mb, 2),
               "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
@@ -456,7 +479,8 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     keep_freed_memory()   # this process is the client of the round trips (raw and paramserver alike)
     os.makedirs(cfg.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ps-throughput-")
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "commit": source_commit(), "load_avg": os.getloadavg()[0]}   # which code, and how busy the machine was
     results = {"config": dataclasses.asdict(cfg), "machine": machine, "sizes": []}
     t_start = time.perf_counter()
     for p in cfg.size_list:
@@ -505,6 +529,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
             print(f"convergence: default GPT job, {cfg.convergence_steps} sync steps, wire {wire} ...", flush=True)
             results["convergence"][wire] = convergence(cfg.convergence_steps, wire, tmp)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    results["machine"]["load_avg_end"] = os.getloadavg()[0]
     _write(cfg, results)
     return results
 
@@ -656,8 +681,11 @@ def shards_table(results: dict) -> str:
 
 
 def print_throughput(results: dict) -> None:
-    print(f"bench throughput: {results['machine']['cpus']} CPUs, torch threads "
-          f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s")
+    m = results["machine"]
+    print(f"bench throughput: {m['cpus']} CPUs, torch threads "
+          f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s, "
+          f"commit {m.get('commit') or '-'}, load average {m.get('load_avg', '-')} at the start, "
+          f"{m.get('load_avg_end', '-')} at the end")
     if results["sizes"]:
         print(table(results))
     for extra in (shm_table(results), shards_table(results), time_notes(results)):
