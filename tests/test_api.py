@@ -273,3 +273,25 @@ def test_cuda_model_goes_through_pinned_buffers():
     model(torch.ones(4, 5, device="cuda")).sum().backward()
     grads = io.grads({n: p.grad for n, p in model.named_parameters()})
     assert all(np.array_equal(grads[n], p.grad.cpu().numpy()) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_api_with_a_16_bit_wire_loads_the_servers_theta_rounded(start_server, wire):
+    """wire_dtype: θ travels as 16-bit values, taken as they came (raw) and widened into the model, which then
+    holds exactly the server's float32 θ rounded to the wire dtype; the gradient goes up in 16 bits too."""
+    from common.protocol import decode_wire, encode_wire
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=LR)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 3)
+    x, y = torch.randn(16, 7), torch.randn(16, 3)
+    with ps.DistributedOptimizer(model, server=srv.address, rank=0, num_workers=1, wire_dtype=wire) as opt:
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        theta = srv.server.store.theta
+        assert opt.version == srv.server.store.version == 3
+        for name, p in model.named_parameters():
+            want = decode_wire(encode_wire(theta[name], wire))
+            np.testing.assert_array_equal(p.detach().numpy(), want)
+        assert not all(np.array_equal(p.detach().numpy(), theta[n]) for n, p in model.named_parameters())

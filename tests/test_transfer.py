@@ -55,3 +55,6 @@ def test_load_and_grads_round_trip_without_new_buffers(device, wire):
             assert addresses == seen and io.allocations == allocated
     if device == "cpu" and wire == "fp32":
         assert io.allocations == 0     # gradients go out as views of .grad itself
+    if device == "cuda":   # host buffers page-locked (non-blocking copies), 16-bit ones kept on the device too
+        assert io._in and io._out and all(b.is_pinned() for b in [*io._in.values(), *io._out.values()])
+        assert (wire == "fp32") == (not io._dev16in)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import inspect
 import logging
 import signal
 import sys
 import threading
-import warnings
 from typing import Callable, Iterable
 
 import numpy as np
@@ -35,6 +35,7 @@ from common.config import ConfigError, WorkerConfig
 from worker.client import ServerError, ServerUnavailable
 from worker.connect import connect, worker_config
 from worker.sampler import ShardSampler
+from worker.transfer import _host_view
 
 log = logging.getLogger("worker.api")
 
@@ -75,18 +76,17 @@ class ParamIO:
         missing = set(self.params) - set(tensors)
         if missing:
             raise KeyError(f"the server's θ has no {sorted(missing)}: is the server running another model?")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)   # read-only source is fine: we copy at once
-            if not self.cuda:
-                for n, p in self.params.items():
-                    p.copy_(torch.from_numpy(np.asarray(tensors[n])))
-                return
-            for event in self._loaded:   # the pinned buffers may still be read by the last load's copies
-                event.synchronize()
+        # (16-bit wire values come as they are, `Encoded`, and are widened by the copy: no float32 θ per step)
+        if not self.cuda:
             for n, p in self.params.items():
-                host = self.theta_host[n]
-                host.numpy()[...] = np.asarray(tensors[n])
-                p.copy_(host, non_blocking=p.is_cuda)
+                p.copy_(_host_view(tensors[n]))
+            return
+        for event in self._loaded:   # the pinned buffers may still be read by the last load's copies
+            event.synchronize()
+        for n, p in self.params.items():
+            host = self.theta_host[n]
+            host.copy_(_host_view(tensors[n]))
+            p.copy_(host, non_blocking=p.is_cuda)
             self._loaded = []
             for device in self.devices:
                 event = torch.cuda.Event()
@@ -139,6 +139,7 @@ class DistributedOptimizer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.client = client if client is not None else connect(self.cfg)
+        self._pull_raw = "raw" in inspect.signature(self.client.pull).parameters
         self._own_client = client is None
         self.closed = False
         self.should_stop = False
@@ -146,6 +147,8 @@ class DistributedOptimizer:
         self.stats = {"applied": 0, "accumulated": 0, "dropped": 0}
         self._micro = 0
         self._acc: dict[str, torch.Tensor | None] | None = None
+        self._acc_buf: dict[str, torch.Tensor] = {}   # accum > 1: the running sums, allocated once
+        self._acc_seen: set[str] = set()               # the parameters with a gradient in this cycle
         self._losses: list[float] = []
         self._params = None            # the PARAMS reply whose θ the model holds
         self._sigterm_installed = False
@@ -268,19 +271,24 @@ class DistributedOptimizer:
         if self.cfg.accum == 1:
             self._acc = grads
             return
-        if self._acc is None:
-            self._acc = {n: (g.detach().clone() if g is not None else None) for n, g in grads.items()}
-            return
+        if self._micro == 0:   # a new cycle: the sums start again (in the same buffers)
+            self._acc_seen = set()
         for n, g in grads.items():
             if g is None:
                 continue
-            if self._acc[n] is None:
-                self._acc[n] = g.detach().clone()
-            else:
-                self._acc[n].add_(g)
+            if n in self._acc_seen:
+                self._acc_buf[n].add_(g)
+                continue
+            buf = self._acc_buf.get(n)
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+                buf = self._acc_buf[n] = torch.empty_like(g)
+            buf.copy_(g.detach())
+            self._acc_seen.add(n)
+        self._acc = {n: (self._acc_buf[n] if n in self._acc_seen else None) for n in grads}
 
     def _pull(self) -> None:
-        reply = self.client.pull()
+        # 16-bit wire values as they came (a client that takes `raw`): load() widens them into the model
+        reply = self.client.pull(raw=True) if self._pull_raw else self.client.pull()
         if reply.meta.get("stop"):
             self._stop(reply.meta.get("reason", "the server ended the job"))
             return

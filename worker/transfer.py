@@ -52,6 +52,7 @@ class Transfer:
         self._in: dict[str, torch.Tensor] = {}     # pinned host buffers for theta (cuda)
         self._out: dict[str, torch.Tensor] = {}    # host buffers for gradients (pinned on cuda)
         self._dev16: dict[str, torch.Tensor] = {}  # device buffers for 16-bit gradients (cuda)
+        self._dev16in: dict[str, torch.Tensor] = {}  # device buffers for 16-bit theta (cuda)
         self._loaded = None                        # cuda event: the last host->device copies are done
         self.allocations = 0                       # model-size buffers allocated (once each)
 
@@ -76,7 +77,13 @@ class Transfer:
                 continue
             staged = self._buffer(self._in, name, p, src.dtype)
             staged.copy_(src)
-            p.copy_(staged, non_blocking=True)
+            if staged.dtype == p.dtype:
+                p.copy_(staged, non_blocking=True)
+            else:   # 16-bit values: to a device buffer of their own (a cross-device copy that also converts
+                # would make a temporary each time), then widened on the device, in stream order
+                dev = self._buffer(self._dev16in, name, p, staged.dtype, device=p.device)
+                dev.copy_(staged, non_blocking=True)
+                p.copy_(dev)
         if self.cuda:
             self._loaded = torch.cuda.Event()
             self._loaded.record()
