@@ -141,3 +141,23 @@ def test_the_tables_ratios_and_notes_from_given_figures():
     notes = time_notes(r)
     assert "raw / (raw + the server's sgd apply) = 20 / (20 + 4) = 0.83x at best" in notes and "measured 0.80x" in notes
     assert "10M, fp32 tcp, 4 workers (10.0 pushes/s): server busy 50.00 ms per push: update 75%, check 25%" in notes
+
+
+def test_convergence_trains_each_wire_per_seed_and_the_table_shows_the_spread(tmp_path):
+    cfg = ThroughputConfig(sizes="", shards="", convergence_steps=2, convergence_seeds="0,1", wire_dtypes="fp32,bf16",
+                           out=str(tmp_path))
+    r = run_throughput(cfg)
+    for wire in ("fp32", "bf16"):
+        c = r["convergence"][wire]
+        assert c["seeds"] == [0, 1] and len(c["losses"]) == 2 and all(x > 0 for x in c["losses"])
+        assert c["final_eval_loss"] == pytest.approx(sum(c["losses"]) / 2)
+    assert r["convergence"]["fp32"]["losses"][0] != r["convergence"]["fp32"]["losses"][1]   # the seeds differ
+    given = {"config": {"workers": "1"}, "machine": {"cpus": 2}, "sizes": [],
+             "convergence": {"fp32": {"final_eval_loss": 2.0, "losses": [1.9, 2.1], "wall_s": 1.0},
+                             "bf16": {"final_eval_loss": 2.02, "losses": [2.0, 2.04], "wall_s": 1.0}}}
+    text = table(given)
+    assert "| fp32 | 2.0000 | 1.9000 / 2.1000 | +0.00% | 1.0 |" in text
+    assert "| bf16 | 2.0200 | 2.0000 / 2.0400 | +1.00% | 1.0 |" in text
+    assert "fp32's spread between seeds: 10.53%" in text
+    with pytest.raises(ValueError, match="--convergence-seeds"):
+        ThroughputConfig(convergence_seeds="0,0")

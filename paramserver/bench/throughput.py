@@ -75,6 +75,9 @@ class ThroughputConfig:
                                    "the shards)")
     convergence_steps: int = opt(0, "also train the default GPT job (4 workers, sync) this many steps per wire "
                                     "dtype and compare held-out losses (0: skip)")
+    convergence_seeds: str = opt("0", "comma-separated seeds (model init, sharding, batch order) of the convergence "
+                                      "runs: each wire dtype trains once per seed; with two or more the table "
+                                      "also shows fp32's spread between seeds, the noise a difference must beat")
     out: str = opt("runs/throughput", "output folder for throughput.json")
     max_pushes_in_flight: int = opt(2, "the capacity server's --max-pushes-in-flight (memory against speed)")
     snapshot_buffers: int = opt(2, "the capacity server's --snapshot-buffers (memory against speed)")
@@ -102,6 +105,12 @@ class ThroughputConfig:
             raise ValueError("--shards needs at least one of --transports shm,tcp (or give --shards \"\")")
         if _count(self.shard_params) < 1:
             raise ValueError("--shard-params must be at least 1")
+        try:
+            seeds = self.seed_list
+        except ValueError:
+            raise ValueError(f"--convergence-seeds {self.convergence_seeds!r} must be comma-separated integers") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--convergence-seeds {self.convergence_seeds!r}: give at least one seed, each once")
 
     @property
     def size_list(self) -> list[int]:
@@ -122,6 +131,10 @@ class ThroughputConfig:
     @property
     def transport_list(self) -> list[str]:
         return [s.strip() for s in self.transports.split(",") if s.strip()]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.convergence_seeds.split(",") if s.strip()]
 
     @property
     def shard_list(self) -> list[int]:
@@ -457,20 +470,25 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
     return result
 
 
-def convergence(steps: int, wire: str, out: str) -> dict:
-    """The default GPT job, 4 workers, sync, `steps` steps: the final held-out loss with this wire dtype."""
+def convergence(steps: int, wire: str, out: str, seeds: list[int] = (0,)) -> dict:
+    """The default GPT job, 4 workers, sync, `steps` steps, once per seed: the final held-out losses with this
+    wire dtype (final_eval_loss: their mean)."""
     from common.config import ClusterConfig, WorkerConfig
     from paramserver.cluster import run_cluster
-    folder = os.path.join(out, f"convergence_{wire}")
-    ccfg = ClusterConfig(workers=4, out=folder, sample_bytes=0, progress_every=1e9)
-    scfg = ServerConfig(num_workers=4, log_level="warning")
-    extra = {"wire_dtype": wire} if wire != "fp32" else {}
-    wcfg = WorkerConfig(num_workers=4, steps=steps, log_every=0, eval_every=0, log_level="warning", **extra)
-    t0 = time.perf_counter()
-    run_cluster(ccfg, scfg, wcfg)
-    with open(os.path.join(folder, "metrics.json")) as f:
-        summary = json.load(f)["summary"]
-    return {"final_eval_loss": summary.get("final_eval_loss"), "wall_s": round(time.perf_counter() - t0, 1)}
+    losses, t0 = [], time.perf_counter()
+    for seed in seeds:
+        folder = os.path.join(out, f"convergence_{wire}_seed{seed}")
+        ccfg = ClusterConfig(workers=4, out=folder, sample_bytes=0, progress_every=1e9)
+        scfg = ServerConfig(num_workers=4, log_level="warning")
+        extra = {"wire_dtype": wire} if wire != "fp32" else {}
+        wcfg = WorkerConfig(num_workers=4, steps=steps, log_every=0, eval_every=0, log_level="warning", seed=seed,
+                            **extra)
+        run_cluster(ccfg, scfg, wcfg)
+        with open(os.path.join(folder, "metrics.json")) as f:
+            losses.append(json.load(f)["summary"].get("final_eval_loss"))
+    known = [x for x in losses if x is not None]
+    return {"final_eval_loss": sum(known) / len(known) if known else None, "losses": losses, "seeds": list(seeds),
+            "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -527,7 +545,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
         results["convergence"] = {}
         for wire in cfg.wire_list:
             print(f"convergence: default GPT job, {cfg.convergence_steps} sync steps, wire {wire} ...", flush=True)
-            results["convergence"][wire] = convergence(cfg.convergence_steps, wire, tmp)
+            results["convergence"][wire] = convergence(cfg.convergence_steps, wire, tmp, cfg.seed_list)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["machine"]["load_avg_end"] = os.getloadavg()[0]
     _write(cfg, results)
@@ -576,12 +594,18 @@ def table(results: dict) -> str:
     conv = results.get("convergence")
     if conv:
         rows.append("")
-        rows.append("| wire | held-out loss after the run | vs fp32 | wall s |")
-        rows.append("|---|---|---|---|")
+        rows.append("| wire | held-out loss after the run (mean of the seeds) | per seed | vs fp32 | wall s |")
+        rows.append("|---|---|---|---|---|")
         base = conv.get("fp32", {}).get("final_eval_loss")
         for wire, c in conv.items():
             rel = f"{(c['final_eval_loss'] / base - 1) * 100:+.2f}%" if base and c.get("final_eval_loss") else "-"
-            rows.append(f"| {wire} | {c.get('final_eval_loss')} | {rel} | {c['wall_s']} |")
+            per = " / ".join(f"{x:.4f}" if x is not None else "-" for x in c.get("losses", [c.get("final_eval_loss")]))
+            mean = f"{c['final_eval_loss']:.4f}" if c.get("final_eval_loss") is not None else "-"
+            rows.append(f"| {wire} | {mean} | {per} | {rel} | {c['wall_s']} |")
+        fp32 = [x for x in conv.get("fp32", {}).get("losses", []) if x is not None]
+        if len(fp32) > 1:
+            rows.append(f"\nfp32's spread between seeds: {(max(fp32) - min(fp32)) / min(fp32) * 100:.2f}% "
+                        "(a wire's difference within it is noise)")
     return "\n".join(rows)
 
 
