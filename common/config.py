@@ -149,6 +149,9 @@ class ServerConfig:
             raise ValueError(f"--snapshot-wait must be >= 0 seconds, not {self.snapshot_wait}")
         if self.snapshot_buffers < 0:
             raise ValueError(f"--snapshot-buffers must be >= 0, not {self.snapshot_buffers}")
+        if self.divergence_every < 0:
+            raise ValueError(f"--divergence-every must be >= 0 (0: automatic, K: every K-th pull), not "
+                             f"{self.divergence_every}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: torch's default), not {self.threads}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:

@@ -279,9 +279,10 @@ def _int(header: dict, key: str) -> int:
     return value
 
 
-def decode(frames: Sequence, raw: bool = False) -> Message:
+def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
     """Frames (bytes or zmq.Frame) -> Message; raises ProtocolError naming the problem. 16-bit
-    tensors come back as float32 arrays, or with `raw` as `Encoded` bits."""
+    tensors come back as float32 arrays, or with `raw` as `Encoded` bits. A tensor sent in chunks is joined
+    into a buffer from `pool` (a common.tuning.ReusedBuffers) when given, else into a fresh array."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     head = _buffer(frames[0])
@@ -357,8 +358,8 @@ def decode(frames: Sequence, raw: bool = False) -> Message:
             except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
                 raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
         else:   # join the chunks (the one copy a chunked tensor costs)
-            arr = np.empty(shape, dtype)
-            flat = arr.reshape(-1).view(np.uint8)
+            flat = pool.get(expected) if pool is not None else np.empty(expected, np.uint8)
+            arr = flat.view(dtype).reshape(shape)
             at = 0
             for b in parts:
                 flat[at:at + len(b)] = np.frombuffer(b, np.uint8)

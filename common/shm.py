@@ -33,11 +33,11 @@ import mmap
 import os
 import re
 import secrets
-import sys
 
 import numpy as np
 
 from common.protocol import DTYPES, Encoded, Message, MsgType, ProtocolError, decode_wire, within_bounds
+from common.tuning import ReusedBuffers
 
 log = logging.getLogger("common.shm")
 
@@ -306,36 +306,26 @@ class GradientReaders:
 
     def __init__(self, limit: int = 1024):
         self.segments: dict[str, Segment] = {}
-        self.pool: list[np.ndarray] = []
         self.limit = limit
-        self.allocations = 0
+        self.buffers = ReusedBuffers(self.POOL)
 
-    def _keep(self) -> int:
-        return max(self.POOL, len(self.segments))
+    @property
+    def pool(self) -> list:
+        """The buffers retained (in use or free)."""
+        return [b for held in self.buffers.buffers.values() for b in held]
+
+    @property
+    def allocations(self) -> int:
+        return self.buffers.allocations
 
     def _trim(self) -> None:
         """Let go of free buffers beyond what the pool keeps (after a worker is gone)."""
-        i = 0
-        while len(self.pool) > self._keep() and i < len(self.pool):
-            # referrers of a free buffer: the pool's list and getrefcount's argument; a view handed out adds one
-            if sys.getrefcount(self.pool[i]) == 2:
-                del self.pool[i]
-            else:
-                i += 1
+        self.buffers.keep = max(self.POOL, len(self.segments))
+        self.buffers.trim()
 
     def _buffer(self, size: int) -> np.ndarray:
-        if not getattr(sys, "_is_gil_enabled", lambda: True)():   # reference counts are not exact without the GIL
-            self.allocations += 1
-            return np.empty(size, np.uint8)
-        for i in range(len(self.pool)):
-            if self.pool[i].size == size and sys.getrefcount(self.pool[i]) == 2:
-                return self.pool[i]
-        self.allocations += 1
-        buf = np.empty(size, np.uint8)
-        self._trim()
-        if len(self.pool) < self._keep():
-            self.pool.append(buf)
-        return buf
+        self.buffers.keep = max(self.POOL, len(self.segments))
+        return self.buffers.get(size)
 
     def read(self, ref: dict, checked: dict | None = None) -> dict[str, np.ndarray]:
         """The gradient `ref` names, copied out of its segment; `checked` (a dict) receives {name: finite?}."""
@@ -381,7 +371,7 @@ class GradientReaders:
         for seg in self.segments.values():
             seg.close()
         self.segments = {}
-        self.pool = []
+        self.buffers.clear()
 
 
 class ServerTransport:

@@ -28,11 +28,13 @@ GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
 PHASES = {
     "shm_in": "gradients copied out of same-host shared memory, with their NaN/Inf/bounds check",
     "check": "gradients checked (names, shapes, dtypes, NaN/Inf/bounds) and, in sync, 16-bit ones widened",
-    "update": "the consistency policy: a sync step's sum and every optimizer apply",
+    "update": "the consistency policy: a sync step's sum and every optimizer apply (with the copy-on-write of a "
+              "theta still being sent, or the wait for its send)",
     "divergence": "divergence samples at pulls and distances at pushes",
-    "snapshot": "theta readied for a pull (16-bit copies, copy-on-write)",
+    "snapshot": "theta readied for a pull (its 16-bit copy once per version)",
     "shm_out": "theta written into the shared-memory slot a pull reads",
     "send": "replies handed to ZeroMQ (theta itself goes zero-copy)",
+    "checkpoint": "periodic checkpoints written by the server loop",
 }
 
 

@@ -32,7 +32,7 @@ from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, RESERVE_MIN_BYTES, R
 from common.security import server_curve
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.shards import ShardPlan, check_identity
-from common.tuning import release_free_memory
+from common.tuning import ReusedBuffers, release_free_memory
 from common import shm
 from paramserver.consistency import Consistency, Contribution
 from paramserver.metrics import PhaseTimes, ServerMetrics
@@ -166,6 +166,9 @@ class Server:
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
+        # a gradient tensor over 24 MiB comes in chunks, joined into a reused buffer: a sync step holds one
+        # gradient per worker until it is applied
+        self._joined = ReusedBuffers(keep=max(2, cfg.num_workers + 1))
         self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.phases = PhaseTimes()   # where this thread's time goes (status time_s)
@@ -294,7 +297,8 @@ class Server:
                 self._guarded("sweeping for dead workers", self._sweep_dead, now)
                 next_sweep = now + min(0.5, self.cfg.worker_timeout / 4)
             if self.cfg.checkpoint_every > 0 and now >= next_ckpt and self.cfg.checkpoint:
-                self._guarded("writing the periodic checkpoint", self.write_checkpoint)
+                with self.phases.busy(), self.phases.phase("checkpoint"):
+                    self._guarded("writing the periodic checkpoint", self.write_checkpoint)
                 next_ckpt = now + self.cfg.checkpoint_every
             if self.prom is not None:
                 self._guarded("publishing metrics", self.prom.publish)
@@ -401,7 +405,7 @@ class Server:
     def _dispatch(self, frames) -> None:
         identity, body = frames[0].bytes, frames[1:]
         try:
-            msg = decode(body, raw=True)   # 16-bit tensors stay Encoded (see _push_gradient)
+            msg = decode(body, raw=True, pool=self._joined)   # 16-bit tensors stay Encoded (see _push_gradient)
         except ProtocolError as exc:
             self.policy.counters["malformed"] += 1
             log.warning("malformed message from %r: %s", identity[:16], exc)
@@ -641,7 +645,8 @@ class Server:
 
     def _on_pull(self, identity: bytes, msg: Message) -> Message | None:
         state = self._known(msg)
-        self.policy.follow_clock(msg.worker, msg.clock)   # a shard following shard 0 (backup workers) only
+        with self.phases.phase("update"):   # (it may complete a sync step: fold and apply)
+            self.policy.follow_clock(msg.worker, msg.clock)   # a shard following shard 0 (backup workers) only
         if msg.meta.get("wire", "fp32") not in WIRE_DTYPES:
             raise RequestError("bad_wire", f"unknown wire dtype {msg.meta.get('wire')!r} in PULL; choose one of "
                                            f"{', '.join(WIRE_DTYPES)} (--wire-dtype)")
@@ -743,7 +748,8 @@ class Server:
             if self.cfg.mode != "sync":
                 raise RequestError("bad_request", "a PUSH with skip (shard 0 dropped the gradient) only applies to "
                                    f"--mode sync; this server runs --mode {self.cfg.mode}")
-            result = self.policy.skip(msg.worker, msg.clock)
+            with self.phases.phase("update"):   # (it may complete the step)
+                result = self.policy.skip(msg.worker, msg.clock)
             return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
                            meta={"status": result.status, "reason": result.reason, "stop": self.finished})
         with self.phases.phase("check"):
@@ -829,8 +835,9 @@ class Server:
         every pull gets one, on a small one (1M values: a third of an Adam apply) only some do."""
         if not self.cfg.track_divergence or self.cfg.mode == "sync":
             return False
-        if self.cfg.divergence_every <= 0:
-            return self.phases.seconds["divergence"] <= DIVERGENCE_BUDGET * self.policy.apply_s
+        if self.cfg.divergence_every <= 0:   # (before the first apply there is nothing to measure it against)
+            return (not self.policy.apply_s
+                    or self.phases.seconds["divergence"] <= DIVERGENCE_BUDGET * self.policy.apply_s)
         n = self._pulls_unsampled.get(worker, 0) + 1
         self._pulls_unsampled[worker] = 0 if n >= self.cfg.divergence_every else n
         return n >= self.cfg.divergence_every
@@ -842,9 +849,9 @@ class Server:
         estimated from that many sampled coordinates."""
         if not self.cfg.track_divergence:
             return None
-        if base_version == self.store.version:
-            return 0.0
         sample = self.held.get(worker, {}).get(base_version)
+        if base_version == self.store.version and (sample is not None or self.cfg.mode == "sync"):
+            return 0.0   # (not for an unsampled push in ssp/async: the measured ones would lean to fresh pushes)
         return None if sample is None else self.store.distance(sample)
 
     def _on_leave(self, identity: bytes, msg: Message) -> Message:

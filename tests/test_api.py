@@ -285,6 +285,9 @@ def test_api_with_a_16_bit_wire_loads_the_servers_theta_rounded(start_server, wi
     model = torch.nn.Linear(7, 3)
     x, y = torch.randn(16, 7), torch.randn(16, 3)
     with ps.DistributedOptimizer(model, server=srv.address, rank=0, num_workers=1, wire_dtype=wire) as opt:
+        from common.protocol import Encoded
+        loaded, load = [], opt.io.load
+        opt.io.load = lambda tensors: (loaded.append(tensors), load(tensors))
         for _ in range(3):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()
@@ -295,3 +298,5 @@ def test_api_with_a_16_bit_wire_loads_the_servers_theta_rounded(start_server, wi
             want = decode_wire(encode_wire(theta[name], wire))
             np.testing.assert_array_equal(p.detach().numpy(), want)
         assert not all(np.array_equal(p.detach().numpy(), theta[n]) for n, p in model.named_parameters())
+        # the 16-bit values reached the model as they came (no float32 theta made per pull)
+        assert len(loaded) == 3 and all(isinstance(t, Encoded) and t.wire == wire for m in loaded for t in m.values())

@@ -132,6 +132,7 @@ def _one_line(r, needle):
     (["worker", "--server", "127.0.0.1:5555"], "has no transport: write tcp://127.0.0.1:5555"),
     (["server", "--mode", "sync", "--staleness", "2"], "--staleness only applies to --mode ssp"),
     (["server", "--mode", "async", "--min-workers", "2"], "--min-workers only applies to --mode sync"),
+    (["server", "--mode", "async", "--divergence-every", "-1"], "--divergence-every must be >= 0"),
     (["cluster", "--mode", "ssp", "--step-timeout", "5"], "--step-timeout only applies to --mode sync"),
     (["server", "--resume", ROOT], "is a folder"),
     (["server", "--resume", os.path.join(ROOT, "README.md")], "not a checkpoint written by paramserver"),

@@ -195,6 +195,37 @@ def test_chunked_frames_are_checked(small_chunks):
         decode([msgpack.packb(header)] + frames[1:])
 
 
+@pytest.mark.parametrize("raw_wire", [None, "bf16"])
+def test_chunked_tensors_are_joined_into_reused_buffers(small_chunks, raw_wire):
+    """With a pool, a chunked tensor lands in a buffer of the pool: the same one again once the last message's
+    tensors are let go of, never one whose tensors are still held (they keep their values)."""
+    from common.tuning import ReusedBuffers
+    pool = ReusedBuffers(keep=2)
+    rng = np.random.default_rng(3)
+
+    def msg(k):
+        x = (rng.standard_normal((7, 9)) + k).astype(np.float32)
+        frames = encode(Message(MsgType.PUSH, tensors={"x": x, "b": np.arange(3, dtype=np.int8)},
+                                wire=raw_wire or "fp32"))
+        got = decode([bytes(memoryview(f)) for f in frames], raw=raw_wire is not None, pool=pool).tensors["x"]
+        return x, got, (got.bits if raw_wire else got)
+
+    x1, got1, arr1 = msg(1)
+    x2, got2, arr2 = msg(2)                                     # 1 is still held: another buffer
+    assert not np.shares_memory(arr1, arr2) and pool.allocations == 2
+    np.testing.assert_array_equal(got1.to_float32() if raw_wire else got1, decode_wire(encode_wire(x1, raw_wire))
+                                  if raw_wire else x1)
+    address = arr1.__array_interface__["data"][0]
+    del got1, arr1
+    x3, got3, arr3 = msg(3)                                     # 1 was let go of: its buffer again
+    assert arr3.__array_interface__["data"][0] == address and pool.allocations == 2
+    np.testing.assert_array_equal(got2.to_float32() if raw_wire else got2, decode_wire(encode_wire(x2, raw_wire))
+                                  if raw_wire else x2)
+    held = [msg(k)[1] for k in range(4, 8)]                     # more held at once than it keeps: fresh ones
+    assert pool.allocations == 6 and len(pool.buffers[x1.nbytes // (2 if raw_wire else 1)]) == 2
+    assert all(h.shape == (7, 9) for h in held)
+
+
 def test_real_chunk_size_keeps_frames_under_25mb():
     from common.protocol import CHUNK_BYTES
     arr = np.zeros(60 << 20 >> 2, np.float32)                   # 60 MiB in one tensor

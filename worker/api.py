@@ -87,11 +87,11 @@ class ParamIO:
             host = self.theta_host[n]
             host.copy_(_host_view(tensors[n]))
             p.copy_(host, non_blocking=p.is_cuda)
-            self._loaded = []
-            for device in self.devices:
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                self._loaded.append(event)
+        self._loaded = []
+        for device in self.devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._loaded.append(event)
 
     @torch.no_grad()
     def grads(self, grads: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ import zmq
 from common.protocol import (RESERVE_MIN_BYTES, ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode,
                              encode, encode_wire, new_session, routing_id, wire_bytes)
 from common.security import client_curve
+from common.tuning import ReusedBuffers
 
 log = logging.getLogger("worker.client")
 
@@ -57,6 +58,9 @@ class PSClient:
         self.server, self.worker = server, worker
         self.wire_dtype = wire_dtype   # how float32 gradients go out and theta comes back
         self._wire_out: dict[str, np.ndarray] = {}   # 16-bit push buffers, reused
+        # a pulled tensor over 24 MiB comes in chunks, joined into a reused buffer (the caller still holds the
+        # last pull's theta while the next arrives; async prefetch may hold one more)
+        self._joined = ReusedBuffers(keep=3)
         self.curve = (curve_secret, curve_server) if curve_server else None
         self.request_timeout, self.server_timeout = request_timeout, server_timeout
         self.ctx = context or zmq.Context.instance()
@@ -187,7 +191,7 @@ class PSClient:
         first_sent = sent_at = time.monotonic()
         while True:
             if self.sock.poll(int(min(timeout, 1.0) * 1000)):
-                reply = decode(self.sock.recv_multipart(copy=False), raw=raw)
+                reply = decode(self.sock.recv_multipart(copy=False), raw=raw, pool=self._joined)
                 self.last_heard = time.monotonic()
                 if self._drop and self._rng.random() < self._drop:
                     self.stats["dropped_by_fault"] += 1

@@ -58,7 +58,7 @@ class Transfer:
 
     def _buffer(self, store: dict, name: str, like: torch.Tensor, dtype: torch.dtype, device="cpu") -> torch.Tensor:
         buf = store.get(name)
-        if buf is None:
+        if buf is None or buf.dtype != dtype:   # (a pull over the socket in bf16, the next through shm in fp32)
             buf = torch.empty(like.shape, dtype=dtype, device=device,
                               pin_memory=self.cuda and str(device) == "cpu")
             store[name] = buf

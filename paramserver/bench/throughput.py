@@ -464,7 +464,8 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
               "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
               "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2),
               "processes": workers + 1, "cores": os.cpu_count(),
-              "server_time_s": info["status"].get("time_s", {})}   # where the server thread's time went
+              "server_time_s": info["status"].get("time_s", {}),   # where the server thread's time went (all of
+              "server_applied": info["status"].get("counters", {}).get("applied", 0)}   # its life: every push)
     if transport == "shm":
         result["shm_share"] = {k: sum(r[k] for r in rows) for k in ("pulls", "pushes", "shm_pulls", "shm_pushes")}
     return result
@@ -635,9 +636,10 @@ def time_notes(results: dict) -> str:
                 continue
             n = list(caps)[-1]
             c = caps[n]
-            if c.get("server_time_s") and c.get("applied"):
+            per = c.get("server_applied") or c.get("applied")
+            if c.get("server_time_s") and per:
                 rows.append(f"- {size}, {name}, {n} workers ({c['pushes_per_s']} pushes/s): server "
-                            f"{time_split(c['server_time_s'], per=c['applied'])}")
+                            f"{time_split(c['server_time_s'], per=per)}")
     return ("where the time goes (same run):\n" + "\n".join(rows)) if rows else ""
 
 
@@ -710,7 +712,7 @@ def print_throughput(results: dict) -> None:
           f"{results['sizes'][0]['torch']['threads'] if results['sizes'] else '-'}, wall {results['wall_s']} s, "
           f"commit {m.get('commit') or '-'}, load average {m.get('load_avg', '-')} at the start, "
           f"{m.get('load_avg_end', '-')} at the end")
-    if results["sizes"]:
+    if results["sizes"] or results.get("convergence"):
         print(table(results))
     for extra in (shm_table(results), shards_table(results), time_notes(results)):
         if extra:
