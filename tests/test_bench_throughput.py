@@ -12,7 +12,7 @@ from paramserver.bench.throughput import (ThroughputConfig, run_throughput, shar
 
 def test_tiny_throughput_run(tmp_path):
     cfg = ThroughputConfig(sizes="50K", tensors=4, reps=2, seconds=0.5, workers="1,2", optimizers="sgd,adam",
-                           wire_dtypes="fp32,bf16", transports="tcp", shards="", out=str(tmp_path))
+                           wire_dtypes="fp32,bf16", transports="tcp", shards="", out=str(tmp_path), server_threads=1)
     r = run_throughput(cfg)
     assert json.loads((tmp_path / "throughput.json").read_text())["sizes"][0]["params"] == 50_000
     size = r["sizes"][0]
@@ -33,6 +33,7 @@ def test_tiny_throughput_run(tmp_path):
             assert cap["pushes_per_s"] == pytest.approx(cap["applied"] / cap["window_s"], rel=0.01)
             assert cap["server_time_s"]["busy"] > 0 and cap["server_time_s"]["update"] > 0
             assert {"allocated", "copies", "over_cap"} <= set(cap["snapshots"])
+            assert cap["server_threads"] == 1   # --server-threads reached the server
     assert r["machine"]["commit"] and r["machine"]["load_avg"] >= 0   # which code ran, on how busy a machine
     assert "where the time goes" in time_notes(r) and "busy" in time_notes(r)
     text = table(r)
@@ -45,6 +46,8 @@ def test_bad_flags_are_named():
         ThroughputConfig(sizes="lots")
     with pytest.raises(ValueError, match="--wire-dtypes"):
         ThroughputConfig(wire_dtypes="fp32,int8")
+    with pytest.raises(ValueError, match="--server-threads"):
+        ThroughputConfig(server_threads=-1)
 
 
 def test_shared_memory_and_shard_tables(tmp_path):

@@ -81,11 +81,15 @@ class ThroughputConfig:
     out: str = opt("runs/throughput", "output folder for throughput.json")
     max_pushes_in_flight: int = opt(2, "the capacity server's --max-pushes-in-flight (memory against speed)")
     snapshot_buffers: int = opt(2, "the capacity server's --snapshot-buffers (memory against speed)")
+    server_threads: int = opt(0, "the capacity server's --threads (0: torch's default, one per core; `paramserver "
+                                 "cluster` gives cores / (workers + shards): 1 with 4 workers on 2 cores)")
 
     def __post_init__(self):
         self.size_list  # validates
         if self.tensors < 1 or self.reps < 1 or self.seconds <= 0:
             raise ValueError("--tensors and --reps must be >= 1 and --seconds > 0")
+        if self.server_threads < 0:
+            raise ValueError(f"--server-threads must be >= 0 (0: torch's default), not {self.server_threads}")
         for w in self.wire_list:
             if w not in WIRE:
                 raise ValueError(f"unknown wire dtype {w!r} in --wire-dtypes; choose from {', '.join(WIRE)}")
@@ -463,7 +467,7 @@ def capacity(p: int, tensors: int, workers: int, seconds: float, wire: str, out:
               "rss_mb": info.get("vmrss_mb"), "peak_rss_mb": info.get("vmhwm_mb"),
               "idle_rss_mb": idle, "peak_rss_over_theta": round(info.get("vmhwm_mb", 0) / theta_mb, 2),
               "peak_minus_idle_over_theta": round((info.get("vmhwm_mb", 0) - idle) / theta_mb, 2),
-              "processes": workers + 1, "cores": os.cpu_count(),
+              "processes": workers + 1, "cores": os.cpu_count(), "server_threads": info["status"].get("threads"),
               "server_time_s": info["status"].get("time_s", {}),   # where the server thread's time went (all of
               "server_applied": info["status"].get("counters", {}).get("applied", 0)}   # its life: every push)
     if transport == "shm":
@@ -520,7 +524,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                 print(f"P = {p:,}, wire {wire}: capacity with {n} workers ...", flush=True)
                 w["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, wire, tmp,
                                                  max_pushes_in_flight=cfg.max_pushes_in_flight,
-                                                 snapshot_buffers=cfg.snapshot_buffers)
+                                                 snapshot_buffers=cfg.snapshot_buffers, threads=cfg.server_threads)
             r["wire"][wire] = w
         if "shm" in cfg.transport_list:
             r["shm"] = dict(trips["shm"])
@@ -529,7 +533,8 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
                 print(f"P = {p:,}, shared memory: capacity with {n} workers ...", flush=True)
                 r["shm"]["capacity"][str(n)] = capacity(p, cfg.tensors, n, cfg.seconds, "fp32", tmp, transport="shm",
                                                         max_pushes_in_flight=cfg.max_pushes_in_flight,
-                                                        snapshot_buffers=cfg.snapshot_buffers)
+                                                        snapshot_buffers=cfg.snapshot_buffers,
+                                                        threads=cfg.server_threads)
         results["sizes"].append(r)
         _write(cfg, results)
     if cfg.shard_list:
