@@ -282,7 +282,8 @@ def _int(header: dict, key: str) -> int:
 def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
     """Frames (bytes or zmq.Frame) -> Message; raises ProtocolError naming the problem. 16-bit
     tensors come back as float32 arrays, or with `raw` as `Encoded` bits. A tensor sent in chunks is joined
-    into a buffer from `pool` (a common.tuning.ReusedBuffers) when given, else into a fresh array."""
+    into a buffer from `pool` (a common.tuning.ReusedBuffers, keyed by the tensor's name) when given, else
+    into a fresh array."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     head = _buffer(frames[0])
@@ -358,7 +359,7 @@ def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
             except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
                 raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
         else:   # join the chunks (the one copy a chunked tensor costs)
-            flat = pool.get(expected) if pool is not None else np.empty(expected, np.uint8)
+            flat = pool.get(expected, name) if pool is not None else np.empty(expected, np.uint8)
             arr = flat.view(dtype).reshape(shape)
             at = 0
             for b in parts:

@@ -108,21 +108,29 @@ class ReusedBuffers:
     time: above glibc's 32 MiB mmap threshold every allocation is a fresh mmap whose pages fault in one by one
     (a 154 MB tensor: 38,000 page faults per message). Whoever gets a buffer uses views of it; while any view
     is alive (a sync step holding a gradient, a caller keeping a pulled theta) its reference count says so and
-    another buffer is used. At most `keep` buffers of each size are retained (in use or free); beyond that a
-    buffer is allocated for the one use and freed with it."""
+    another buffer is used. Buffers are kept per (key, size), a key being e.g. a tensor's name, so that a
+    message of many same-size tensors reuses one buffer for each: at most `keep` per (key, size) (in use or
+    free); beyond that a buffer is allocated for the one use and freed with it. With `allowed` set (a set of
+    (key, size)), only those are kept at all: a server allows its own layout, so that a peer sending made-up
+    names or shapes cannot make it keep memory. Not thread-safe: one pool per thread that decodes."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 2, allowed: set | None = None):
         self.keep = keep
-        self.buffers: dict[int, list] = {}
+        self.allowed = allowed
+        self.buffers: dict[tuple, list] = {}
         self.allocations = 0
 
-    def get(self, size: int):
+    def get(self, size: int, key=None):
         import sys
         import numpy as np
+        slot = (key, size)
+        if self.allowed is not None and slot not in self.allowed:
+            self.allocations += 1
+            return np.empty(size, np.uint8)
         if not getattr(sys, "_is_gil_enabled", lambda: True)():   # reference counts are not exact without the GIL
             self.allocations += 1
             return np.empty(size, np.uint8)
-        held = self.buffers.get(size, [])
+        held = self.buffers.get(slot, [])
         for i in range(len(held)):
             # referrers of a free buffer: this list and getrefcount's argument; a view handed out adds one
             if sys.getrefcount(held[i]) == 2:
@@ -130,23 +138,24 @@ class ReusedBuffers:
         self.trim()
         self.allocations += 1
         buf = np.empty(size, np.uint8)
-        held = self.buffers.setdefault(size, [])
+        held = self.buffers.setdefault(slot, [])
         if len(held) < self.keep:
             held.append(buf)
         return buf
 
     def trim(self) -> None:
-        """Let go of free buffers beyond `keep` per size (after `keep` was lowered)."""
+        """Let go of free buffers beyond `keep` per (key, size), and of every free one no longer `allowed`."""
         import sys
-        for size, held in list(self.buffers.items()):
+        for slot, held in list(self.buffers.items()):
+            keep = 0 if self.allowed is not None and slot not in self.allowed else self.keep
             i = 0
-            while len(held) > self.keep and i < len(held):
+            while len(held) > keep and i < len(held):
                 if sys.getrefcount(held[i]) == 2:
                     del held[i]
                 else:
                     i += 1
             if not held:
-                del self.buffers[size]
+                del self.buffers[slot]
 
     def clear(self) -> None:
         self.buffers = {}

@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -166,9 +167,10 @@ class Server:
         self.job: dict = {}
         self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
         self.transport = shm.ServerTransport() if cfg.shm and shm.available() else None   # same-host shm
-        # a gradient tensor over 24 MiB comes in chunks, joined into a reused buffer: a sync step holds one
-        # gradient per worker until it is applied
-        self._joined = ReusedBuffers(keep=max(2, cfg.num_workers + 1))
+        # a gradient tensor over 24 MiB comes in chunks, joined into a reused buffer per tensor: a sync step
+        # holds one gradient per worker until it is applied. Only theta's own tensors (name and size, fp32 or
+        # 16-bit) are kept: nothing before theta is known, nothing for made-up names (see _allow_joins)
+        self._joined = ReusedBuffers(keep=max(2, cfg.num_workers + 1), allowed=set())
         self.shard_layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
         self.record = ServerMetrics()
         self.phases = PhaseTimes()   # where this thread's time goes (status time_s)
@@ -547,6 +549,7 @@ class Server:
         if msg.tensors:
             if not self.store.initialized:
                 self.store.init(msg.tensors)
+                self._allow_joins()
                 self.job = dict(msg.meta.get("job", {}))
                 log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
                          sum(t.size for t in msg.tensors.values()))
@@ -842,6 +845,12 @@ class Server:
         self._pulls_unsampled[worker] = 0 if n >= self.cfg.divergence_every else n
         return n >= self.cfg.divergence_every
 
+    def _allow_joins(self) -> None:
+        """theta is known: the join buffers of its tensors (as float32 and as 16-bit wire values) may be kept."""
+        self._joined.allowed = {(n, t.nbytes) for n, t in self.store.theta.items()} | {
+            (n, t.size * 2) for n, t in self.store.theta.items() if t.dtype == np.float32}
+        self._joined.trim()
+
     def _divergence(self, worker: int, base_version: int) -> float | None:
         """L2 distance between the theta this gradient was computed on and the server's theta now: 0 when
         theta has not changed since (always the case for an applied gradient in sync), else from the sample its
@@ -1017,6 +1026,7 @@ class Server:
             raise ConfigError(f"checkpoint {path} was written with {', '.join(changed)}; resume with the same "
                               "flags, or add --resume-override to continue under the new ones")
         self.store.load_state_dict(state)
+        self._allow_joins()
         self.policy.load_state_dict(state)
         self.job = state.get("job", {})
         now = time.monotonic()

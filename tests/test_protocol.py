@@ -222,8 +222,24 @@ def test_chunked_tensors_are_joined_into_reused_buffers(small_chunks, raw_wire):
     np.testing.assert_array_equal(got2.to_float32() if raw_wire else got2, decode_wire(encode_wire(x2, raw_wire))
                                   if raw_wire else x2)
     held = [msg(k)[1] for k in range(4, 8)]                     # more held at once than it keeps: fresh ones
-    assert pool.allocations == 6 and len(pool.buffers[x1.nbytes // (2 if raw_wire else 1)]) == 2
+    assert pool.allocations == 6 and len(pool.buffers[("x", x1.nbytes // (2 if raw_wire else 1))]) == 2
     assert all(h.shape == (7, 9) for h in held)
+
+
+def test_same_size_tensors_each_reuse_a_buffer_and_only_allowed_ones_are_kept(small_chunks):
+    from common.tuning import ReusedBuffers
+    pool = ReusedBuffers(keep=1)
+    layers = {f"layer{i}": np.full(30, i, np.float32) for i in range(4)}   # 4 same-size tensors, chunked
+    frames = [bytes(memoryview(f)) for f in encode(Message(MsgType.PUSH, tensors=layers))]
+    for _ in range(3):
+        got = decode(frames, pool=pool).tensors
+        assert all(np.array_equal(got[n], layers[n]) for n in layers)
+        del got
+    assert pool.allocations == 4                     # one per tensor, then reused: not one per message
+    only = ReusedBuffers(keep=1, allowed={("layer0", 120)})
+    for _ in range(3):
+        decode(frames, pool=only)
+    assert only.allocations == 1 + 3 * 3 and set(only.buffers) == {("layer0", 120)}   # the others: never kept
 
 
 def test_real_chunk_size_keeps_frames_under_25mb():

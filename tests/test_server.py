@@ -1040,7 +1040,11 @@ def test_chunked_tensors_reuse_their_join_buffers(start_server, monkeypatch, mod
     assert not errors, errors
     assert srv.server.store.version == 5
     np.testing.assert_allclose(srv.server.store.theta["w"], -0.1 * 0.5 * 5, rtol=1e-6)   # (sync: mean of 2)
-    assert srv.server._joined.allocations == n
+    assert srv.server._joined.allocations == n + 1   # + the REGISTER's theta, joined before theta was known
     assert all(ps._joined.allocations <= 2 for ps in clients)
+    # a peer's made-up tensor is joined for the one message and never kept (no memory held for it)
+    with pytest.raises(ServerError, match="unknown parameter"):
+        clients[0].push({"zzz": np.zeros(5000, np.float32)}, 0, 0)
+    assert set(srv.server._joined.buffers) == {("w", 4000)}
     for ps in clients:
         ps.close()
