@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.protocol import Encoded
+from common.protocol import Encoded, decode_wire
 
 PLAN_VERSION = 1
 #: the largest piece, in elements (4 MiB of float32, as BytePS's default partition)
@@ -101,15 +101,29 @@ class ShardPlan:
 
     def join(self, parts: list[dict[str, np.ndarray]], out: dict[str, np.ndarray] | None = None
              ) -> dict[str, np.ndarray]:
-        """One {piece key: array} per shard -> full tensors by name (written into `out` if given)."""
-        if out is None:
-            out = {n: np.empty(s, dtype=np.dtype(d)) for n, (d, s) in self.layout.items()}
+        """One {piece key: array} per shard -> full tensors by name (written into `out` if given). A tensor
+        whose pieces all came as 16-bit wire values (`Encoded`, a raw pull) is joined as such, without
+        widening; pieces of one tensor in different encodings are widened to float32."""
+        wires: dict[str, set] = {}
         for p in self.pieces:
             src = parts[p.shard][p.key]
+            wires.setdefault(p.name, set()).add(src.wire if isinstance(src, Encoded) else None)
+        if out is None:
+            out = {}
+            for n, (d, s) in self.layout.items():
+                (wire,) = wires[n] if len(wires[n]) == 1 else (None,)
+                out[n] = (Encoded(np.empty(s, np.dtype("<u2" if wire == "bf16" else "<f2")), wire) if wire
+                          else np.empty(s, dtype=np.dtype(d)))
+        for p in self.pieces:
+            src, dst = parts[p.shard][p.key], out[p.name]
+            if isinstance(dst, Encoded):
+                dst, src = dst.bits, src.bits
+            elif isinstance(src, Encoded):
+                src = decode_wire(src)
             if p.whole:
-                out[p.name][...] = src
+                dst[...] = src
             else:
-                out[p.name].reshape(-1)[p.start:p.stop] = src
+                dst.reshape(-1)[p.start:p.stop] = src.reshape(-1)
         return out
 
     def identity(self, shard: int) -> dict:

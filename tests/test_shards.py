@@ -45,6 +45,32 @@ def test_split_join_round_trip(k):
         assert back[n].shape == tensors[n].shape and np.array_equal(back[n], tensors[n])
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_join_keeps_16_bit_pieces_as_they_came(k, wire):
+    """A raw pull's pieces (Encoded 16-bit values) are joined without widening; a tensor whose pieces came in
+    different encodings (one shard over the socket in 16 bits, one through shared memory in fp32) is widened."""
+    from common.protocol import Encoded, decode_wire, encode_wire
+    rng = np.random.default_rng(1)
+    tensors = {"a": rng.standard_normal((300, 40)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+               "i": np.arange(5, dtype=np.int64)}
+    plan = ShardPlan.from_tensors(tensors, k)
+    wired = {n: encode_wire(t, wire) if t.dtype == np.float32 else t for n, t in tensors.items()}
+    back = plan.join(plan.split(wired))
+    for n, t in wired.items():
+        if isinstance(t, Encoded):
+            assert isinstance(back[n], Encoded) and back[n].wire == wire and np.array_equal(back[n].bits, t.bits)
+        else:
+            assert np.array_equal(back[n], t)
+    if k > 1:   # mixed: the first piece of "a" in float32, the others 16-bit
+        parts = plan.split(wired)
+        first = next(p for p in plan.pieces if p.name == "a")
+        if not first.whole:
+            parts[first.shard][first.key] = decode_wire(parts[first.shard][first.key])
+            mixed = plan.join(parts)["a"]
+            assert mixed.dtype == np.float32 and np.array_equal(mixed, decode_wire(wired["a"]))
+
+
 def test_check_identity_names_what_differs():
     assert check_identity(0, 1, "", None) == ""
     assert "give the worker all 2 shard addresses" in check_identity(1, 2, "", None)
@@ -81,9 +107,13 @@ def run_workers(address, n, steps, processes=False, **kw):
     return results
 
 
-@pytest.mark.parametrize("job, optimizer", [("mlp", "adam"), ("gpt", "adam"), ("mlp", "sgd")])
-def test_sync_two_shards_equal_one_server(start_server, job, optimizer):
+@pytest.mark.parametrize("job, optimizer, wire", [("mlp", "adam", "fp32"), ("gpt", "adam", "fp32"),
+                                                  ("mlp", "sgd", "fp32"), ("mlp", "adam", "bf16")])
+def test_sync_two_shards_equal_one_server(start_server, job, optimizer, wire):
+    # (bf16: the workers pull raw 16-bit pieces from each shard, joined as they came)
     small = GPT_SMALL if job == "gpt" else {}
+    if wire != "fp32":
+        small = {**small, "wire_dtype": wire}
     one = start_server(num_workers=2, mode="sync", optimizer=optimizer, lr=0.01)
     run_workers(one.address, 2, 5, processes=True, job=job, **small)
     shards, address = start_shards(start_server, 2, num_workers=2, mode="sync", optimizer=optimizer, lr=0.01)
@@ -158,6 +188,28 @@ def test_accumulation_across_shards(start_server):
     plan = ShardPlan.from_tensors(one.server.store.theta, 2)
     got = plan.join([s.server.store.theta for s in shards])
     assert max(float(np.abs(got[n] - one.server.store.theta[n]).max()) for n in got) <= 1e-6
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_raw_16_bit_pull_through_shards_and_overlap_stays_16_bit(start_server, overlap):
+    """ShardedClient.pull(raw=True) (and through OverlapClient) hands theta over as the shards sent it: 16-bit
+    values, joined, equal to the full theta narrowed; without raw, widened to float32 as before."""
+    from common.protocol import Encoded, encode_wire
+    from worker.overlap import OverlapClient
+    rng = np.random.default_rng(5)
+    theta = {"w": rng.standard_normal((60, 50)).astype(np.float32), "b": rng.standard_normal(9).astype(np.float32)}
+    shards, _ = start_shards(start_server, 2, num_workers=1, mode="async", optimizer="sgd", lr=0.1)
+    ps = ShardedClient([s.address for s in shards], worker=0, server_timeout=10, wire_dtype="bf16")
+    client = OverlapClient(ps) if overlap else ps
+    try:
+        client.register(init=theta)
+        got = client.pull(raw=True).tensors
+        assert all(isinstance(got[n], Encoded) and np.array_equal(got[n].bits, encode_wire(t, "bf16").bits)
+                   for n, t in theta.items())
+        wide = client.pull().tensors
+        assert all(wide[n].dtype == np.float32 and np.array_equal(wide[n], got[n].to_float32()) for n in theta)
+    finally:
+        client.close()
 
 
 # -- a worker with the wrong shard map is refused ---------------------------------------------------

@@ -24,6 +24,8 @@ Usage::
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping
 
@@ -37,6 +39,7 @@ class OverlapClient:
         self.inner = inner
         # every call to the inner client goes through this one thread: its sockets stay in one thread
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ps-overlap")
+        self._raw_ok = "raw" in inspect.signature(inner.pull).parameters
         self._push: Future | None = None
         self._prefetch: Future | None = None
         self.prefetch = False
@@ -82,18 +85,24 @@ class OverlapClient:
         self.last_ack = ack
         return ack if ack.meta.get("stop") else None
 
-    def pull(self, clock: int = 0) -> Message:
+    def pull(self, clock: int = 0, raw: bool = False) -> Message:
+        """As the inner client's; `raw` is passed on when the inner client takes it (a prefetched pull was
+        asked with the `raw` of the call before: its 16-bit values are widened here if this call is not raw)."""
+        kw = {"raw": raw} if self._raw_ok else {}
         if self._prefetch is not None:
             fut, self._prefetch = self._prefetch, None
             reply = fut.result()
+            if not raw and any(isinstance(t, Encoded) for t in reply.tensors.values()):
+                reply = dataclasses.replace(reply, tensors={n: t.to_float32() if isinstance(t, Encoded) else t
+                                                            for n, t in reply.tensors.items()})
         else:
             stop = self._settle()
             if stop is not None:
                 return Message(MsgType.PARAMS, worker=stop.worker, seq=stop.seq, version=stop.version,
                                meta={"stop": True, "reason": "the server said stop in its last ACK"})
-            reply = self._call(self.inner.pull, clock)
+            reply = self._call(self.inner.pull, clock, **kw)
         if self.prefetch and not reply.meta.get("stop"):
-            self._prefetch = self._pool.submit(self.inner.pull, clock)   # goes out before the next push
+            self._prefetch = self._pool.submit(self.inner.pull, clock, **kw)   # goes out before the next push
         self._returned = reply
         return reply
 

@@ -138,16 +138,18 @@ class ShardedClient:
         self.registered = True
         return self._combine(MsgType.WELCOME, welcomes, first.meta)
 
-    def pull(self, clock: int = 0) -> Message:
-        """Full theta, from every shard at once (each may hold the pull at its barrier or bound)."""
+    def pull(self, clock: int = 0, raw: bool = False) -> Message:
+        """Full theta, from every shard at once (each may hold the pull at its barrier or bound). `raw`: 16-bit
+        wire values stay `Encoded` (joined as they are, see ShardPlan.join)."""
         if self.shard0_decides and self.num_shards > 1:
             # shard 0 grants the step; the others are asked for theta at that same step (see follow_clock)
-            first = self._each(lambda k: self.clients[k].pull(clock), [0])[0]
+            first = self._each(lambda k: self.clients[k].pull(clock, raw=raw), [0])[0]
             if first.meta.get("stop"):
                 return first
-            replies = [first] + self._each(lambda k: self.clients[k].pull(first.clock), range(1, self.num_shards))
+            replies = [first] + self._each(lambda k: self.clients[k].pull(first.clock, raw=raw),
+                                           range(1, self.num_shards))
         else:
-            replies = self._each(lambda k: self.clients[k].pull(clock))
+            replies = self._each(lambda k: self.clients[k].pull(clock, raw=raw))
         for r in replies:
             if r.meta.get("stop"):
                 return r
