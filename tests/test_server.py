@@ -122,6 +122,25 @@ def test_dedup_record_survives_a_server_restart(tmp_path):
 
 # -- resume keeps the barrier ---------------------------------------------------------------------
 
+def _pull_push_at_once(clients: list, grad: dict, steps: int, raw: bool = False, timeout: float = 60) -> None:
+    """Each client pulls and pushes `grad` `steps` times, all in threads at once; raises the first error."""
+    errors = []
+
+    def work(ps):
+        try:
+            for _ in range(steps):
+                p = ps.pull(raw=raw)
+                ps.push(grad, p.version, p.clock)
+        except BaseException as exc:   # surfaced below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(ps,)) for ps in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -979,26 +998,14 @@ def test_snapshots_are_recycled_through_real_zeromq_sends(start_server, optimize
     grad = {n: np.full(t.shape, 1e-3, np.float32) for n, t in big.items()}
     # (--snapshot-wait 5: on a loaded machine a send may take over the default 0.5 s and count as a stalled reader)
     srv = start_server(num_workers=2, mode="async", optimizer=optimizer, lr=0.1, snapshot_buffers=2, snapshot_wait=5.0)
-    errors = []
     clients = [PSClient(srv.address, worker=rank, server_timeout=20, wire_dtype=wire) for rank in (0, 1)]
     clients[0].register(init=big)
     clients[1].register()
-
-    def work(ps):
-        try:
-            for _ in range(20):
-                p = ps.pull(raw=True)
-                ps.push(grad, p.version, p.clock)
-        except BaseException as exc:   # surfaced below
-            errors.append(exc)
-        finally:
+    try:
+        _pull_push_at_once(clients, grad, 20, raw=True, timeout=120)
+    finally:
+        for ps in clients:
             ps.close()
-    threads = [threading.Thread(target=work, args=(ps,)) for ps in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
     st = srv.server.status()
     assert st["version"] == 40
     snaps = st["snapshots"]
@@ -1022,22 +1029,7 @@ def test_chunked_tensors_reuse_their_join_buffers(start_server, monkeypatch, mod
     clients[0].register(init=theta)
     for ps in clients[1:]:
         ps.register()
-    errors = []
-
-    def work(ps):
-        try:
-            p = None
-            for _ in range(5):
-                p = ps.pull()
-                ps.push(grad, p.version, p.clock)
-        except BaseException as exc:   # surfaced below
-            errors.append(exc)
-    threads = [threading.Thread(target=work, args=(ps,)) for ps in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    _pull_push_at_once(clients, grad, 5, timeout=60)
     assert srv.server.store.version == 5
     np.testing.assert_allclose(srv.server.store.theta["w"], -0.1 * 0.5 * 5, rtol=1e-6)   # (sync: mean of 2)
     assert srv.server._joined.allocations == n + 1   # + the REGISTER's theta, joined before theta was known

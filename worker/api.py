@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import inspect
 import logging
 import signal
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, WorkerConfig
-from worker.client import ServerError, ServerUnavailable
+from worker.client import ServerError, ServerUnavailable, pulls_raw
 from worker.connect import connect, worker_config
 from worker.sampler import ShardSampler
 from worker.transfer import _host_view
@@ -139,7 +138,7 @@ class DistributedOptimizer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.client = client if client is not None else connect(self.cfg)
-        self._pull_raw = "raw" in inspect.signature(self.client.pull).parameters
+        self._pull_raw = pulls_raw(self.client)
         self._own_client = client is None
         self.closed = False
         self.should_stop = False

@@ -25,13 +25,13 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping
 
 import numpy as np
 
 from common.protocol import Encoded, Message, MsgType
+from worker.client import pulls_raw
 
 
 class OverlapClient:
@@ -39,7 +39,7 @@ class OverlapClient:
         self.inner = inner
         # every call to the inner client goes through this one thread: its sockets stay in one thread
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ps-overlap")
-        self._raw_ok = "raw" in inspect.signature(inner.pull).parameters
+        self._raw_ok = pulls_raw(inner)
         self._push: Future | None = None
         self._prefetch: Future | None = None
         self.prefetch = False

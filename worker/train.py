@@ -12,7 +12,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import torch
 
 from common.config import JobConfig, WorkerConfig, subset
 from common.shards import parse_addresses
-from worker.client import PSClient
+from worker.client import PSClient, pulls_raw
 from worker.sharded import ShardedClient
 from worker.shmclient import ShmClient
 from worker.overlap import OverlapClient
@@ -83,7 +82,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     client = client or make_client(cfg)
     io = Transfer(job.model, device, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
     # a plain client can hand 16-bit theta over undecoded (Transfer widens it on the way into the model)
-    pull_raw = "raw" in inspect.signature(client.pull).parameters
+    pull_raw = pulls_raw(client)
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
          "steps": [], "step_fields": PS_STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     t_start = time.time()
