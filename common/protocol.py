@@ -283,7 +283,28 @@ def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
     """Frames (bytes or zmq.Frame) -> Message; raises ProtocolError naming the problem. 16-bit
     tensors come back as float32 arrays, or with `raw` as `Encoded` bits. A tensor sent in chunks is joined
     into a buffer from `pool` (a common.tuning.ReusedBuffers, keyed by the tensor's name) when given, else
-    into a fresh array."""
+    into a fresh array. Three steps: the header (_read_header), what it announces (_tensor_plan), the tensors
+    themselves (_read_tensors)."""
+    header, mtype = _read_header(frames)
+    specs, meta, chunk = header.get("ts", []), header.get("m", {}), header.get("ck")
+    if not isinstance(specs, list):
+        raise ProtocolError("header field 'ts' must be a list of [name, dtype, shape]")
+    if not isinstance(meta, dict):
+        raise ProtocolError("header field 'm' must be a map")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ProtocolError(f"header field 'ck' must be a positive integer (chunk bytes), got {chunk!r}")
+    plan = _tensor_plan(specs, chunk)
+    announced = sum(p[5] for p in plan)
+    if len(frames) - 1 != announced:
+        raise ProtocolError(f"header announces {announced} tensor frame(s) but {len(frames) - 1} followed "
+                            "(truncated or extra frames)")
+    tensors, wire_seen = _read_tensors(frames, plan, chunk, raw, pool)
+    return Message(mtype, worker=_int(header, "w"), seq=_int(header, "seq"), clock=_int(header, "clk"),
+                   version=_int(header, "ver"), tensors=tensors, meta=meta, wire=wire_seen)
+
+
+def _read_header(frames: Sequence) -> tuple[dict, MsgType]:
+    """The msgpack header frame -> (header map, message type), checked for size, version and type."""
     if not frames:
         raise ProtocolError("empty message: expected a msgpack header frame")
     head = _buffer(frames[0])
@@ -305,16 +326,13 @@ def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
     except ValueError:
         raise ProtocolError(f"unknown message type {header.get('t')!r}; known: "
                             f"{', '.join(f'{t.value}={t.name}' for t in MsgType)}") from None
-    specs = header.get("ts", [])
-    meta = header.get("m", {})
-    if not isinstance(specs, list):
-        raise ProtocolError("header field 'ts' must be a list of [name, dtype, shape]")
-    if not isinstance(meta, dict):
-        raise ProtocolError("header field 'm' must be a map")
-    chunk = header.get("ck")
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise ProtocolError(f"header field 'ck' must be a positive integer (chunk bytes), got {chunk!r}")
-    plan = []   # (name, dtype, shape, enc, expected bytes, frames)
+    return header, mtype
+
+
+def _tensor_plan(specs: list, chunk: int | None) -> list[tuple]:
+    """The header's tensor specs -> [(name, dtype, shape, enc, expected bytes, frames)], each spec checked
+    before any byte of a tensor is looked at."""
+    plan = []
     for spec in specs:
         if (not isinstance(spec, list) or len(spec) not in (3, 4) or not isinstance(spec[0], str)
                 or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
@@ -336,10 +354,12 @@ def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
         expected = math.prod(shape) * dtype.itemsize
         n_frames = 1 if chunk is None or expected <= chunk else -(-expected // chunk)
         plan.append((name, dtype, shape, enc, expected, n_frames))
-    announced = sum(p[5] for p in plan)
-    if len(frames) - 1 != announced:
-        raise ProtocolError(f"header announces {announced} tensor frame(s) but {len(frames) - 1} followed "
-                            "(truncated or extra frames)")
+    return plan
+
+
+def _read_tensors(frames: Sequence, plan: list[tuple], chunk: int | None, raw: bool, pool) -> tuple[dict, str]:
+    """The tensor frames -> ({name: array or Encoded}, the 16-bit encoding seen or "fp32"); a single frame is
+    viewed in place, a chunked tensor joined (the one copy it costs)."""
     tensors: dict = {}
     pos = 1
     wire_seen = "fp32"
@@ -369,8 +389,7 @@ def decode(frames: Sequence, raw: bool = False, pool=None) -> Message:
             wire_seen = enc
             arr = Encoded(arr, enc) if raw else decode_wire(Encoded(arr, enc))
         tensors[name] = arr
-    return Message(mtype, worker=_int(header, "w"), seq=_int(header, "seq"), clock=_int(header, "clk"),
-                   version=_int(header, "ver"), tensors=tensors, meta=meta, wire=wire_seen)
+    return tensors, wire_seen
 
 
 def error_reply(request: Message | None, code: str, text: str) -> Message:
