@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from common.shards import parse_addresses, per_shard
 
@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 SHARDINGS = ("contiguous", "random", "hash")
 DEVICES = ("auto", "cpu", "cuda")
 JOBS = ("gpt", "mlp", "linear")
+DEFAULT_STALENESS = 3   # --mode ssp without --staleness
 
 #: environment variable -> (config field, what it means). Deployment identity only.
 ENV_VARS = {
@@ -80,7 +81,8 @@ class ServerConfig:
                                             "accept other machines). Port * picks a free one")
     num_workers: int = opt(1, "workers expected: no pull is answered until this many have registered")
     mode: str = opt("sync", "consistency model", MODES)
-    staleness: int = opt(3, "ssp: a worker may be at most this many clocks ahead of the slowest live worker")
+    staleness: int | None = opt(None, "ssp: a worker may be at most this many clocks ahead of the slowest live worker "
+                                      f"(default: {DEFAULT_STALENESS}; refused with another --mode)")
     backup_workers: int = opt(0, "sync: apply each step after the first N-b gradients; later ones are dropped")
     aggregate: str = opt("mean", "sum: theta -= lr*sum(g_i); mean: theta -= lr*mean(g_i) (ssp/async: each push "
                                  "is applied with lr/N, N live workers)", AGGREGATES)
@@ -159,7 +161,7 @@ class ServerConfig:
                              f"--num-shards {self.num_shards}")
         if self.num_workers < 1:
             raise ValueError("--num-workers must be at least 1")
-        if self.staleness < 0:
+        if self.staleness is not None and self.staleness < 0:
             raise ValueError("--staleness must be >= 0 (0 behaves like sync)")
         if not 0 <= self.backup_workers < self.num_workers:
             raise ValueError(f"--backup-workers must be in [0, {self.num_workers - 1}] for {self.num_workers} workers")
@@ -171,6 +173,9 @@ class ServerConfig:
             raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"--min-workers {self.min_workers} is more than the job's {self.num_workers} workers, so "
+                             f"sync would hold every pull forever: give --min-workers 1..{self.num_workers}")
         if self.max_workers == 0:
             self.max_workers = 2 * self.num_workers + 4
         if self.max_workers < self.num_workers:
@@ -180,8 +185,10 @@ class ServerConfig:
         if self.admins and not self.auth:
             raise ValueError("--admins needs --auth (without --auth every client may send SHUTDOWN)")
         check_address("--bind", self.bind)
-        if self.staleness != 3 and self.mode != "ssp":   # 3 is the default: only a value the user gave
+        if self.staleness is not None and self.mode != "ssp":   # None: not given (any value given is refused)
             raise ValueError("--staleness only applies to --mode ssp")
+        if self.staleness is None and self.mode == "ssp":
+            self.staleness = DEFAULT_STALENESS
         if self.mode != "sync" and (self.min_workers != 1 or self.step_timeout > 0):
             flag = "--min-workers" if self.min_workers != 1 else "--step-timeout"
             raise ValueError(f"{flag} only applies to --mode sync (this server runs --mode {self.mode})")
@@ -319,15 +326,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _value_type(hint):
+    """The type a flag's text converts to: `int | None` (None: not given) takes an int."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 else hint
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per dataclass field of `cls` (defaults come from the dataclass)."""
-    hints = get_type_hints(cls)
+    """Add one --flag per dataclass field of `cls` (defaults come from the dataclass; a field whose default is
+    None, "not given", states its effective default in its help)."""
+    hints = {name: _value_type(hint) for name, hint in get_type_hints(cls).items()}
     seen = {a.dest for a in parser._actions}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name in seen:
             continue
         typ = hints[f.name]
-        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {f.default!r})",
+        shown = "" if f.default is None else f" (default: {f.default!r})"
+        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')}{shown}",
                                   "default": argparse.SUPPRESS, "dest": f.name}
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -343,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 def env_overrides(cls) -> dict[str, Any]:
     """Deployment identity from PS_* environment variables, for the fields `cls` has."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    hints = get_type_hints(cls)
+    hints = {name: _value_type(hint) for name, hint in get_type_hints(cls).items()}
     out = {}
     for var, (fname, _) in ENV_VARS.items():
         if var in os.environ and fname in names:

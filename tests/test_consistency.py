@@ -203,7 +203,7 @@ class ServerObserver:
                 self.version_mismatches.append((m.version, sum(self.done.values())))
 
 
-def _run(start_server, mode, slowdown=1.0, staleness=3, steps=12, n=2, job="linear", **server_kw):
+def _run(start_server, mode, slowdown=1.0, staleness=None, steps=12, n=2, job="linear", **server_kw):
     srv = start_server(num_workers=n, mode=mode, staleness=staleness, optimizer="sgd", lr=0.05,
                        aggregate="mean", **server_kw)
     srv.observer = ServerObserver(srv.server, n)

@@ -36,7 +36,7 @@ def _workers(address, n, steps, **kw):
 
 @pytest.mark.parametrize("mode", ["sync", "ssp"])
 def test_kill_one_of_three_workers(start_server, mode):
-    srv = start_server(num_workers=3, mode=mode, staleness=2 if mode == "ssp" else 3, optimizer="sgd", lr=0.05,
+    srv = start_server(num_workers=3, mode=mode, staleness=2 if mode == "ssp" else None, optimizer="sgd", lr=0.05,
                        worker_timeout=1.0)
     procs = [worker_process(c) for c in _workers(srv.address, 3, 400)]
     _wait_for(lambda: srv.server.store.version >= 30, what="training to start")

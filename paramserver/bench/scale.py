@@ -316,7 +316,7 @@ def run_ps(cfg: ScaleConfig, v: Variant, batch: int, device: str, folder: str, s
     wcfg = dataclasses.replace(_layout_cfgs(cfg, v.workers, batch, v.accum)[0], device=device, eval_every=0,
                                log_every=0, shm=v.shm, overlap=v.overlap, wire_dtype=v.wire, log_level="warning")
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=v.workers, mode=v.mode,
-                        staleness=v.staleness if v.mode == "ssp" else 3, optimizer=cfg.optimizer, lr=cfg.lr,
+                        staleness=v.staleness if v.mode == "ssp" else None, optimizer=cfg.optimizer, lr=cfg.lr,
                         aggregate="mean", shm=v.shm, log_level="warning",
                         threads=max(1, (os.cpu_count() or 1) // (v.workers + v.shards)),   # as `paramserver cluster`
                         checkpoint=os.path.join(folder, "checkpoint.pt"),
