@@ -2,15 +2,17 @@
 # The GPU measurement of issue 10 in one command: `paramserver bench scale` on a CUDA machine, the parameter
 # server (4 workers sharing the GPU) against single-process training of the same model at the same global batch.
 #
-#   deploy/gpu-check.sh [FLAGS...]   # on the GPU machine: results under $OUT (default runs/gpu-check)
-#   deploy/gpu-check.sh fetch        # where the package registry is reachable: replace the pyzmq wheel in
-#                                    # deploy/gpu-wheels/ (another version: PYZMQ_VERSION=...)
+#   deploy/gpu-check.sh fetch        # first, here, where the package registry is reachable: download the pyzmq
+#                                    # wheel into deploy/gpu-wheels/ (git-ignored; PYZMQ_VERSION=... for another)
+#   deploy/gpu-check.sh [FLAGS...]   # then on the GPU machine, with deploy/gpu-wheels/ copied beside the
+#                                    # checkout: results under $OUT (default runs/gpu-check)
 #
 # The GPU machine's python3 has torch, numpy and msgpack but no pyzmq, and reaches no registry: pyzmq is
-# installed from the wheel committed in deploy/gpu-wheels/ (pyzmq 27.3.0, cp312 abi3, manylinux_2_26/2_28
-# x86_64, libzmq bundled; it travels with the checkout) into /tmp/ps-site. Nothing else is installed; the
-# project runs from this checkout through PYTHONPATH. FLAGS go to `paramserver bench scale` after this script's own (--device cuda
-# --out ...), so they override them, e.g. --variants 'sync;async' or --budget 300.
+# installed from the wheel that `fetch` put in deploy/gpu-wheels/ (pyzmq 27.3.0, cp312 abi3, manylinux_2_28
+# x86_64, libzmq bundled, 855 KB; not in git: a tool that copies only what git tracks must be told to carry
+# that folder) into /tmp/ps-site. Nothing else is installed; the project runs from this checkout through
+# PYTHONPATH. See deploy/README.md, "The GPU check". FLAGS go to `paramserver bench scale` after this script's
+# own (--device cuda --out ...), so they override them, e.g. --variants 'sync;async' or --budget 300.
 # $OUT receives env.txt (versions, GPU), scale.log (the printed table), scale.json and logs.tgz (every run's
 # server and worker logs and metrics, checkpoints left out); the runs themselves go to $SCALE_RUNS
 # (default /tmp/ps-scale). Variables: PYTHON (python3), OUT, SCALE_RUNS, SCALE_TIMEOUT (540: seconds before the
@@ -40,7 +42,7 @@ if ! "$PY" -c "import zmq" 2>/dev/null; then
     whl=$(ls "$WHEELS"/pyzmq-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$whl" ]; then
         echo "gpu-check: $PY has no pyzmq and $WHEELS/ holds no pyzmq wheel: run 'deploy/gpu-check.sh fetch'" \
-             "where the registry is reachable, and bring $WHEELS to this machine" >&2
+             "where the registry is reachable, and copy $WHEELS/ (git-ignored) to this machine with the checkout" >&2
         exit 2
     fi
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ps-site "$whl"

@@ -239,12 +239,15 @@ def test_cluster_refuses_a_resume_with_another_optimizer_before_starting(tmp_pat
     assert not (tmp_path / "c" / "server.log").exists()
 
 
-def test_the_readme_documents_every_flag_of_every_command():
-    """The README is the user's manual: every --flag of every (sub)command appears in it."""
+def test_the_readme_and_docs_document_every_flag_of_every_command():
+    """The README and docs/ are the user's manual: every --flag of every (sub)command appears in them
+    (docs/cli.md lists them all)."""
     import argparse
+    import glob
     import re
     from paramserver.cli import build_parser
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    pages = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    manual = "\n".join(open(p).read() for p in pages)
 
     def flags(parser):
         for action in parser._actions:
@@ -254,5 +257,5 @@ def test_the_readme_documents_every_flag_of_every_command():
             for opt in action.option_strings:
                 if opt.startswith("--") and opt != "--help":
                     yield opt
-    missing = sorted({f for f in flags(build_parser()) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", readme)})
-    assert not missing, f"flags the README does not document: {missing}"
+    missing = sorted({f for f in flags(build_parser()) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", manual)})
+    assert not missing, f"flags neither the README nor docs/ document: {missing}"

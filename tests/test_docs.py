@@ -1,0 +1,71 @@
+"""The documentation's shape: the README is the front door (short), the manual lives in docs/, and no relative
+link in either points at a file or a heading that is not there."""
+import glob
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_MAX_LINES = 450
+PAGES = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "deploy", "README.md"),
+         *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (a `](` in a shell example is not a link)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def _anchors(path: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped, spaces to
+    hyphens, and -1, -2, ... for repeats."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in _prose(open(path, encoding="utf-8").read()).splitlines():
+        m = re.match(r"^#{1,6} +(.*?) *#*$", line)
+        if not m:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))       # a link in a heading: its text
+        slug = re.sub(r"[^\w\- ]", "", text.replace("`", "").lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def _links(path: str):
+    for target in re.findall(r"\]\(([^)\s]+)\)", _prose(open(path, encoding="utf-8").read())):
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target):                  # http:, https:, mailto: are not checked
+            yield target
+
+
+def test_the_readme_is_a_front_door():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        n = len(f.read().splitlines())
+    assert n <= README_MAX_LINES, (f"README.md has {n} lines, more than {README_MAX_LINES}: move the detail to a "
+                                   f"page in docs/ and link it")
+
+
+def test_every_relative_link_points_at_a_file_and_heading_that_exist():
+    assert len(PAGES) > 3, PAGES
+    broken = []
+    for page in PAGES:
+        for target in _links(page):
+            file, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(os.path.dirname(page), file)) if file else page
+            where = f"{os.path.relpath(page, ROOT)}: ({target})"
+            if not os.path.exists(dest):
+                broken.append(f"{where}: no file {os.path.relpath(dest, ROOT)}")
+            elif anchor and dest.endswith(".md") and anchor not in _anchors(dest):
+                broken.append(f"{where}: no heading with anchor #{anchor} in {os.path.relpath(dest, ROOT)}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_link_checker_sees_a_broken_link(tmp_path):
+    """The checker itself: a heading's anchor is found, a missing file and a missing heading are not."""
+    page = tmp_path / "page.md"
+    page.write_text("# Sharding θ over K servers\n\n## No loop at all: `--entry package.module:function`\n\n"
+                    "```sh\n# not a heading](nope.md)\n```\n[a](page.md#sharding-θ-over-k-servers) [b](missing.md) "
+                    "[c](#no-loop-at-all---entry-packagemodulefunction) [d](#not-there) [e](https://example.com/x)\n")
+    assert _anchors(str(page)) == {"sharding-θ-over-k-servers", "no-loop-at-all---entry-packagemodulefunction"}
+    assert list(_links(str(page))) == ["page.md#sharding-θ-over-k-servers", "missing.md",
+                                       "#no-loop-at-all---entry-packagemodulefunction", "#not-there"]
