@@ -243,6 +243,25 @@ def test_settings_from_flags_env_and_keywords(monkeypatch):
         parser.parse_args(["--shard", "striped"])      # choices come from the worker's config
 
 
+def test_auto_rank_replacement_beyond_num_workers_trains_on_a_shard(start_server):
+    """PS_RANK=auto through the API, while the worker it replaces is still counted live: the server assigns
+    an id >= --num-workers, and the API maps it to a rank the way the worker loop does (id mod N)."""
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=LR)
+    data = TensorDataset(torch.randn(12, 3), torch.randn(12, 1))
+    first, second = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    with ps.DistributedOptimizer(first, server=srv.address, rank=-1, num_workers=1) as live:
+        assert live.rank == 0
+        with ps.DistributedOptimizer(second, server=srv.address, rank=-1, num_workers=1) as replacement:
+            assert replacement.client.worker >= 1           # the server's id: beyond --num-workers
+            assert replacement.rank == 0
+            loader = DataLoader(data, batch_size=4, sampler=replacement.sampler(data), drop_last=True)
+            for xb, yb in loader:
+                replacement.zero_grad()
+                F.mse_loss(second(xb), yb).backward()
+                replacement.step()
+            assert replacement.steps == 3
+
+
 def test_should_stop_when_the_server_ends_the_job(start_server):
     """With --max-gradients the server ends the job: should_stop turns true and later steps push nothing."""
     srv = start_server(num_workers=1, mode="sync", optimizer="sgd", lr=LR, max_gradients=3)
@@ -259,11 +278,10 @@ def test_should_stop_when_the_server_ends_the_job(start_server):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_goes_through_pinned_buffers():
     """On CUDA, theta and gradients are staged in pinned host buffers and arrive exactly."""
-    from worker.api import ParamIO
+    from worker.transfer import ParamIO
     model = torch.nn.Linear(5, 3).cuda()
     io = ParamIO(model.named_parameters())
-    assert io.cuda and all(t.is_pinned() for t in io.theta_host.values()) and all(
-        t.is_pinned() for t in io.grad_host.values())
+    assert io.cuda
     theta = {n: np.random.default_rng(i).standard_normal(p.shape).astype(np.float32)
              for i, (n, p) in enumerate(model.named_parameters())}
     for _ in range(2):   # the second load reuses the buffers after the first's copies are done
@@ -272,6 +290,9 @@ def test_cuda_model_goes_through_pinned_buffers():
         theta = {n: v + 1 for n, v in theta.items()}
     model(torch.ones(4, 5, device="cuda")).sum().backward()
     grads = io.grads({n: p.grad for n, p in model.named_parameters()})
+    # the staging buffers (allocated at first use, then reused) are page-locked
+    assert set(io._in) == set(io._out) == set(io.params) and all(
+        t.is_pinned() for t in [*io._in.values(), *io._out.values()])
     assert all(np.array_equal(grads[n], p.grad.cpu().numpy()) for n, p in model.named_parameters())
 
 
@@ -284,7 +305,9 @@ def test_api_with_a_16_bit_wire_loads_the_servers_theta_rounded(start_server, wi
     torch.manual_seed(0)
     model = torch.nn.Linear(7, 3)
     x, y = torch.randn(16, 7), torch.randn(16, 3)
-    with ps.DistributedOptimizer(model, server=srv.address, rank=0, num_workers=1, wire_dtype=wire) as opt:
+    # over the socket (through shared memory θ comes in float32 whatever the wire dtype, as in the worker loop)
+    with ps.DistributedOptimizer(model, server=srv.address, rank=0, num_workers=1, wire_dtype=wire,
+                                 shm=False) as opt:
         from common.protocol import Encoded
         loaded, load = [], opt.io.load
         opt.io.load = lambda tensors: (loaded.append(tensors), load(tensors))

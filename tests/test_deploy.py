@@ -200,7 +200,7 @@ def test_auto_rank_register_is_not_resent_while_the_server_is_slow():
     import zmq
     from common.protocol import Message, MsgType, decode, encode
     from worker.client import PSClient
-    from worker.train import _register
+    from worker.connect import register
 
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
@@ -226,7 +226,7 @@ def test_auto_rank_register_is_not_resent_while_the_server_is_slow():
     t.start()
     cfg = WorkerConfig(server=f"tcp://127.0.0.1:{port}", rank=-1, num_workers=2, job="mlp", request_timeout=0.2)
     with PSClient(cfg.server, worker=-1, request_timeout=0.2, server_timeout=10) as ps:
-        welcome = _register(ps, cfg, Job())
+        welcome, _ = register(ps, cfg, init=Job().params_numpy())
         assert ps.request_timeout == 0.2          # restored for the requests that follow
     t.join(timeout=10)
     router.close()

@@ -81,7 +81,7 @@ def test_async_push_sends_the_gradient_it_was_given(wire):
     refills its .grad buffers (train.py pushes views of them): the push must send the gradient as it was."""
     from worker.overlap import OverlapClient
     inner = _SlowInner()
-    bits = np.empty(4, np.uint16)      # Transfer's reused 16-bit gradient buffer
+    bits = np.empty(4, np.uint16)      # ParamIO's reused 16-bit gradient buffer
     ps = OverlapClient(inner)
     ps.register()
     grad = {"w": np.full(4, 1.0, np.float32)}

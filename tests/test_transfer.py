@@ -1,4 +1,4 @@
-"""worker/transfer.py: theta into the model and gradients out, with buffers reused across steps."""
+"""worker/transfer.py ParamIO: theta into the model and gradients out, with buffers reused across steps."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.protocol import Encoded, Message, MsgType, decode, encode, encode_wire
-from worker.transfer import Transfer
+from worker.transfer import ParamIO
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -26,7 +26,7 @@ def _step(model, device):
 @pytest.mark.parametrize("wire", ["fp32", "bf16", "fp16"])
 def test_load_and_grads_round_trip_without_new_buffers(device, wire):
     model = _model(device)
-    io = Transfer(model, device, wire)
+    io = ParamIO(model, wire)
     rng = np.random.default_rng(0)
     seen = None
     for step in range(4):

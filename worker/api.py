@@ -5,8 +5,10 @@ PS_NUM_WORKERS), registers the model's parameters (the first worker's become the
 and loads the θ the server hands out into the model. Each `step()` pushes the gradients in the
 model's `.grad` and loads the next θ the server allows (the mode, sync / ssp / async, and the
 update rule are the server's). With `accum=k` a push is the mean gradient of k consecutive
-`step()` calls. A CUDA model's θ and gradients go through pinned host buffers with
-non-blocking copies. The worker leaves the job on `close()`, at the end of a `with` block, on
+`step()` calls. θ and gradients move through `worker.transfer.ParamIO` (pinned host buffers and
+non-blocking copies for a CUDA model, 16-bit narrowing on the device with --wire-dtype) and the
+client is the worker loop's (`worker.connect.make_client`: shared memory with a server on this
+host, shards, --overlap). The worker leaves the job on `close()`, at the end of a `with` block, on
 Ctrl-C, on SIGTERM and at interpreter exit.
 
 Usage::
@@ -25,90 +27,20 @@ import logging
 import signal
 import sys
 import threading
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from common.config import ConfigError, WorkerConfig
-from worker.client import ServerError, ServerUnavailable, pulls_raw
-from worker.connect import connect, worker_config
+from worker.client import ServerError, ServerUnavailable
+from worker.connect import make_client, register, worker_config
 from worker.sampler import ShardSampler
-from worker.transfer import _host_view
+from worker.transfer import ParamIO
 
 log = logging.getLogger("worker.api")
 
 LEAVE_TIMEOUT = 5.0   # seconds close() waits for the server to acknowledge LEAVE
-
-
-class ParamIO:
-    """Moves θ (numpy, by name) into a model's parameters and gradients out, by name.
-
-    On CPU it copies straight from the received frames and hands out views of the gradients. On
-    CUDA it stages through pinned host buffers: θ is copied host -> device without blocking (the
-    next load waits for the last one to finish before reusing its buffer), gradients device ->
-    host without blocking, then one synchronize.
-    """
-
-    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
-        self.params = dict(named_params)
-        if not self.params:
-            raise ValueError("the model has no parameters to train")
-        for name, p in self.params.items():
-            if p.dtype in (torch.bfloat16,) or p.is_complex():
-                raise ValueError(f"parameter {name!r} is {p.dtype}: keep parameters in float32/float16/float64 "
-                                 "(use torch.autocast for mixed precision)")
-        self.devices = sorted({p.device for p in self.params.values() if p.is_cuda}, key=str)
-        self.cuda = bool(self.devices)
-        if self.cuda:
-            self.theta_host = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for n, p in self.params.items()}
-            self.grad_host = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for n, p in self.params.items()}
-            self._loaded: list = []   # CUDA events: the host -> device copies of the last load
-
-    def numpy_params(self) -> dict[str, np.ndarray]:
-        """A copy of the parameters as numpy arrays (what REGISTER sends)."""
-        return {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def load(self, tensors) -> None:
-        """Copy θ (numpy arrays by name, possibly read-only views of received frames) into the parameters."""
-        missing = set(self.params) - set(tensors)
-        if missing:
-            raise KeyError(f"the server's θ has no {sorted(missing)}: is the server running another model?")
-        # (16-bit wire values come as they are, `Encoded`, and are widened by the copy: no float32 θ per step)
-        if not self.cuda:
-            for n, p in self.params.items():
-                p.copy_(_host_view(tensors[n]))
-            return
-        for event in self._loaded:   # the pinned buffers may still be read by the last load's copies
-            event.synchronize()
-        for n, p in self.params.items():
-            host = self.theta_host[n]
-            host.copy_(_host_view(tensors[n]))
-            p.copy_(host, non_blocking=p.is_cuda)
-        self._loaded = []
-        for device in self.devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            self._loaded.append(event)
-
-    @torch.no_grad()
-    def grads(self, grads: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
-        """Gradients by name as numpy arrays (zeros for a parameter without a gradient)."""
-        if not self.cuda:
-            return {n: (g.detach() if g is not None else torch.zeros_like(p)).cpu().contiguous().numpy()
-                    for (n, p), g in ((item, grads.get(item[0])) for item in self.params.items())}
-        out = {}
-        for n, p in self.params.items():
-            host, g = self.grad_host[n], grads.get(n)
-            if g is None:
-                host.zero_()
-            else:
-                host.copy_(g.detach(), non_blocking=g.is_cuda)
-            out[n] = host.numpy()
-        for device in self.devices:
-            torch.cuda.synchronize(device)
-        return out
 
 
 class DistributedOptimizer:
@@ -118,8 +50,10 @@ class DistributedOptimizer:
     loads the server's θ (in sync mode it waits there until all --num-workers workers have
     registered). Then the usual loop: `zero_grad()`, backward, `step()`. Settings are the worker's
     (see `worker.connect.worker_config`): `server`, `rank`, `num_workers`, `shard`, `seed`,
-    `accum`, timeouts, CurveZMQ keys, given as keyword arguments, as an argparse namespace
-    (`args`, after `add_arguments(parser)`), or through PS_SERVER / PS_RANK / PS_NUM_WORKERS.
+    `accum`, timeouts, CurveZMQ keys, `wire_dtype`, `shm`, `overlap`, given as keyword arguments,
+    as an argparse namespace (`args`, after `add_arguments(parser)`), or through PS_SERVER /
+    PS_RANK / PS_NUM_WORKERS. `client`, when given, is used instead of one built from the settings
+    (it has PSClient's verbs, its `pull` taking `raw`) and is left open by `close()`.
 
     `step()` averages the gradients of `accum` consecutive calls (each call adds the model's
     current `.grad`; zero them between calls as usual), pushes the mean with the version and
@@ -134,11 +68,10 @@ class DistributedOptimizer:
         self.cfg: WorkerConfig = worker_config(args, **options)
         self.model = model
         try:
-            self.io = ParamIO(model.named_parameters())
+            self.io = ParamIO(model, self.cfg.wire_dtype)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.client = client if client is not None else connect(self.cfg)
-        self._pull_raw = pulls_raw(self.client)
+        self.client = client if client is not None else make_client(self.cfg)
         self._own_client = client is None
         self.closed = False
         self.should_stop = False
@@ -157,8 +90,9 @@ class DistributedOptimizer:
             signal.signal(signal.SIGTERM, _exit_on_sigterm)   # so SIGTERM leaves the job too
             self._sigterm_installed = True
         try:
-            welcome = self.client.register(init=self.io.numpy_params(), job={})
-            self.rank = int(welcome.worker)
+            # PS_RANK=auto: the server's id mapped to a rank the one way the worker loop maps it too
+            welcome, self.cfg = register(self.client, self.cfg, init=self.io.numpy_params())
+            self.rank = self.cfg.rank
             self.mode = welcome.meta.get("mode", "")
             self._pull()
         except BaseException:
@@ -286,8 +220,7 @@ class DistributedOptimizer:
         self._acc = {n: (self._acc_buf[n] if n in self._acc_seen else None) for n in grads}
 
     def _pull(self) -> None:
-        # 16-bit wire values as they came (a client that takes `raw`): load() widens them into the model
-        reply = self.client.pull(raw=True) if self._pull_raw else self.client.pull()
+        reply = self.client.pull(raw=True)   # 16-bit wire values as they came: load() widens them into the model
         if reply.meta.get("stop"):
             self._stop(reply.meta.get("reason", "the server ended the job"))
             return

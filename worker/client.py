@@ -19,7 +19,6 @@ Usage::
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 import threading
@@ -47,12 +46,6 @@ class ServerError(RuntimeError):
 
 class ServerUnavailable(RuntimeError):
     """The server has not answered for longer than server_timeout."""
-
-
-def pulls_raw(client) -> bool:
-    """Does `client.pull` take `raw` (16-bit values kept as they came)? Every client here does; a user's own
-    client object may not, and is then called without it."""
-    return "raw" in inspect.signature(client.pull).parameters
 
 
 class PSClient:

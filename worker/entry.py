@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, JobConfig
-from worker.api import ParamIO
+from worker.transfer import ParamIO
 
 _BUILD_LOCK = threading.Lock()
 
@@ -133,7 +133,7 @@ class EntryJob:
         self.n_samples = int(self.user.n_samples)
         self.description = self.user.description or \
             f"--entry {cfg.entry}: {type(self.model).__name__}, {self.n_samples} samples"
-        self.io = ParamIO(self.model.named_parameters())
+        self.io = ParamIO(self.model)
 
     def batch(self, indices: np.ndarray):
         idx = np.asarray(indices)

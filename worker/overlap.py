@@ -31,7 +31,6 @@ from typing import Mapping
 import numpy as np
 
 from common.protocol import Encoded, Message, MsgType
-from worker.client import pulls_raw
 
 
 class OverlapClient:
@@ -39,7 +38,6 @@ class OverlapClient:
         self.inner = inner
         # every call to the inner client goes through this one thread: its sockets stay in one thread
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ps-overlap")
-        self._raw_ok = pulls_raw(inner)
         self._push: Future | None = None
         self._prefetch: Future | None = None
         self.prefetch = False
@@ -69,6 +67,14 @@ class OverlapClient:
         self.inner.server_timeout = value
 
     @property
+    def request_timeout(self) -> float:
+        return self.inner.request_timeout
+
+    @request_timeout.setter
+    def request_timeout(self, value: float) -> None:
+        self.inner.request_timeout = value
+
+    @property
     def worker(self) -> int:
         return self.inner.worker
 
@@ -86,9 +92,9 @@ class OverlapClient:
         return ack if ack.meta.get("stop") else None
 
     def pull(self, clock: int = 0, raw: bool = False) -> Message:
-        """As the inner client's; `raw` is passed on when the inner client takes it (a prefetched pull was
-        asked with the `raw` of the call before: its 16-bit values are widened here if this call is not raw)."""
-        kw = {"raw": raw} if self._raw_ok else {}
+        """As the inner client's, `raw` passed on (a prefetched pull was asked with the `raw` of the call
+        before: its 16-bit values are widened here if this call is not raw)."""
+        kw = {"raw": raw}
         if self._prefetch is not None:
             fut, self._prefetch = self._prefetch, None
             reply = fut.result()

@@ -103,6 +103,15 @@ class ShardedClient:
             c.server_timeout = value
 
     @property
+    def request_timeout(self) -> float:
+        return min(c.request_timeout for c in self.clients)
+
+    @request_timeout.setter
+    def request_timeout(self, value: float) -> None:
+        for c in self.clients:
+            c.request_timeout = value
+
+    @property
     def stats(self) -> dict:
         total: dict = {}
         for c in self.clients:

@@ -23,14 +23,11 @@ import numpy as np
 import torch
 
 from common.config import JobConfig, WorkerConfig, subset
-from common.shards import parse_addresses
-from worker.client import PSClient, pulls_raw
-from worker.sharded import ShardedClient
-from worker.shmclient import ShmClient
-from worker.overlap import OverlapClient
+from worker.client import PSClient
+from worker.connect import make_client, register
 from worker.data import batches, shard_indices
 from worker.models import build_job, pick_device
-from worker.transfer import Transfer
+from worker.transfer import ParamIO
 
 log = logging.getLogger("worker.train")
 
@@ -40,8 +37,6 @@ STEP_FIELDS = ["time_s", "clock", "version", "loss", "compute_s", "wait_s", "com
 #: a PS worker's rows go on with comm_s split into its parts: the pull (its wait excluded) and the push
 PS_STEP_FIELDS = STEP_FIELDS + ["pull_s", "push_s"]
 EVAL_FIELDS = ["time_s", "step", "version", "eval_loss"]
-#: seconds a worker with --rank -1 waits for WELCOME before it sends REGISTER again
-AUTO_RANK_TIMEOUT = 30.0
 
 
 def straggler_rng(cfg: WorkerConfig) -> random.Random:
@@ -55,23 +50,6 @@ def batch_stream(cfg: WorkerConfig, n_samples: int):
     return shard, batches(shard, cfg.batch_size, cfg.seed + 1000 * cfg.rank, cfg.epochs)
 
 
-def make_client(cfg: WorkerConfig):
-    """A PSClient for one server address; a ShardedClient (one connection per shard) for a comma-separated list.
-    With --shm (the default) each connection is a ShmClient: shared memory with a server on this host.
-    With --overlap it is wrapped in an OverlapClient (pushes in the background, async prefetch)."""
-    kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
-                  heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
-                  fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret,
-                  wire_dtype=cfg.wire_dtype)
-    addresses = parse_addresses(cfg.server)
-    client = ShmClient if cfg.shm else PSClient
-    if len(addresses) > 1:
-        client = ShardedClient(addresses, client=client, **kwargs)
-    else:
-        client = client(addresses[0], **kwargs)
-    return OverlapClient(client) if cfg.overlap else client
-
-
 def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     """Train until done; returns (and writes to cfg.out) this worker's metrics."""
     device = pick_device(cfg.device)
@@ -80,18 +58,16 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     job = build_job(subset(cfg, JobConfig), device)
     own = client is None
     client = client or make_client(cfg)
-    io = Transfer(job.model, device, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
-    # a plain client can hand 16-bit theta over undecoded (Transfer widens it on the way into the model)
-    pull_raw = pulls_raw(client)
+    io = ParamIO(job.model, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
          "steps": [], "step_fields": PS_STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     t_start = time.time()
     m["exit"] = "done"
     gate = None
     try:
-        welcome = _register(client, cfg, job)
-        if cfg.rank < 0:   # --rank -1 / PS_RANK=auto: the id the server assigned is the rank (the data shard)
-            cfg = _assigned_rank(cfg, welcome.worker)
+        auto = cfg.rank < 0   # --rank -1 / PS_RANK=auto: the server assigns the id, register() maps it to a rank
+        welcome, cfg = register(client, cfg, init=job.params_numpy(), job=_job_meta(cfg))
+        if auto:
             m["rank"], m["worker_id"] = cfg.rank, welcome.worker
         shard, stream = batch_stream(cfg, job.n_samples)
         m["shard_size"] = int(len(shard))
@@ -113,7 +89,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
                 log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
                 break
             t0 = time.perf_counter()
-            params = client.pull(raw=True) if pull_raw else client.pull()
+            params = client.pull(raw=True)   # 16-bit θ as it came: io.load widens it into the model
             t1 = time.perf_counter()
             gated = 0.0
             if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
@@ -191,32 +167,6 @@ def write_metrics(m: dict, cfg: WorkerConfig) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(m, f)
     os.replace(path + ".tmp", path)
-
-
-def _register(client: PSClient, cfg: WorkerConfig, job):
-    """REGISTER (the first worker's parameters initialise theta). With --rank -1 a resend would be a
-    second registration under another id, so the first answer is awaited longer: ZeroMQ delivers the
-    request once the server is up, and a resend is needed only if the server lost it (a restart)."""
-    if cfg.rank >= 0:
-        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
-    saved, client.request_timeout = client.request_timeout, max(client.request_timeout, AUTO_RANK_TIMEOUT)
-    try:
-        return client.register(init=job.params_numpy(), job=_job_meta(cfg))
-    finally:
-        client.request_timeout = saved
-
-
-def _assigned_rank(cfg: WorkerConfig, worker_id: int) -> WorkerConfig:
-    """The config of a worker whose rank the server assigned at registration (WELCOME's worker id).
-
-    An id beyond --num-workers (a replacement that joined while the worker it replaces was still
-    counted live) trains on shard id mod N, so it still trains instead of failing."""
-    rank = worker_id % cfg.num_workers
-    if rank != worker_id:
-        log.warning("the server assigned worker id %d, beyond --num-workers %d: training on shard %d",
-                    worker_id, cfg.num_workers, rank)
-    log.info("rank assigned by the server: %d", rank)
-    return dataclasses.replace(cfg, rank=rank)
 
 
 def _job_meta(cfg: WorkerConfig) -> dict:
