@@ -173,9 +173,6 @@ class ServerConfig:
             raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
-        if self.min_workers > self.num_workers:
-            raise ValueError(f"--min-workers {self.min_workers} is more than the job's {self.num_workers} workers, so "
-                             f"sync would hold every pull forever: give --min-workers 1..{self.num_workers}")
         if self.max_workers == 0:
             self.max_workers = 2 * self.num_workers + 4
         if self.max_workers < self.num_workers:
@@ -192,6 +189,9 @@ class ServerConfig:
         if self.mode != "sync" and (self.min_workers != 1 or self.step_timeout > 0):
             flag = "--min-workers" if self.min_workers != 1 else "--step-timeout"
             raise ValueError(f"{flag} only applies to --mode sync (this server runs --mode {self.mode})")
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"--min-workers {self.min_workers} is more than the job's {self.num_workers} workers, so "
+                             f"sync would hold every pull forever: give --min-workers 1..{self.num_workers}")
         if self.auto_resume and not self.checkpoint:
             raise ValueError("--auto-resume resumes from --checkpoint: give --checkpoint PATH too")
         if self.auto_resume and self.resume:
