@@ -67,6 +67,19 @@ def check_address(flag: str, value: str) -> None:
             raise ValueError(f"{flag} {addr!r}: use tcp://HOST:PORT (or ipc://PATH)")
 
 
+def check_resolves(flag: str, addresses: str) -> None:
+    """Raise ConfigError when a tcp:// host in `addresses` does not resolve: ZeroMQ would retry it in silence."""
+    import socket
+    for addr in addresses.split(","):
+        scheme, _, rest = addr.strip().partition("://")
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        if scheme == "tcp" and host and host != "*":
+            try:
+                socket.getaddrinfo(host, None)
+            except socket.gaierror as exc:
+                raise ConfigError(f"{flag} {addr.strip()!r}: host {host!r} does not resolve ({exc.strerror})") from None
+
+
 def _validate_choices(cfg) -> None:
     for f in dataclasses.fields(cfg):
         if f.metadata.get("choices"):

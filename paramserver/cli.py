@@ -1,4 +1,5 @@
-"""`paramserver` command line: server, worker, cluster, status (and the subcommands of later modules).
+"""`paramserver` command line: server, worker, cluster, bench, eval, sample, keys; status and stop live in
+paramserver/remote.py (the commands that talk to a running server).
 
 Every flag comes from a config dataclass (common/config.py); a bad value is rejected with the
 allowed values, an unknown flag is rejected by name.
@@ -14,8 +15,9 @@ import signal
 import sys
 
 from common.config import (ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments,
-                           check_address, from_args)
+                           check_resolves, from_args)
 from common.tuning import short_openmp_spin
+from paramserver.remote import add_client_arguments, cmd_status, cmd_stop
 
 log = logging.getLogger("paramserver.cli")
 
@@ -46,19 +48,6 @@ class _Parser(argparse.ArgumentParser):
         if usage.count("\n") > 3:    # the full usage of a command with 40 flags buries the error line
             usage = f"usage: {self.prog} [flags]   (every flag: {self.prog} --help)\n"
         self.exit(2, usage + f"{self.prog}: error: {message}\n")
-
-
-def _check_resolves(flag: str, addresses: str) -> None:
-    """A host name that does not resolve is silent in ZeroMQ (it keeps retrying): say so at once."""
-    import socket
-    for addr in addresses.split(","):
-        scheme, _, rest = addr.strip().partition("://")
-        host = rest.rsplit(":", 1)[0].strip("[]")
-        if scheme == "tcp" and host and host != "*":
-            try:
-                socket.getaddrinfo(host, None)
-            except socket.gaierror as exc:
-                raise ConfigError(f"{flag} {addr.strip()!r}: host {host!r} does not resolve ({exc.strerror})") from None
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -95,7 +84,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from common.tuning import keep_freed_memory
     cfg = from_args(WorkerConfig, args)
     _setup_logging(cfg.log_level)
-    _check_resolves("--server", cfg.server)
+    check_resolves("--server", cfg.server)
     keep_freed_memory()
     signal.signal(signal.SIGTERM, _exit_once)
     try:
@@ -198,114 +187,6 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0 if all(r.get("complete") for r in report["runs"]) else 1
 
 
-def _check_client_args(args: argparse.Namespace) -> None:
-    """The address and keys of a tool that talks to a server (status, stop)."""
-    if bool(args.curve_server) != bool(args.curve_secret):
-        raise ConfigError("--curve-server and --curve-secret go together")
-    try:
-        check_address("ADDRESS", args.address)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    _check_resolves("ADDRESS", args.address)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from worker.client import PSClient, ServerUnavailable
-    _check_client_args(args)
-    addresses, keys = _shard_addresses(args)
-    statuses = []
-    for address, key in zip(addresses, keys):   # one status per shard (one address: the server's)
-        with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                      curve_server=key, curve_secret=args.curve_secret) as ps:
-            try:
-                statuses.append(ps.status())
-            except ServerUnavailable as exc:
-                print(f"paramserver status: {exc}", file=sys.stderr)
-                return 1
-    if args.json:
-        print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
-        return 0
-    for address, st in zip(addresses, statuses):
-        if len(addresses) > 1:
-            shard = st.get("shard") or {}
-            print(f"shard {shard.get('index')} of {shard.get('count')} at {address} (plan {shard.get('plan')}):")
-        print(format_status(st))
-    return 0
-
-
-def format_status(st: dict) -> str:
-    """The text of `paramserver status`: position, workers, rates, theta's CRC32, counters, checkpoint."""
-    mode = st["mode"]
-    if mode == "sync":
-        where = f"step {st['step']}"
-    else:
-        clocks = ([w["clock"] for w in st["workers"].values() if w["state"] == "live"]
-                  or [w["clock"] for w in st["workers"].values()] or [st["min_clock"]])
-        where = f"clocks {min(clocks)}..{max(clocks)}  max gap {st['max_gap']}"
-        if st.get("staleness_bound") is not None:
-            where += f" (bound {st['staleness_bound']})"
-    gate = ""
-    if st.get("started") is False:
-        gate = f"  waiting at the start gate: {st['registered']} of {st['num_workers']} workers registered"
-    lines = [f"version {st['version']}  mode {mode}  {where}  live {st['live']}{gate}"]
-    loss = f"{st['loss']:.4f}" if isinstance(st.get("loss"), (int, float)) else "-"
-    handle = st.get("handle_ms") or {}
-    lines.append(f"  {st['updates_per_s']} updates/s  train loss {loss}  theta crc32 {st.get('theta_crc32', '-')}  "
-                 f"uptime {st['uptime_s']}s")
-    if handle:
-        lines.append("  handling ms per message: " + "  ".join(f"{q} {v}" for q, v in handle.items()))
-    if st.get("time_s"):
-        from paramserver.metrics import time_split
-        busy = 100 * st["time_s"]["busy"] / st["uptime_s"] if st.get("uptime_s") else 0.0
-        lines.append(f"  server thread {busy:.0f}% busy; {time_split(st['time_s'])}")
-    for w, info in sorted(st["workers"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"  worker {w}: {info['state']:5s} clock {info['clock']}  last seen {info['last_seen_s']}s ago")
-    lines.append("  counters: " + (", ".join(f"{k}={v}" for k, v in sorted(st["counters"].items())) or "none"))
-    ck, res = st.get("checkpoint") or {}, st.get("resumed_from") or {}
-    if ck:
-        lines.append(f"  checkpoint: {ck['path']} at version {ck['version']}")
-    else:
-        lines.append("  checkpoint: none written yet" + (f" (resumed from {res['path']} at version {res['version']})"
-                                                          if res else ""))
-    if ck and res:
-        lines.append(f"  resumed from {res['path']} at version {res['version']}")
-    return "\n".join(lines)
-
-
-def _shard_addresses(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """ADDR as a shard list (one address: the server's) and the --curve-server key of each; every key file must
-    exist before anything is sent (a stop must not halt some shards and then fail on another's key)."""
-    from common.shards import parse_addresses, per_shard
-    try:
-        addresses = parse_addresses(args.address)
-        keys = per_shard(args.curve_server, len(addresses), "--curve-server")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for flag, files in (("--curve-server", keys), ("--curve-secret", [args.curve_secret])):
-        missing = [f for f in files if f and not os.path.exists(f)]
-        if missing:
-            raise ConfigError(f"{flag}: no such key file: {', '.join(missing)}")
-    return addresses, keys
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    from worker.client import PSClient, ServerError, ServerUnavailable
-    _check_client_args(args)
-    addresses, keys = _shard_addresses(args)
-    failed = 0
-    for address, key in zip(addresses, keys):   # every shard, even after one did not answer
-        with PSClient(address, server_timeout=args.timeout, request_timeout=min(1.0, args.timeout),
-                      curve_server=key, curve_secret=args.curve_secret) as ps:
-            try:
-                ps.shutdown()
-            except (ServerUnavailable, ServerError) as exc:
-                print(f"paramserver stop: error: {address}: {exc}", file=sys.stderr)
-                failed += 1
-                continue
-        print(f"paramserver stop: {address} acknowledged SHUTDOWN; it writes its checkpoint and metrics, then exits")
-    return 1 if failed else 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from worker.evaluate import evaluate_path
     if args.eval_batches < 1 or args.batch_size < 1:
@@ -329,17 +210,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     text = sample_text(job, args.bytes, prompt=prompt, seed=args.seed, temperature=args.temperature)
     sys.stdout.write(text + "\n")
     return 0
-
-
-def _client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("address", nargs="?", default=os.environ.get("PS_SERVER", "tcp://127.0.0.1:5555"),
-                   help="server address, or the shards' addresses comma-separated (default: $PS_SERVER or "
-                        "tcp://127.0.0.1:5555)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
-    p.add_argument("--curve-server", default="", help="the server's public key file (CurveZMQ); status of K shards: "
-                                                      "one file, or K comma-separated in the order of the addresses")
-    p.add_argument("--curve-secret", default="", help="this client's secret key file (CurveZMQ; for stop under "
-                                                      "--auth: an admin key, `paramserver keys DIR --admin NAME`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_scale)
 
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
-    _client_arguments(p)
+    add_client_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("stop", help="stop a running server (SHUTDOWN: it checkpoints and exits)", allow_abbrev=False)
-    _client_arguments(p)
+    add_client_arguments(p)
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("eval", help="held-out loss (and bits per byte) of a checkpoint", allow_abbrev=False)
