@@ -14,6 +14,7 @@ it works on). The policy answers two questions for the server loop:
              the sum (or mean) is applied once. Gradients are summed in worker-id order, never in
              arrival order, so theta is bit-identical from run to run whatever the timing
     - ssp / async: applied on arrival, with learning rate lr/N (N live workers) under mean aggregation
+  The update rule itself (the sum, the 1/N and the step, written out): paramserver/update.py.
 
 A worker that leaves (or is declared dead) is removed from the barrier and from the minimum
 clock at once, so the others never wait for it.
@@ -35,6 +36,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from paramserver.store import ParamStore
+from paramserver.update import step_scales
 
 
 @dataclass
@@ -166,10 +168,9 @@ class Consistency:
             if worker in self.clocks:
                 self.clocks[worker] = max(self.clocks[worker], clock + 1)
                 self.last_clock[worker] = self.clocks[worker]
-            # mean: each push moves theta 1/N as far, so N pushes ~ one sync step. Scaling the learning rate
-            # (not the gradient) keeps that true for Adam, which is invariant to the gradient's scale.
-            lr_scale = 1.0 / max(1, len(self.clocks)) if self.aggregate == "mean" else 1.0
-            self._apply(grads, [contribution], lr_scale=lr_scale)
+            # mean: each push moves theta 1/N as far (learning rate lr/N), so N pushes ~ one sync step
+            scale, lr_scale = step_scales(self.mode, self.aggregate, len(self.clocks))
+            self._apply(grads, [contribution], scale, lr_scale)
             return PushResult("applied", version=self.store.version)
 
         if clock != self.step:
@@ -223,7 +224,8 @@ class Consistency:
     def _fold(self, final: bool = False) -> None:
         """Sum held gradients into the step's accumulator in worker-id order. The lowest held id is added
         once no live worker with a lower id can still push for this step, so that the sum's order (and so
-        its rounding) never depends on arrival order; memory holds only the gradients that arrived early."""
+        its rounding) never depends on arrival order; memory holds only the gradients that arrived early.
+        This is the Σ of the update rule (paramserver/update.py)."""
         while self._held:
             w = min(self._held)
             if not final and any(x < w and c <= self.step for x, c in self.clocks.items()):
@@ -245,11 +247,11 @@ class Consistency:
         self._fold(final=True)
         self._last_members = sorted(c.worker for c in self._contrib)
         self._members = None
-        scale = 1.0 / len(self._contrib) if self.aggregate == "mean" else 1.0
+        scale, lr_scale = step_scales(self.mode, self.aggregate, len(self._contrib))   # mean: the sum times 1/k
         acc, contrib = self._acc, self._contrib
         self._acc, self._contrib = None, []
         self.step += 1
-        self._apply(acc, contrib, scale=scale)
+        self._apply(acc, contrib, scale, lr_scale)
         return True
 
     def _apply(self, grads, contributions: list[Contribution], scale: float = 1.0, lr_scale: float = 1.0) -> None:

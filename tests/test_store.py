@@ -416,10 +416,10 @@ def test_16_bit_wire_gradients_apply_exactly_as_their_float32_values(optimizer, 
     # optimizers widen them into one reused buffer, a batch of tensors per step() call: either way theta is
     # bit-identical to applying the widened gradient, also while theta is being sent (the update then writes
     # into another buffer)
-    from paramserver import store as store_mod
+    from paramserver import update
     if sliced:
-        monkeypatch.setattr(store_mod, "MIXED_SLICE", 1000)   # 120 slices of the 300 x 400 tensor, a ragged last one
-        monkeypatch.setattr(store_mod, "WIDEN_CHUNK", 125_000)   # "w", then "v" and "b" together: two step() calls
+        monkeypatch.setattr(update, "MIXED_SLICE", 1000)   # 120 slices of the 300 x 400 tensor, a ragged last one
+        monkeypatch.setattr(update, "WIDEN_CHUNK", 125_000)   # "w", then "v" and "b" together: two step() calls
     rng = np.random.default_rng(7)
     init = {"w": rng.standard_normal((300, 400)).astype(np.float32), "v": rng.standard_normal(9000).astype(np.float32),
             "b": rng.standard_normal(5).astype(np.float32)}
