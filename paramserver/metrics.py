@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +23,44 @@ import numpy as np
 #: the worker's loss, ||theta_server - theta_worker|| when it arrived, and gradients applied so far
 UPDATE_FIELDS = ["time_s", "version", "worker", "staleness", "loss", "divergence", "applied"]
 GAP_FIELDS = ["time_s", "worker", "clock", "min_clock"]
+
+
+def merge_counters(*counters) -> dict:
+    """One map of counters kept apart by their owners (the policy's gradient counters, the server's event
+    counters): what `status()["counters"]`, checkpoints and Prometheus show. A key counted by two owners is summed."""
+    merged: dict = {}
+    for part in counters:
+        for key, value in part.items():
+            merged[key] = merged[key] + value if key in merged else value
+    return merged
+
+
+class CounterView(Mapping):
+    """A live, read-only view of counters kept apart by their owners, as one (a key counted by several is
+    summed; a key never counted reads 0, as in a Counter). Each source is a callable returning its counter
+    now, so an owner may replace its counter (a resume does) and the view still shows it.
+
+        view = CounterView(lambda: policy.counters, lambda: events)
+        view["dead"], dict(view)
+    """
+
+    def __init__(self, *sources: Callable[[], Mapping]):
+        self._sources = sources
+
+    def __getitem__(self, key):
+        return sum(src().get(key, 0) for src in self._sources)
+
+    def __contains__(self, key) -> bool:
+        return any(key in src() for src in self._sources)
+
+    def __iter__(self):
+        return iter(merge_counters(*(src() for src in self._sources)))
+
+    def __len__(self) -> int:
+        return len(merge_counters(*(src() for src in self._sources)))
+
+    def __repr__(self) -> str:
+        return f"CounterView({merge_counters(*(src() for src in self._sources))!r})"
 
 
 #: the parts of the server thread's work timed apart (status `time_s`, Prometheus `paramserver_server_seconds`);

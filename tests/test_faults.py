@@ -42,7 +42,7 @@ def test_kill_one_of_three_workers(start_server, mode):
     _wait_for(lambda: srv.server.store.version >= 30, what="training to start")
     procs[2].send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
-    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker to be noticed")
+    _wait_for(lambda: srv.server.counters["dead"] == 1, timeout=30, what="the dead worker to be noticed")
     detected = time.monotonic() - t_kill
     for p in procs[:2]:
         assert p.wait(timeout=120) == 0            # the survivors finish
@@ -183,7 +183,7 @@ def test_paused_worker_is_declared_dead_then_rejoins(start_server):
     procs = [worker_process(c) for c in _workers(srv.address, 2, 600)]
     _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
     procs[1].send_signal(signal.SIGSTOP)                   # frozen: no heartbeats, no pushes
-    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the stalled worker to be dead")
+    _wait_for(lambda: srv.server.counters["dead"] == 1, timeout=30, what="the stalled worker to be dead")
     v_dead = srv.server.store.version
     _wait_for(lambda: srv.server.store.version >= v_dead + 20, what="the live worker to go on alone")
     procs[1].send_signal(signal.SIGCONT)
@@ -200,7 +200,7 @@ def test_min_workers_holds_sync_and_says_so(start_server, caplog):
     procs = [worker_process(c) for c in _workers(srv.address, 2, 600)]
     _wait_for(lambda: srv.server.store.version >= 20, what="training to start")
     procs[1].send_signal(signal.SIGKILL)
-    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, timeout=30, what="the dead worker")
+    _wait_for(lambda: srv.server.counters["dead"] == 1, timeout=30, what="the dead worker")
     # the survivor's next pull is held (no sleep-and-hope: once it is held, nothing can move)
     _wait_for(lambda: len(srv.server.pending) == 1, timeout=30, what="the survivor's pull to be held")
     held_at = srv.server.store.version
@@ -224,7 +224,7 @@ def test_oversized_message_is_refused_and_theta_kept(start_server):
         s.connect(srv.address)
         s.send_multipart(encode(Message(MsgType.PUSH, worker=0, seq=99, tensors={"w": np.zeros(10**5, np.float32)})))
         assert not s.poll(1000)                           # ZeroMQ drops the peer: no reply, nothing applied
-    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
+    _wait_for(lambda: srv.server.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
     with PSClient(srv.address, server_timeout=5) as ps:
         st_ = ps.status()
     assert st_["theta_crc32"] == before and st_["version"] == 0

@@ -75,21 +75,21 @@ def test_lost_ack_and_eviction_before_the_resend_apply_the_push_once(start_serve
         ps.register(init=THETA)
         ack = ps.push(GRAD, version=0, clock=0)
         assert ack.meta["status"] == "applied"
-        assert srv.server.policy.counters["dead"] == 1          # it really was evicted before the resend
+        assert srv.server.counters["dead"] == 1          # it really was evicted before the resend
         assert srv.server.store.version == 1                   # one logical push, one update
         for name in THETA:
             np.testing.assert_array_equal(srv.server.store.theta[name], THETA[name] - np.float32(0.1) * GRAD[name])
         # the worker goes on: its next request finds it unknown, it registers again and is served
         assert ps.pull().version == 1
         assert ps.stats["reregistrations"] == 1
-    assert srv.server.policy.counters["duplicates"] == 1
+    assert srv.server.counters["duplicates"] == 1
 
 
 def test_a_retry_after_reregistration_keeps_its_sequence_number(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, worker_timeout=0.3)
     seen = []
     handler = srv.server.handlers[MsgType.PUSH]
-    srv.server.handlers[MsgType.PUSH] = lambda identity, msg: (seen.append(msg.seq), handler(identity, msg))[1]
+    srv.server.handlers[MsgType.PUSH] = lambda identity, msg, peer: (seen.append(msg.seq), handler(identity, msg, peer))[1]
     with PSClient(srv.address, worker=0, request_timeout=0.5, server_timeout=20) as ps:
         ps.register(init=THETA)
         _wait_for(lambda: not srv.server.workers[0].alive, what="the worker to be declared dead")
@@ -260,8 +260,8 @@ def test_another_connection_cannot_act_as_a_live_worker(start_server):
         t.join(timeout=120)
     assert all(isinstance(r, dict) and len(r["steps"]) == 150 for r in results.values()), results
     assert srv.server.policy.step == 150                   # every step had both real workers
-    assert srv.server.policy.counters["refused:identity"] == 4
-    assert srv.server.policy.counters["refused:worker_live"] == 1
+    assert srv.server.counters["refused:identity"] == 4
+    assert srv.server.counters["refused:worker_live"] == 1
 
 
 def test_a_far_sequence_jump_is_refused_not_adopted(start_server):
@@ -337,7 +337,7 @@ def test_a_hung_worker_with_live_heartbeats_is_dropped_by_step_timeout(start_ser
         hung.pull()                                    # it gets theta, then hangs: heartbeats only
         t.join(timeout=60)
         assert isinstance(results[0], dict) and len(results[0]["steps"]) == 20, results
-        assert srv.server.policy.counters["step_timeouts"] == 1
+        assert srv.server.counters["step_timeouts"] == 1
         assert srv.server.status()["workers"]["1"]["state"] == "dead"
 
 
@@ -451,7 +451,7 @@ def test_the_automatic_frame_limit_is_the_protocols_largest_frame(start_server):
         frames = encode(Message(MsgType.STATUS, seq=1))
         s.send_multipart(frames + [b"\0" * (CHUNK_BYTES + 2 * 2**20)])   # one oversized frame
         assert not s.poll(1000)
-    _wait_for(lambda: srv.server.policy.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
+    _wait_for(lambda: srv.server.counters["disconnects"] >= 1, timeout=5, what="the drop to be seen")
     with PSClient(srv.address, worker=0, server_timeout=30) as ps:
         welcome = ps.register(init={"w": np.zeros(10 * 2**20, np.float32)})          # 40 MiB, chunked
         assert welcome.tensors["w"].shape == (10 * 2**20,)
@@ -476,7 +476,7 @@ def test_only_admitted_workers_send_gradients_and_the_rest_wait_their_turn(start
     done = threading.Event()
     threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
                                      done.set()), daemon=True).start()
-    _wait_for(lambda: srv.server.push_queue, what="worker 1 to ask")
+    _wait_for(lambda: srv.server.admission.queue, what="worker 1 to ask")
     assert not done.wait(0.5) and srv.server.store.version == 0  # worker 1 waits: its gradient is not sent
     assert srv.server.status()["push_slots"] == {"in_use": 1, "waiting": 1, "limit": 1}
     a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)   # worker 0's gradient frees the slot
@@ -515,7 +515,7 @@ def test_a_waiting_worker_is_told_to_send_only_once_the_last_gradient_is_let_go(
     done = threading.Event()
     threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
                                      done.set()), daemon=True).start()
-    _wait_for(lambda: server.push_queue, what="worker 1 to ask")
+    _wait_for(lambda: server.admission.queue, what="worker 1 to ask")
     a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)
     assert done.wait(30) and server.store.version == 2
     assert frames_at_grant == [0]     # worker 0's frames were already let go of when worker 1 was admitted
@@ -533,7 +533,7 @@ def test_a_dead_workers_slot_is_given_back(start_server):
     a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
     a.close()                                                  # dies holding the slot (no heartbeats)
     ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)
-    assert ack.meta["status"] == "applied" and srv.server.policy.counters["dead"] == 1
+    assert ack.meta["status"] == "applied" and srv.server.counters["dead"] == 1
     b.close()
 
 
@@ -563,7 +563,7 @@ def test_admission_under_lost_and_duplicated_messages_applies_every_gradient_onc
     assert not errors, errors
     assert srv.server.policy.step == steps
     assert np.all(srv.server.store.theta["w"] == -0.5 * (1 + 2 + 3) * steps)   # every gradient exactly once
-    assert not srv.server.push_slots and not srv.server.push_queue
+    assert not srv.server.admission.slots and not srv.server.admission.queue
 
 
 def test_a_worker_removed_while_waiting_for_a_slot_asks_again_and_pushes(start_server):
@@ -582,7 +582,7 @@ def test_a_worker_removed_while_waiting_for_a_slot_asks_again_and_pushes(start_s
     done = threading.Event()
     threading.Thread(target=lambda: (b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock),
                                      done.set()), daemon=True).start()
-    _wait_for(lambda: srv.server.policy.counters["dead"] == 1, what="worker 1 to be declared dead while queued")
+    _wait_for(lambda: srv.server.counters["dead"] == 1, what="worker 1 to be declared dead while queued")
     a.push({"w": np.ones(1 << 18, np.float32)}, pa.version, pa.clock)          # the slot is free again
     assert done.wait(40), "worker 1 never pushed"
     assert srv.server.store.version == 3 and b.stats["reregistrations"] >= 1
@@ -599,8 +599,8 @@ def test_an_unused_slot_lapses_after_the_worker_timeout(start_server):
     pa, pb = a.pull(), b.pull()
     a._request(Message(MsgType.PUSH, clock=pa.clock, version=pa.version, meta={"reserve": True}))
     ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)    # waits for the lapse, not forever
-    assert ack.meta["status"] == "applied" and srv.server.policy.counters["dead"] == 0
-    assert 0 not in srv.server.push_slots
+    assert ack.meta["status"] == "applied" and srv.server.counters["dead"] == 0
+    assert 0 not in srv.server.admission.slots
     a.close(), b.close()
 
 
@@ -616,18 +616,18 @@ def test_unadmitted_pushes_are_counted_and_a_leaving_workers_shm_segment_is_drop
     reply = _ask(raw, Message(MsgType.PUSH, worker=1, seq=2, clock=0, version=reply.version,
                               tensors={"w": np.ones(1 << 18, np.float32)}))  # a client of its own: not asking
     assert reply.meta["status"] == "applied"
-    assert srv.server.policy.counters["unadmitted_pushes"] == 1
-    assert srv.server.transport is not None or not __import__("common.shm").shm.available()
-    if srv.server.transport is not None:                                    # same-host shared memory available
+    assert srv.server.counters["unadmitted_pushes"] == 1
+    assert srv.server.transport.shm is not None or not __import__("common.shm").shm.available()
+    if srv.server.transport.shm is not None:                                    # same-host shared memory available
         with ShmClient(srv.address, worker=2, server_timeout=30) as ps:
             ps.register()
             p = ps.pull()
             ps.push({"w": np.ones(1 << 18, np.float32)}, p.version, p.clock)
             assert ps.stats["shm_pushes"] == 1                               # through /dev/shm: nothing to admit
-            assert len(srv.server.transport.grads.segments) == 1
+            assert len(srv.server.transport.shm.grads.segments) == 1
             ps.leave()
-        assert srv.server.policy.counters["unadmitted_pushes"] == 1
-        assert not srv.server.transport.grads.segments and len(srv.server.transport.grads.pool) <= 1
+        assert srv.server.counters["unadmitted_pushes"] == 1
+        assert not srv.server.transport.shm.grads.segments and len(srv.server.transport.shm.grads.pool) <= 1
     raw.close()
     asking.close()
 
@@ -644,14 +644,14 @@ def test_step_timeout_spares_a_worker_waiting_for_admission_not_one_holding_a_sl
     # worker 1 waits for the slot longer than --step-timeout: it is not hung, worker 0 (holding it) is
     ack = b.push({"w": np.ones(1 << 18, np.float32)}, pb.version, pb.clock)
     assert ack.meta["status"] == "applied" and srv.server.policy.step == 1
-    assert srv.server.policy.counters["step_timeouts"] == 1
+    assert srv.server.counters["step_timeouts"] == 1
     status = srv.server.status()["workers"]
     assert status["0"]["state"] == "dead" and status["1"]["state"] == "live"
     a.close(), b.close()
 
 
 def test_snapshot_flags_reach_the_store_and_a_checkpoint_hands_memory_back(tmp_path, monkeypatch):
-    import paramserver.server as server_module
+    import paramserver.checkpointer as server_module
     calls = []
     monkeypatch.setattr(server_module, "release_free_memory", lambda: calls.append(1) or True)
     srv = Server(ServerConfig(bind="tcp://127.0.0.1:*", snapshot_buffers=3, snapshot_wait=1.5,
@@ -720,8 +720,8 @@ def test_a_held_shared_memory_pull_asking_for_bf16_is_answered_over_the_socket(s
     reply = decode(odd.recv_multipart(), raw=True)
     assert reply.type == MsgType.PARAMS and reply.version == 1 and "shm" not in reply.meta
     assert {t.wire for t in reply.tensors.values()} == {"bf16"}          # over the socket, in bf16
-    assert srv.thread.is_alive() and srv.server.policy.counters["internal_errors"] == 0
-    assert srv.server.policy.counters["dead"] == 1
+    assert srv.thread.is_alive() and srv.server.counters["internal_errors"] == 0
+    assert srv.server.counters["dead"] == 1
     odd.close()
     beat.close()
 
@@ -739,12 +739,12 @@ def test_an_error_between_messages_is_counted_and_the_server_keeps_serving(start
         ps.register(init=THETA)
         p = ps.pull()
         assert ps.push(GRAD, p.version, p.clock).meta["status"] == "applied"
-    assert srv.thread.is_alive() and srv.server.policy.counters["internal_errors"] >= 2
+    assert srv.thread.is_alive() and srv.server.counters["internal_errors"] >= 2
 
 
 def test_a_checkpoint_that_cannot_be_written_is_logged_and_the_server_keeps_serving(start_server, tmp_path,
                                                                                     monkeypatch):
-    import paramserver.server as server_module
+    import paramserver.checkpointer as server_module
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, checkpoint=str(tmp_path / "c.pt"),
                        metrics=str(tmp_path / "m.json"))
 
@@ -756,9 +756,9 @@ def test_a_checkpoint_that_cannot_be_written_is_logged_and_the_server_keeps_serv
         srv.server.write_checkpoint()
         p = ps.pull()
         assert ps.push(GRAD, p.version, p.clock).meta["status"] == "applied"
-    assert srv.server.policy.counters["checkpoint_errors"] == 1 and not (tmp_path / "c.pt").exists()
+    assert srv.server.counters["checkpoint_errors"] == 1 and not (tmp_path / "c.pt").exists()
     srv.stop()                                     # close(): the final checkpoint fails too, the metrics are written
-    assert srv.server.policy.counters["checkpoint_errors"] == 2 and (tmp_path / "m.json").exists()
+    assert srv.server.counters["checkpoint_errors"] == 2 and (tmp_path / "m.json").exists()
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_at_start(tmp_path):
@@ -856,7 +856,7 @@ def test_a_push_accumulated_in_the_unfinished_step_is_accumulated_again_after_a_
     try:
         a = _raw_socket(second.address, rid)
         assert _ask(a, Message(MsgType.REGISTER, worker=0, seq=4)).type == MsgType.WELCOME
-        counters = second.server.policy.counters
+        counters = second.server.counters
         received, duplicates = counters["received"], counters["duplicates"]   # (restored from the checkpoint)
         again = _ask(a, push)                     # the resend of seq 3 (its ACK was lost in the crash)
         # handled as a new push (worker 1 is not back, so the step may complete with it alone)
@@ -873,14 +873,14 @@ def test_a_bug_in_a_handler_is_an_internal_error_and_the_server_keeps_serving(st
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
     handler = srv.server.handlers[MsgType.STATUS]
 
-    def broken(identity, msg):
+    def broken(identity, msg, peer):
         raise RuntimeError("a bug of ours")
     srv.server.handlers[MsgType.STATUS] = broken
     raw = _raw_socket(srv.address)
     reply = _ask(raw, Message(MsgType.STATUS, seq=1))
     assert reply.type == MsgType.ERROR and reply.meta["code"] == "internal"
     assert "RuntimeError: a bug of ours" in reply.meta["error"]
-    assert srv.server.policy.counters["internal_errors"] == 1
+    assert srv.server.counters["internal_errors"] == 1
     srv.server.handlers[MsgType.STATUS] = handler
     with PSClient(srv.address, worker=0, server_timeout=10) as ps:
         ps.register(init=THETA)
@@ -897,7 +897,7 @@ def test_no_track_divergence_records_none_and_keeps_no_samples(start_server):
         for _ in range(3):
             p = ps.pull()
             ps.push(GRAD, p.version, p.clock)
-    assert [u[5] for u in srv.server.record.updates] == [None] * 3 and srv.server.held == {}
+    assert [u[5] for u in srv.server.record.updates] == [None] * 3 and srv.server.divergence.held == {}
 
 
 def test_sync_divergence_is_zero_and_takes_no_sample(start_server):
@@ -908,7 +908,7 @@ def test_sync_divergence_is_zero_and_takes_no_sample(start_server):
         for _ in range(3):
             p = ps.pull()
             ps.push(GRAD, p.version, p.clock)
-    assert [u[5] for u in srv.server.record.updates] == [0.0] * 3 and srv.server.held == {}
+    assert [u[5] for u in srv.server.record.updates] == [0.0] * 3 and srv.server.divergence.held == {}
 
 
 @pytest.mark.parametrize("every", [1, 3])
@@ -949,16 +949,16 @@ def test_auto_divergence_samples_while_it_costs_under_5_percent_of_the_apply(sta
         ps.register(init=THETA)
         p = ps.pull()
         ps.push(GRAD, p.version, p.clock)
-        assert server.held.get(0)                                   # nothing spent yet: the first pull samples
-        server.held.clear()
+        assert server.divergence.held.get(0)                                   # nothing spent yet: the first pull samples
+        server.divergence.held.clear()
         server.phases.seconds["divergence"] = 1.0                   # over budget: 1 s against (far) under 20 s
         assert server.policy.apply_s < 1.0 / server_mod.DIVERGENCE_BUDGET
         p = ps.pull()
         ps.push(GRAD, p.version, p.clock)
-        assert not server.held.get(0)
+        assert not server.divergence.held.get(0)
         server.policy.apply_s = 2.0 / server_mod.DIVERGENCE_BUDGET  # back within it
         p = ps.pull()
-        assert server.held.get(0)
+        assert server.divergence.held.get(0)
 
 
 def test_a_resent_pull_does_not_evict_the_sample_a_prefetched_push_needs(start_server):
@@ -1032,11 +1032,11 @@ def test_chunked_tensors_reuse_their_join_buffers(start_server, monkeypatch, mod
     _pull_push_at_once(clients, grad, 5, timeout=60)
     assert srv.server.store.version == 5
     np.testing.assert_allclose(srv.server.store.theta["w"], -0.1 * 0.5 * 5, rtol=1e-6)   # (sync: mean of 2)
-    assert srv.server._joined.allocations == n + 1   # + the REGISTER's theta, joined before theta was known
+    assert srv.server.transport.joined.allocations == n + 1   # + the REGISTER's theta, joined before theta was known
     assert all(ps._joined.allocations <= 2 for ps in clients)
     # a peer's made-up tensor is joined for the one message and never kept (no memory held for it)
     with pytest.raises(ServerError, match="unknown parameter"):
         clients[0].push({"zzz": np.zeros(5000, np.float32)}, 0, 0)
-    assert set(srv.server._joined.buffers) == {("w", 4000)}
+    assert set(srv.server.transport.joined.buffers) == {("w", 4000)}
     for ps in clients:
         ps.close()

@@ -238,7 +238,7 @@ def test_mismatched_shard_map_is_refused_with_a_clear_error(start_server):
         with pytest.raises(ServerError, match="plan hash differs"):
             ps.register(other)
     for sh in shards:
-        assert sh.server.policy.counters["rejected"] >= 1
+        assert sh.server.counters["rejected"] >= 1
 
 
 # -- the command line -----------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def test_falls_back_to_the_socket(start_server):
     with ShmClient(srv2.address, worker=0, request_timeout=1, server_timeout=10) as ps:
         ps.register(init=params)
         ps.reader.close()                      # as if the server's segment were on another host
-        ps.reader = shm.ThetaReader.attach({**srv2.server.transport.theta.info(), "token": "f" * 16})
+        ps.reader = shm.ThetaReader.attach({**srv2.server.transport.shm.theta.info(), "token": "f" * 16})
         assert ps.transport == "tcp"
         p = ps.pull()
         assert all(np.array_equal(p.tensors[n], params[n]) for n in params) and ps.stats["shm_pulls"] == 0
@@ -308,7 +308,7 @@ def test_a_full_dev_shm_falls_back_to_the_socket(start_server, monkeypatch):
         assert "shm" not in welcome.meta and ps.transport == "tcp"
         p = ps.pull()
         ps.push({n: np.ones_like(t) for n, t in params.items()}, version=p.version, clock=p.clock)
-    assert srv.server.store.version == 1 and "No space left" in srv.server.transport.failed
+    assert srv.server.store.version == 1 and "No space left" in srv.server.transport.shm.failed
     assert not [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"pst-{os.getpid()}-")]   # nothing left behind
 
 

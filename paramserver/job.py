@@ -1,0 +1,77 @@
+"""The job a server serves: the flags its workers share, and the shard this server is of it.
+
+This part owns the job's description (`flags`: the first worker's job flags, or the resumed
+checkpoint's), the shard map (`shard`: this server's index, the shard count and the partition
+plan's hash, see common/shards.py) with the full model layout the plan was built from
+(`layout`, to merge the shards' checkpoints), and the checks a REGISTER must pass against them.
+
+Usage::
+
+    job = Job(cfg)
+    plan = job.check_shard(msg)          # RequestError(shard_mismatch), or the plan to adopt
+    job.check_flags(msg.meta.get("job") or {})
+"""
+from __future__ import annotations
+
+from common.config import ServerConfig
+from common.protocol import Message
+from common.shards import ShardPlan, check_identity
+from paramserver.sessions import RequestError
+
+
+class Job:
+    """The job's flags, this server's shard and the plan's layout (see the module docstring)."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.flags: dict = {}
+        self.shard = {"index": cfg.shard_index, "count": cfg.num_shards, "plan": ""}   # see common/shards.py
+        self.layout: dict = {}   # the full model layout the plan was built from (to merge checkpoints)
+
+    def check_shard(self, msg: Message) -> tuple[str, dict] | None:
+        """Refuse a worker whose shard map (count, this server's index, partition plan) differs from ours.
+        Returns the (plan hash, layout) the first worker brings, for `adopt` once the registration has
+        succeeded (a refused REGISTER must not fix the plan for everyone after it)."""
+        offered = msg.meta.get("shard")
+        if offered is not None and not isinstance(offered, dict):
+            raise RequestError("shard_mismatch", "REGISTER meta 'shard' must be a map {index, count, plan, layout}")
+        why = check_identity(self.cfg.shard_index, self.cfg.num_shards, self.shard["plan"], offered)
+        adopt = None
+        if not why and offered and not self.shard["plan"]:
+            try:   # the first worker's plan: recompute it from its layout, so a bad map is caught here
+                plan = ShardPlan.build(offered.get("layout") or {}, self.cfg.num_shards)
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise RequestError("shard_mismatch", f"REGISTER carries an unusable model layout: {exc}") from None
+            mine = {p.key: p for p in plan.by_shard[self.cfg.shard_index]}
+            if plan.hash != offered.get("plan"):
+                why = (f"plan hash differs: the worker says {offered.get('plan')!r} but its layout gives "
+                       f"{plan.hash!r} (another paramserver version?)")
+            elif msg.tensors and set(msg.tensors) != set(mine):
+                why = "the pieces this worker sent are not the ones its plan assigns to this shard"
+            else:
+                adopt = plan.hash, plan.layout
+        if why:
+            raise RequestError("shard_mismatch", why)
+        return adopt
+
+    def adopt(self, plan: tuple[str, dict] | None) -> None:
+        """The first worker's shard plan (from check_shard) is the job's from now on."""
+        if plan is not None:
+            self.shard["plan"], self.layout = plan
+
+    def check_flags(self, job: dict) -> None:
+        """Refuse a worker whose job description (the flags every worker of a job shares) differs from the
+        job's (the first worker's, or the resumed checkpoint's), naming each differing flag; and one that
+        was started for another number of workers (it would train on the wrong share of the data)."""
+        if not isinstance(job, dict):
+            return
+        diffs = []
+        n = job.get("num_workers")
+        if isinstance(n, int) and n != self.cfg.num_workers:
+            diffs.append(f"--num-workers {n} (the server has --num-workers {self.cfg.num_workers})")
+        for key, value in sorted(job.items()):
+            if key != "num_workers" and key in self.flags and self.flags[key] != value:
+                diffs.append(f"--{key.replace('_', '-')} {value!r} (the job has {self.flags[key]!r})")
+        if diffs:
+            raise RequestError("job_mismatch", "this worker was started with other job flags than the job it "
+                               "joins: " + "; ".join(diffs) + ". Start it with the job's flags")
