@@ -1,7 +1,9 @@
 """paramserver: a parameter server for data-parallel training.
 
-The names a user's own worker needs, imported on first use (so `import paramserver` itself,
-and the server, import no torch; `PSClient`, `connect`, `worker_config` and `ShardSampler` never do):
+The names a user's own worker needs, imported on first use: `import paramserver` itself imports no
+torch, and `PSClient`, `connect`, `worker_config` and `ShardSampler` never do (numpy only). The server
+does import torch: its update rule runs in torch (paramserver/update.py, through store.py) and its
+checkpoints are torch files (common/checkpoint.py).
 
     import paramserver as ps
     opt = ps.DistributedOptimizer(model)        # PyTorch: worker/api.py
