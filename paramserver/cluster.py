@@ -40,16 +40,26 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(args: list[str], log_path: str, stdout=None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+#: the folder that holds the `paramserver` package: children import the same code as this process
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spawn(args: list[str], log_path: str | None = None, **popen) -> subprocess.Popen:
+    """`python -m paramserver ARGS`, identity (PS_*) only from flags. With `log_path`: a child of the cluster
+    (output to that log unless `popen` says otherwise, its own session, gone with its parent)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p))
     for var in ("PS_ROLE", "PS_SERVER", "PS_BIND", "PS_RANK", "PS_NUM_WORKERS", "PS_SHARD_INDEX", "PS_NUM_SHARDS"):
         env.pop(var, None)   # the cluster passes identity as flags
+    argv = [sys.executable, "-m", "paramserver"] + args
+    if log_path is None:
+        return subprocess.Popen(argv, env=env, **popen)
     with open(log_path, "w") as log:   # the child keeps its own copy of the descriptor
+        popen.setdefault("stdout", log)
         # a session of its own: a Ctrl-C in the terminal reaches the cluster only, which stops the children
         # in order (workers first, then the server with a checkpoint)
-        return subprocess.Popen([sys.executable, "-m", "paramserver"] + args, stdout=stdout or log, stderr=log,
-                                env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        return subprocess.Popen(argv, stderr=log, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None, **popen)
 
 
 def last_error_line(log_path: str) -> str:
@@ -105,28 +115,36 @@ def start_server(scfg: ServerConfig, out: str, timeout: float = 60.0,
     return proc, line.rsplit(" ", 1)[-1].strip()
 
 
+def launch_worker(cfg: WorkerConfig, log_path: str | None = None, **popen) -> subprocess.Popen:
+    """The one way a `paramserver worker` process starts: the cluster's, the benches' and the tests' workers.
+
+    The process runs `cfg` exactly (its flags, the rank always). With `log_path` it is a child of the cluster
+    (output to that log, its own session, gone with its parent); without, `popen` (stdout, stderr, cwd) says
+    where its output goes, as a test wants.
+
+        proc = launch_worker(WorkerConfig(server=address, rank=1, num_workers=2), "out/worker1.log")
+    """
+    return _spawn(["worker"] + to_argv(cfg, skip=("rank",)) + ["--rank", str(cfg.rank)], log_path, **popen)
+
+
 def start_workers(wcfg: WorkerConfig, n: int, address: str, out: str, slowdown: dict[int, float] | None = None,
                   threads: int = 0, slowdown_prob: float = 1.0, procs: list | None = None,
                   keys: str = "") -> list[subprocess.Popen]:
     """Start n `paramserver worker` processes; `slowdown` maps rank -> straggler factor. `procs`, when
     given, is the list the processes are appended to as they start (and is returned). With `keys` (a
     folder from cluster_keys) worker r talks CurveZMQ with its own key workerR.key_secret (and, to K shards,
-    each shard's public key server-shardI.key)."""
+    each shard's public key server-shardI.key). Each worker runs `wcfg` with its identity and these settings."""
     from common.security import server_key_names
     procs = [] if procs is None else procs
+    servers = server_key_names(len(address.split(",")))   # one server public key per shard, in address order
     for rank in range(n):
-        argv = to_argv(wcfg, skip=("server", "rank", "num_workers", "out", "slowdown", "slowdown_prob", "threads",
-                                   "curve_server", "curve_secret"))
-        argv += ["--server", address, "--rank", str(rank), "--num-workers", str(n), "--out", out]
-        if keys:   # one server public key per shard, in the order of the addresses
-            servers = server_key_names(len(address.split(",")))
-            argv += ["--curve-server", ",".join(os.path.join(keys, name + ".key") for name in servers),
-                     "--curve-secret", os.path.join(keys, f"worker{rank}.key_secret")]
-        if slowdown and slowdown.get(rank, 1.0) > 1.0:
-            argv += ["--slowdown", str(slowdown[rank]), "--slowdown-prob", str(slowdown_prob)]
-        if threads:
-            argv += ["--threads", str(threads)]
-        procs.append(_spawn(["worker"] + argv, os.path.join(out, f"worker{rank}.log")))
+        slow = (slowdown or {}).get(rank, 1.0) > 1.0
+        cfg = dataclasses.replace(
+            wcfg, server=address, rank=rank, num_workers=n, out=out, threads=threads,
+            slowdown=slowdown[rank] if slow else 1.0, slowdown_prob=slowdown_prob if slow else 1.0,
+            curve_server=",".join(os.path.join(keys, s + ".key") for s in servers) if keys else "",
+            curve_secret=os.path.join(keys, f"worker{rank}.key_secret") if keys else "")
+        procs.append(launch_worker(cfg, os.path.join(out, f"worker{rank}.log")))
     return procs
 
 

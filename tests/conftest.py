@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common.config import ServerConfig, WorkerConfig, to_argv  # noqa: E402
+from common.config import ServerConfig, WorkerConfig  # noqa: E402
 from paramserver.server import Server  # noqa: E402
 
 
@@ -51,10 +51,9 @@ def start_server():
 
 
 def worker_process(cfg: WorkerConfig, **popen) -> subprocess.Popen:
-    """Start `paramserver worker` for cfg in a subprocess."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "paramserver", "worker"] + to_argv(cfg) +
-                            ["--rank", str(cfg.rank)], env=env, **popen)
+    """Start `paramserver worker` for cfg in a subprocess, the cluster's way (its output: as `popen` says)."""
+    from paramserver.cluster import launch_worker
+    return launch_worker(cfg, **popen)
 
 
 def run_worker_thread(cfg: WorkerConfig, results: dict) -> threading.Thread:

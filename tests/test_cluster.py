@@ -201,3 +201,26 @@ def test_cluster_keys_dir_uses_the_keys_there_and_makes_the_missing_ones(tmp_pat
     st = json.loads((out / "metrics.json").read_text())["server"]["status"]
     assert st["version"] == 4 and st["counters"].get("handshake_failures", 0) == 0
     assert not (out / "keys").exists()                                               # not --curve's folder
+
+
+def test_start_workers_launches_each_worker_on_its_own_config(monkeypatch, tmp_path):
+    """start_workers goes through launch_worker (the tests' way to start a worker too): each worker's flags
+    give back exactly the config it should run (its identity, the cluster's settings, the wcfg's others)."""
+    import argparse
+    from common.config import ENV_VARS, WorkerConfig, add_arguments, from_args
+    from paramserver import cluster
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    seen = []
+    monkeypatch.setattr(cluster, "_spawn", lambda args, log_path=None, **popen: seen.append((args, log_path)))
+    wcfg = WorkerConfig(job="mlp", steps=7, threads=5, slowdown=9.0, wire_dtype="bf16")
+    cluster.start_workers(wcfg, 3, "tcp://h:1", str(tmp_path), slowdown={2: 3.0}, threads=2, slowdown_prob=0.5)
+    assert len(seen) == 3
+    for rank, (args, log_path) in enumerate(seen):
+        assert args[0] == "worker" and log_path == os.path.join(str(tmp_path), f"worker{rank}.log")
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, WorkerConfig)
+        cfg = from_args(WorkerConfig, parser.parse_args(args[1:]))
+        assert cfg == WorkerConfig(job="mlp", steps=7, wire_dtype="bf16", server="tcp://h:1", rank=rank,
+                                   num_workers=3, out=str(tmp_path), threads=2,
+                                   slowdown=3.0 if rank == 2 else 1.0, slowdown_prob=0.5 if rank == 2 else 1.0)
