@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture: `paramserver ARGS` in this process)
 from tests.conftest import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -28,22 +29,37 @@ def ps(*args, env=None, timeout=300):
     (["server", "--mode", "ssp", "--backup-workers", "1", "--num-workers", "3"], "only applies to --mode sync"),
     (["worker", "--rank", "4", "--num-workers", "2"], "--rank 4 must be in [0, 1]"),
 ])
-def test_bad_flags_are_rejected_with_a_clear_message(args, needle):
-    r = ps(*args, timeout=60)
+def test_bad_flags_are_rejected_with_a_clear_message(cli, args, needle):
+    r = cli(*args)
     assert r.returncode == 2
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_every_flag_has_help():
-    r = ps("cluster", "--help", timeout=60)
+@pytest.mark.parametrize("args, needle", [
+    (["server", "--mode", "syncc"], "invalid choice: 'syncc' (choose from 'sync', 'ssp', 'async')"),
+    (["worker", "--sever", "tcp://127.0.0.1:5555"], "did you mean --server?"),
+    (["cluster", "--step", "10"], "did you mean --steps?"),
+])
+def test_a_typo_through_the_real_command_is_one_line(args, needle):
+    """End to end, one per command (the tables here check the rest in process): `python -m paramserver` exits 2
+    with the one line and the command's short usage, no traceback, no 40 lines of usage."""
+    r = ps(*args, timeout=60)
+    _one_line(r, needle)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) <= 2
+    assert r.stderr.startswith(f"usage: paramserver {args[0]}") and f"paramserver {args[0]}: error: " in r.stderr
+
+
+def test_every_flag_has_help(cli):
+    r = cli("cluster", "--help")
     assert r.returncode == 0
     for flag in ("--mode", "--staleness", "--workers", "--aggregate", "--optimizer", "--shard", "--accum",
                  "--device", "--straggler"):
         assert flag in r.stdout
 
 
-def test_environment_carries_identity():
+def test_environment_carries_identity(cli):
     from common.config import WorkerConfig, env_overrides
     os.environ.update(PS_RANK="1", PS_NUM_WORKERS="3", PS_SERVER="tcp://10.0.0.1:5555")
     try:
@@ -51,7 +67,7 @@ def test_environment_carries_identity():
     finally:
         for k in ("PS_RANK", "PS_NUM_WORKERS", "PS_SERVER"):
             del os.environ[k]
-    r = ps("--mode", "nope", env={"PS_ROLE": "server"}, timeout=60)   # PS_ROLE picks the subcommand
+    r = cli("--mode", "nope", env={"PS_ROLE": "server"})   # PS_ROLE picks the subcommand
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
 
 
@@ -138,27 +154,27 @@ def _one_line(r, needle):
     (["server", "--resume", os.path.join(ROOT, "README.md")], "not a checkpoint written by paramserver"),
     (["worker", "--server", "tcp://no-such-host.invalid:5555"], "does not resolve"),
 ])
-def test_a_mistake_gets_one_line_naming_what_to_change(args, needle):
-    r = ps(*args, timeout=60)
+def test_a_mistake_gets_one_line_naming_what_to_change(cli, args, needle):
+    r = cli(*args)
     _one_line(r, needle)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) <= 2      # no 40 lines of usage
 
 
-def test_a_subcommand_typo_gets_that_subcommands_usage():
-    r = ps("cluster", "--step", "10", timeout=60)
+def test_a_subcommand_typo_gets_that_subcommands_usage(cli):
+    r = cli("cluster", "--step", "10")
     assert "usage: paramserver cluster" in r.stderr
 
 
-def test_truncated_checkpoint_and_empty_data_folder_are_one_line(tmp_path):
+def test_truncated_checkpoint_and_empty_data_folder_are_one_line(cli, tmp_path):
     torch.save({"theta": {"w": torch.zeros(3)}, "version": 1}, tmp_path / "ok.pt")
     blob = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
-    _one_line(ps("server", "--resume", str(tmp_path / "cut.pt"), timeout=60), "truncated or damaged")
+    _one_line(cli("server", "--resume", str(tmp_path / "cut.pt")), "truncated or damaged")
     (tmp_path / "empty").mkdir()
-    _one_line(ps("worker", "--data", str(tmp_path / "empty"), timeout=60), "no text files found")
+    _one_line(cli("worker", "--data", str(tmp_path / "empty")), "no text files found")
     # the cluster checks both before it starts any process
-    r = ps("cluster", "--resume", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "c"), timeout=60)
+    r = cli("cluster", "--resume", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "c"))
     _one_line(r, "truncated or damaged")
     assert not (tmp_path / "c" / "server.log").exists()
 
@@ -189,14 +205,15 @@ def test_cluster_prints_the_failing_workers_own_error_line(tmp_path, shards):
 
 # -- mismatches are caught, not trained through -------------------------------------------------
 
-def _worker(address, *flags, timeout=120):
-    return ps("worker", "--server", address, "--job", "mlp", "--steps", "3", "--eval-every", "0", "--log-every", "0",
-              "--server-timeout", "20", *flags, timeout=timeout)
+def _worker(cli, address, *flags):
+    """`paramserver worker` in this process (the server is in this process too)."""
+    return cli("worker", "--server", address, "--job", "mlp", "--steps", "3", "--eval-every", "0", "--log-every", "0",
+               "--server-timeout", "20", *flags)
 
 
-def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_server, tmp_path):
+def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(cli, start_server, tmp_path):
     srv = start_server(num_workers=2, mode="sync")
-    r = _worker(srv.address, "--num-workers", "3", "--out", str(tmp_path))
+    r = _worker(cli, srv.address, "--num-workers", "3", "--out", str(tmp_path))
     _one_line(r, "--num-workers 3 (the server has --num-workers 2)")
     assert not srv.server.store.initialized or srv.server.store.version == 0
     # its metrics file is written on this way out too, saying why
@@ -204,11 +221,11 @@ def test_a_worker_for_another_num_workers_is_refused_naming_the_flag(start_serve
     assert exit_text.startswith("error: ServerError") and "job_mismatch" in exit_text
 
 
-def test_a_worker_with_other_job_flags_is_refused_naming_each_flag(start_server):
+def test_a_worker_with_other_job_flags_is_refused_naming_each_flag(cli, start_server):
     srv = start_server(num_workers=1, mode="async")
-    assert _worker(srv.address).returncode == 0          # the job: mlp, seed 0, hidden 32
+    assert _worker(cli, srv.address).returncode == 0     # the job: mlp, seed 0, hidden 32
     version = srv.server.store.version
-    r = _worker(srv.address, "--seed", "1", "--hidden", "16")
+    r = _worker(cli, srv.address, "--seed", "1", "--hidden", "16")
     _one_line(r, "--hidden 16 (the job has 32)")
     assert "--seed 1 (the job has 0)" in r.stderr
     assert srv.server.store.version == version           # nothing trained through
@@ -231,10 +248,9 @@ def test_a_waiting_worker_says_what_it_waits_for(start_server):
         p.wait()
 
 
-def test_cluster_refuses_a_resume_with_another_optimizer_before_starting(tmp_path):
+def test_cluster_refuses_a_resume_with_another_optimizer_before_starting(cli, tmp_path):
     torch.save({"theta": {"w": torch.zeros(3)}, "version": 4, "optimizer": "adam"}, tmp_path / "adam.pt")
-    r = ps("cluster", "--optimizer", "sgd", "--resume", str(tmp_path / "adam.pt"), "--out", str(tmp_path / "c"),
-           timeout=60)
+    r = cli("cluster", "--optimizer", "sgd", "--resume", str(tmp_path / "adam.pt"), "--out", str(tmp_path / "c"))
     _one_line(r, "the checkpoint was written with --optimizer adam")
     assert not (tmp_path / "c" / "server.log").exists()
 
