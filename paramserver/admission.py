@@ -23,7 +23,7 @@ from typing import Callable
 from common.config import ServerConfig
 from common.protocol import RESERVE_MIN_BYTES, Message, MsgType, wire_bytes
 
-log = logging.getLogger("paramserver.admission")
+log = logging.getLogger("paramserver.server.admission")   # (under the server's: its level applies)
 
 
 class Admission:

@@ -34,7 +34,7 @@ from paramserver.metrics import ServerMetrics, merge_counters
 from paramserver.sessions import Sessions
 from paramserver.store import ParamStore
 
-log = logging.getLogger("paramserver.checkpointer")
+log = logging.getLogger("paramserver.server.checkpointer")   # (under the server's: its level applies)
 
 #: flags a checkpoint must have been written with to be resumed (unless --resume-override)
 RESUME_MUST_MATCH = ("mode", "aggregate", "lr", "num_workers")

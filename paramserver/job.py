@@ -1,7 +1,7 @@
-"""The job a server serves: the flags its workers share, and the shard this server is of it.
+"""The job a server serves: its model, the flags its workers share, and the shard this server is of it.
 
 This part owns the job's description (`flags`: the first worker's job flags, or the resumed
-checkpoint's), the shard map (`shard`: this server's index, the shard count and the partition
+checkpoint's; the first worker's REGISTER also brings theta, every later model must match it), the shard map (`shard`: this server's index, the shard count and the partition
 plan's hash, see common/shards.py) with the full model layout the plan was built from
 (`layout`, to merge the shards' checkpoints), and the checks a REGISTER must pass against them.
 
@@ -13,10 +13,15 @@ Usage::
 """
 from __future__ import annotations
 
+import logging
+
 from common.config import ServerConfig
 from common.protocol import Message
 from common.shards import ShardPlan, check_identity
 from paramserver.sessions import RequestError
+from paramserver.store import ParamStore
+
+log = logging.getLogger("paramserver.server.job")   # (under the server's: its level applies)
 
 
 class Job:
@@ -53,6 +58,25 @@ class Job:
         if why:
             raise RequestError("shard_mismatch", why)
         return adopt
+
+    def check_model(self, msg: Message, store: ParamStore, worker: int) -> bool:
+        """The first REGISTER carries the initial parameters (theta and the job's flags come from it: True);
+        every later one's model must match them (RequestError model_mismatch; no_parameters before theta)."""
+        if msg.tensors:
+            if not store.initialized:
+                store.init(msg.tensors)
+                self.flags = dict(msg.meta.get("job", {}))
+                log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
+                         sum(t.size for t in msg.tensors.values()))
+                return True
+            if {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != store.layout():
+                raise RequestError("model_mismatch", "this worker's model does not match the parameters the "
+                                   "server holds (names, shapes or dtypes differ); start it with the same job "
+                                   "flags as the others")
+        elif not store.initialized:
+            raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
+                               "carry the initial parameters")
+        return False
 
     def adopt(self, plan: tuple[str, dict] | None) -> None:
         """The first worker's shard plan (from check_shard) is the job's from now on."""

@@ -26,7 +26,7 @@ from paramserver.metrics import PhaseTimes, ServerMetrics
 from paramserver.sessions import Sessions, WorkerState
 from paramserver.store import ParamStore
 
-log = logging.getLogger("paramserver.server")   # (its lines are the server's: why pulls are held)
+log = logging.getLogger("paramserver.server.pulls")   # (under the server's: its level applies)
 
 
 class Pulls:

@@ -37,16 +37,15 @@ import zmq
 from common.config import ServerConfig
 from common.protocol import WIRE_DTYPES, Encoded, Message, MsgType, decode_wire, error_reply, session_of
 from paramserver.admission import Admission
-from paramserver.checkpointer import RESUME_MUST_MATCH, Checkpointer  # noqa: F401 (re-exported)
+from paramserver.checkpointer import Checkpointer
 from paramserver.consistency import Consistency, Contribution
-from paramserver.divergence import DIVERGENCE_BUDGET, Divergence  # noqa: F401 (re-exported)
+from paramserver.divergence import Divergence
 from paramserver.job import Job
 from paramserver.metrics import CounterView, PhaseTimes, ServerMetrics
 from paramserver.pulls import Pulls
-from paramserver.sessions import (AS_WORKER, MAX_SEQ_JUMP, SEQUENCED, Peer, RequestError,  # noqa: F401
-                                  Sessions, WorkerState, load_admin_keys)
+from paramserver.sessions import Peer, RequestError, Sessions, WorkerState
 from paramserver.store import ParamStore
-from paramserver.transport import SEND_HWM, Transport, user_id  # noqa: F401 (re-exported)
+from paramserver.transport import Transport, user_id
 
 log = logging.getLogger("paramserver.server")
 
@@ -76,7 +75,7 @@ class Server:
         self.phases = PhaseTimes()   # where this thread's time goes (status time_s)
         send = lambda *args, **kw: self._send(*args, **kw)   # noqa: E731 (looked up per call: tests spy on it)
         self.transport = Transport(cfg, context or zmq.Context.instance(), self.events, self.phases)
-        self.sessions = Sessions(cfg)
+        self.sessions = Sessions(cfg, self.events)
         self.admission = Admission(cfg, self.events, grant=self._grant_slot)
         self.divergence = Divergence(cfg, self.store, self.policy, self.phases)
         self.pulls = Pulls(cfg, self.store, self.policy, self.sessions, self.divergence, self.record, self.phases,
@@ -85,7 +84,6 @@ class Server:
         self.checkpointer = Checkpointer(cfg, self.store, self.policy, self.sessions, self.job, self.events,
                                          self.record)
         self._stop = False
-        self._said_all_left = False
         self.handlers = {
             MsgType.REGISTER: self._on_register, MsgType.PULL: self._on_pull, MsgType.PUSH: self._on_push,
             MsgType.LEAVE: self._on_leave, MsgType.HEARTBEAT: self._on_heartbeat,
@@ -204,16 +202,6 @@ class Server:
             log.warning("a peer on %s disconnected without saying goodbye (it crashed, or sent a message over "
                         "--max-message-mb %g)", endpoint, self.cfg.max_message_mb)
 
-    def _note_all_left(self) -> None:
-        """A hand-started server does not idle silently once every worker has gone."""
-        if self.policy.clocks or not self.workers:
-            self._said_all_left = False
-        elif not self._said_all_left:
-            self._said_all_left = True
-            log.info("all %d workers have left or died; the server keeps serving (a worker may still join). "
-                     "Stop it with `paramserver stop %s` or Ctrl-C: it writes its checkpoint", len(self.workers),
-                     self.address)
-
     # -- receive and dispatch -----------------------------------------------------------------
 
     def _send(self, identity: bytes, msg: Message | list, track: bool = False) -> zmq.MessageTracker | None:
@@ -320,20 +308,8 @@ class Server:
         plan = self.job.check_shard(msg)
         self.job.check_flags(msg.meta.get("job") or {})
         worker = self.sessions.worker_id_for(msg, peer, self.policy.awaiting)
-        if msg.tensors:
-            if not self.store.initialized:
-                self.store.init(msg.tensors)
-                self.transport.allow_joins(self.store.theta)
-                self.job.flags = dict(msg.meta.get("job", {}))
-                log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
-                         sum(t.size for t in msg.tensors.values()))
-            elif {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != self.store.layout():
-                raise RequestError("model_mismatch", "this worker's model does not match the parameters the "
-                                   "server holds (names, shapes or dtypes differ); start it with the same job "
-                                   "flags as the others")
-        elif not self.store.initialized:
-            raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
-                               "carry the initial parameters")
+        if self.job.check_model(msg, self.store, worker):   # the first REGISTER's theta initialised the store
+            self.transport.allow_joins(self.store.theta)
         self.job.adopt(plan)   # the first worker's shard plan: the job's from now on
         state = self.workers.get(worker)
         rejoin = state is not None
@@ -455,38 +431,16 @@ class Server:
         self.transport.forget_worker(worker)   # its shared-memory gradient segment and buffers go with it
 
     def _sweep_dead(self, now: float) -> None:
-        for worker in self.sessions.silent(now):
-            silent_s = now - self.workers[worker].last_seen
-            self._remove(worker)
-            self.events["dead"] += 1
-            log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, silent_s, len(self.policy.clocks))
+        self.sessions.sweep_silent(now, self.policy, self._remove)
         if self.policy.awaiting and self.sessions.resumed_at is not None:
-            if self.sessions.resume_overdue(now):
-                for worker in sorted(self.policy.awaiting):
-                    log.warning("worker %d has not come back within --worker-timeout %gs of the resume: going on "
-                                "without it", worker, self.cfg.worker_timeout)
-                    self.policy.give_up(worker)
-            else:
-                self.pulls.say_why_waiting()
+            self.pulls.say_why_waiting()
         if self.cfg.step_timeout > 0 and self.cfg.mode == "sync":
-            self._sweep_hung(now)
+            self.sessions.sweep_hung(now, self.policy, self._remove, spared=self.admission.queue)
         self.admission.sweep(now)
         self.pulls.serve()
         if self.pulls.pending:
             self.pulls.say_why_waiting()
-        self._note_all_left()
-
-    def _sweep_hung(self, now: float) -> None:
-        """--step-timeout: a live worker that has not pushed for the current sync step in time is treated as
-        dead (its heartbeats may go on while it hangs), so the others are not held at the barrier forever."""
-        step = self.policy.step
-        counting = self.policy.started and len(self.policy.clocks) >= self.cfg.min_workers
-        for worker in self.sessions.hung(now, step, self.policy.clocks, counting, self.admission.queue):
-            self._remove(worker)
-            self.events["dead"] += 1
-            self.events["step_timeouts"] += 1
-            log.warning("worker %d has not pushed for step %d within --step-timeout %gs: treated as dead; %d live",
-                        worker, step, self.cfg.step_timeout, len(self.policy.clocks))
+        self.sessions.all_gone(len(self.policy.clocks), self.address)
 
     # -- metrics, status, checkpoints ---------------------------------------------------------
 
@@ -494,14 +448,11 @@ class Server:
         self.record.record_update(version, contributions, self.policy.counters["applied"] - len(contributions))
 
     def status(self) -> dict:
-        now = time.monotonic()
         return {
             "version": self.store.version, "mode": self.cfg.mode, "step": self.policy.step,
             "staleness_bound": self.cfg.staleness if self.cfg.mode == "ssp" else None,
             "min_clock": self.policy.min_clock(), "max_gap": self.policy.max_gap,
-            "workers": {str(w): {"clock": self.policy.last_clock.get(w, 0),
-                                 "state": s.state_name(awaited=w in self.policy.awaiting),
-                                 "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()},
+            "workers": self.sessions.status(self.policy.last_clock, self.policy.awaiting),
             "live": len(self.policy.clocks), "waiting_pulls": len(self.pulls.pending),
             "push_slots": self.admission.status(),
             "started": self.policy.started, "registered": len(self.policy.last_clock),

@@ -16,14 +16,21 @@ Usage::
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 
 from common.config import ConfigError, ServerConfig
 from common.protocol import Message, MsgType, encode
+from paramserver.consistency import Consistency
+
+log = logging.getLogger("paramserver.server.sessions")   # (under the server's: its level applies)
 
 #: requests that carry a per-worker sequence number and are deduplicated (a resend is answered once)
 SEQUENCED = frozenset({MsgType.PULL, MsgType.PUSH, MsgType.LEAVE})
@@ -95,8 +102,9 @@ class WorkerState:
 class Sessions:
     """The server's workers by id, identity binding, dedup records and liveness (see the module docstring)."""
 
-    def __init__(self, cfg: ServerConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ServerConfig, events: Counter):
+        self.cfg, self.events = cfg, events
+        self._said_all_left = False
         self.workers: dict[int, WorkerState] = {}
         self.tools: set[bytes] = set()   # connections of tools (status, stop): their disconnects are routine
         self.resumed_at: float | None = None   # a resumed server holds pulls until its workers are back
@@ -225,26 +233,59 @@ class Sessions:
 
     # -- liveness -----------------------------------------------------------------------------
 
-    def silent(self, now: float) -> list[int]:
-        """Live workers not heard from within --worker-timeout."""
-        return [w for w, s in self.workers.items() if s.alive and now - s.last_seen > self.cfg.worker_timeout]
+    def sweep_silent(self, now: float, policy: Consistency, remove: Callable[[int], None]) -> None:
+        """Declare dead (and `remove`) the live workers not heard from within --worker-timeout; a resumed
+        server gives up on the workers of its checkpoint that have not come back within it."""
+        for worker, state in self.workers.items():
+            if state.alive and now - state.last_seen > self.cfg.worker_timeout:
+                remove(worker)
+                self.events["dead"] += 1
+                log.warning("worker %d silent for %.1fs: declared dead; %d live", worker, now - state.last_seen,
+                            len(policy.clocks))
+        if policy.awaiting and self.resume_overdue(now):
+            for worker in sorted(policy.awaiting):
+                log.warning("worker %d has not come back within --worker-timeout %gs of the resume: going on "
+                            "without it", worker, self.cfg.worker_timeout)
+                policy.give_up(worker)
 
     def resume_overdue(self, now: float) -> bool:
         """A resumed server has waited --worker-timeout for the workers of its checkpoint."""
         return self.resumed_at is not None and now - self.resumed_at > self.cfg.worker_timeout
 
-    def hung(self, now: float, step: int, clocks: dict[int, int], counting: bool, spared: set | dict) -> list[int]:
-        """--step-timeout (sync): live workers that have not pushed for the current step `step` within the
-        timeout (their heartbeats may go on while they hang). `counting`: the step can complete at all (the
-        job started, enough workers live); `spared`: workers waiting for their own push admission."""
-        if self._timed_step[0] != step or not counting:
+    def sweep_hung(self, now: float, policy: Consistency, remove: Callable[[int], None], spared: Container) -> None:
+        """--step-timeout (sync): a live worker that has not pushed for the current step in time is treated as
+        dead (its heartbeats may go on while it hangs), so the others are not held at the barrier forever.
+        `spared`: workers waiting for their own push admission (that is not hanging)."""
+        step = policy.step
+        if self._timed_step[0] != step or not policy.started or len(policy.clocks) < self.cfg.min_workers:
             self._timed_step = (step, now)
-            return []
+            return
         if now - self._timed_step[1] <= self.cfg.step_timeout:
-            return []
-        return [w for w, clock in clocks.items()
-                if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout
-                and w not in spared]   # waiting for our own admission is not hanging
+            return
+        late = [w for w, clock in policy.clocks.items()
+                if clock <= step and now - self.workers[w].registered_at > self.cfg.step_timeout and w not in spared]
+        for worker in late:
+            remove(worker)
+            self.events["dead"] += 1
+            self.events["step_timeouts"] += 1
+            log.warning("worker %d has not pushed for step %d within --step-timeout %gs: treated as dead; %d live",
+                        worker, step, self.cfg.step_timeout, len(policy.clocks))
+
+    def all_gone(self, live: int, address: str) -> None:
+        """A hand-started server does not idle silently once every worker has gone (said once)."""
+        if live or not self.workers:
+            self._said_all_left = False
+        elif not self._said_all_left:
+            self._said_all_left = True
+            log.info("all %d workers have left or died; the server keeps serving (a worker may still join). "
+                     "Stop it with `paramserver stop %s` or Ctrl-C: it writes its checkpoint", len(self.workers),
+                     address)
+
+    def status(self, clocks: dict[int, int], awaiting: set[int]) -> dict:
+        """Every worker's clock, state and seconds since it was last heard from (status `workers`)."""
+        now = time.monotonic()
+        return {str(w): {"clock": clocks.get(w, 0), "state": s.state_name(awaited=w in awaiting),
+                         "last_seen_s": round(now - s.last_seen, 2)} for w, s in self.workers.items()}
 
     # -- checkpoint ---------------------------------------------------------------------------
 

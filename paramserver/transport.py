@@ -30,7 +30,7 @@ from common.security import server_curve
 from common.tuning import ReusedBuffers
 from paramserver.metrics import PhaseTimes
 
-log = logging.getLogger("paramserver.transport")
+log = logging.getLogger("paramserver.server.transport")   # (under the server's: its level applies)
 
 MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)

@@ -942,7 +942,7 @@ def test_an_unsampled_fresh_push_has_no_divergence_not_zero(start_server):
 
 
 def test_auto_divergence_samples_while_it_costs_under_5_percent_of_the_apply(start_server):
-    from paramserver import server as server_mod
+    from paramserver import divergence as server_mod
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1)
     server = srv.server
     with PSClient(srv.address, worker=0, server_timeout=10) as ps:
