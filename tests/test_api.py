@@ -57,10 +57,11 @@ def test_bad_options_are_one_clear_error():
 
 # -- sync through the API equals single-process training --------------------------------------
 
-def _run_api_worker(model, data, address, rank, steps, accum, batch_size, out):
+def _run_api_worker(model, data, address, rank, steps, accum, batch_size, out, options=None):
     try:
         with ps.DistributedOptimizer(model, server=address, rank=rank, num_workers=N, accum=accum, shard="hash",
-                                     seed=3) as opt:
+                                     seed=3, **(options or {})) as opt:
+            out[("client", rank)] = type(opt.client).__name__
             loader = DataLoader(data, batch_size=batch_size, sampler=opt.sampler(data), drop_last=True)
             for x, y in loader:                      # the user's loop, unchanged
                 opt.zero_grad()
@@ -70,15 +71,19 @@ def _run_api_worker(model, data, address, rank, steps, accum, batch_size, out):
                 if opt.steps == steps:
                     break
             out[rank] = opt.steps
+            out[("shm", rank)] = opt.client.stats.get("shm_pushes", 0) == steps
     except BaseException as exc:   # surfaced by the test
         out[rank] = exc
 
 
-@pytest.mark.parametrize("accum, shards", [(1, 1), (3, 1), (1, 2)])
-def test_api_sync_equals_single_process_training(start_server, accum, shards):
+@pytest.mark.parametrize("accum, shards, options, client", [
+    (1, 1, {}, "ShmClient"), (3, 1, {}, "ShmClient"), (1, 2, {}, "ShardedClient"),
+    (1, 1, {"shm": False}, "PSClient"), (1, 2, {"overlap": True}, "OverlapClient")])
+def test_api_sync_equals_single_process_training(start_server, accum, shards, options, client):
     """Two workers training a CNN (no built-in job has one) through DistributedOptimizer in sync mode end
     at the θ of single-process SGD on the union of their batches (with --accum k: of their k micro-batches);
-    also with θ split over 2 server shards (the API is given both addresses)."""
+    also with θ split over 2 server shards (the API is given both addresses). The API's client is the worker
+    loop's: shared memory by default, tcp with shm=False, pushes in the background with overlap=True."""
     steps, bs = 4, 8
     servers = [start_server(num_workers=N, mode="sync", optimizer="sgd", lr=LR, aggregate="mean", shard_index=i,
                             num_shards=shards) for i in range(shards)]
@@ -91,13 +96,15 @@ def test_api_sync_equals_single_process_training(start_server, accum, shards):
     init = copy.deepcopy(model0.state_dict())
     out: dict = {}
     threads = [threading.Thread(target=_run_api_worker, daemon=True,
-                                args=(copy.deepcopy(model0), data, address, r, steps, accum, bs, out))
+                                args=(copy.deepcopy(model0), data, address, r, steps, accum, bs, out, options))
                for r in range(N)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert out == {0: steps, 1: steps}, out
+    via_shm = client == "ShmClient"   # (through shards, each shard's client counts its own)
+    assert out == {0: steps, 1: steps, ("client", 0): client, ("client", 1): client, ("shm", 0): via_shm,
+                   ("shm", 1): via_shm}, out
     assert all(s.server.store.version == steps for s in servers)
     assert all(isinstance(u[4], float) for u in srv.server.record.updates)   # step(loss=...) labels each push
 
