@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.config import WorkerConfig
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture: `paramserver ARGS` in this process)
 from tests.conftest import ROOT, RunningServer, run_worker_thread
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -18,6 +19,7 @@ TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 
 
 
 def ps(*args):
+    """`paramserver ARGS` through a real process: one end-to-end run each of eval and sample."""
     return subprocess.run([sys.executable, "-m", "paramserver", *args], capture_output=True, text=True, env=ENV,
                           cwd=ROOT, timeout=300)
 
@@ -36,7 +38,7 @@ def gpt_checkpoint(tmp_path_factory):
     return d
 
 
-def test_eval_reports_the_held_out_loss_of_the_checkpoint(gpt_checkpoint):
+def test_eval_reports_the_held_out_loss_of_the_checkpoint(cli, gpt_checkpoint):
     from worker.evaluate import evaluate_checkpoint
     ckpt = str(gpt_checkpoint / "ckpt.pt")
     r = ps("eval", ckpt, "--json")
@@ -47,26 +49,26 @@ def test_eval_reports_the_held_out_loss_of_the_checkpoint(gpt_checkpoint):
     assert got["eval_loss"] == pytest.approx(ref["final_eval_loss"])
     assert got["eval_loss"] < ref["initial_eval_loss"]              # it learned something
     assert got["bits_per_byte"] == pytest.approx(got["eval_loss"] / 0.6931471805599453)
-    text = ps("eval", ckpt).stdout
+    text = cli("eval", ckpt).stdout
     assert "held-out loss" in text and "bits/byte" in text
 
 
-def test_sample_continues_a_prompt_and_defaults_to_one_from_the_corpus(gpt_checkpoint):
+def test_sample_continues_a_prompt_and_defaults_to_one_from_the_corpus(cli, gpt_checkpoint):
     ckpt = str(gpt_checkpoint / "ckpt.pt")
     r = ps("sample", ckpt, "--prompt", "line 12", "--bytes", "40")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("line 12") and len(r.stdout.encode()) >= 40
-    default = ps("sample", ckpt, "--bytes", "20").stdout
+    default = cli("sample", ckpt, "--bytes", "20").stdout
     assert default.split(" ")[0] in TEXT and not default.startswith("def ")   # the prompt comes from the data
-    again = ps("sample", ckpt, "--bytes", "20").stdout
+    again = cli("sample", ckpt, "--bytes", "20").stdout
     assert default == again                                                   # seeded
 
 
-def test_eval_and_sample_refuse_bad_input_in_one_line(gpt_checkpoint, tmp_path):
+def test_eval_and_sample_refuse_bad_input_in_one_line(cli, gpt_checkpoint, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     for args in (["eval", str(tmp_path / "junk.pt")], ["sample", str(tmp_path / "nope.pt")],
                  ["sample", str(gpt_checkpoint / "ckpt.pt"), "--bytes", "0"]):
-        r = ps(*args)
+        r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

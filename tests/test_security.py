@@ -6,12 +6,14 @@ import stat
 import subprocess
 import sys
 
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture: `paramserver ARGS` in this process)
 from tests.conftest import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
 def keys(*args):
+    """`paramserver keys ARGS` through a real process (the end-to-end check of the command)."""
     return subprocess.run([sys.executable, "-m", "paramserver", "keys", *args], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, timeout=60)
 
@@ -27,16 +29,16 @@ def test_secret_key_files_are_private_and_admins_are_admitted(tmp_path):
     assert (d / "admins" / "ops.key").read_text() == (d / "ops.key").read_text()
 
 
-def test_existing_keys_are_not_overwritten_without_force(tmp_path):
+def test_existing_keys_are_not_overwritten_without_force(cli, tmp_path):
     d = tmp_path / "keys"
-    assert keys(str(d)).returncode == 0
+    assert cli("keys", str(d)).returncode == 0
     before = (d / "server.key_secret").read_text()
-    r = keys(str(d))
+    r = cli("keys", str(d))
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     assert (d / "server.key_secret").read_text() == before
-    assert keys(str(d), "--no-server", "--clients", "extra").returncode == 0     # adding keys is fine
+    assert cli("keys", str(d), "--no-server", "--clients", "extra").returncode == 0     # adding keys is fine
     assert (d / "server.key_secret").read_text() == before
-    assert keys(str(d), "--force").returncode == 0
+    assert cli("keys", str(d), "--force").returncode == 0
     assert (d / "server.key_secret").read_text() != before
 
 

@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 from common.config import WorkerConfig
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture: `paramserver ARGS` in this process)
 from tests.conftest import ROOT, RunningServer, run_worker_thread
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
 def ps(*args):
+    """`paramserver ARGS` through a real process (stop's end-to-end check; status's is in test_cli.py)."""
     return subprocess.run([sys.executable, "-m", "paramserver", *args], capture_output=True, text=True, env=ENV,
                           cwd=ROOT, timeout=120)
 
@@ -26,10 +28,10 @@ def _train(address, n=2, steps=6):
     assert all(isinstance(results[r], dict) for r in range(n)), results
 
 
-def test_status_text_shows_what_the_readme_promises(start_server):
+def test_status_text_shows_what_the_readme_promises(cli, start_server):
     srv = start_server(num_workers=2, mode="ssp", staleness=2, optimizer="sgd", lr=0.05)
     _train(srv.address)
-    r = ps("status", srv.address)
+    r = cli("status", srv.address)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert f"theta crc32 {srv.server.store.checksum()}" in out
@@ -39,14 +41,14 @@ def test_status_text_shows_what_the_readme_promises(start_server):
     assert "checkpoint: none written yet" in out
 
 
-def test_status_after_a_resume_names_the_resumed_checkpoint(tmp_path):
+def test_status_after_a_resume_names_the_resumed_checkpoint(cli, tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     first = RunningServer(num_workers=1, mode="async", checkpoint=ckpt)
     _train(first.address, n=1, steps=3)
     first.stop()
     second = RunningServer(num_workers=1, mode="async", resume=ckpt)
     try:
-        r = ps("status", second.address)
+        r = cli("status", second.address)
         assert r.returncode == 0, r.stderr
         assert f"resumed from {ckpt} at version 3" in r.stdout and "version 3" in r.stdout
     finally:
@@ -68,15 +70,15 @@ def test_stop_sends_shutdown_and_the_server_checkpoints(tmp_path):
     assert r.returncode == 1 and "no answer" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_stop_with_a_shard_list_stops_every_shard_even_past_one_that_is_gone(tmp_path):
+def test_stop_with_a_shard_list_stops_every_shard_even_past_one_that_is_gone(cli, tmp_path):
     a = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "a.pt"))
     b = RunningServer(num_workers=1, mode="async", checkpoint=str(tmp_path / "b.pt"))
     try:
-        r = ps("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--curve-server", "a.key,nope.key,b.key",
-               "--curve-secret", "ops.key_secret")
+        r = cli("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--curve-server", "a.key,nope.key,b.key",
+                "--curve-secret", "ops.key_secret")
         assert r.returncode == 2 and "no such key file" in r.stderr, r.stderr   # a missing key: nothing sent
         assert a.thread.is_alive() and b.thread.is_alive()
-        r = ps("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--timeout", "2")
+        r = cli("stop", f"{a.address},tcp://127.0.0.1:9,{b.address}", "--timeout", "2")
         assert r.returncode == 1 and "tcp://127.0.0.1:9: no answer" in r.stderr, r.stderr   # the missing one named
         assert f"{a.address} acknowledged" in r.stdout and f"{b.address} acknowledged" in r.stdout   # ... the rest stop
         for s in (a, b):
@@ -87,11 +89,11 @@ def test_stop_with_a_shard_list_stops_every_shard_even_past_one_that_is_gone(tmp
         b.stop()
 
 
-def test_routine_disconnects_are_quiet_and_an_idle_server_says_so(start_server, caplog):
+def test_routine_disconnects_are_quiet_and_an_idle_server_says_so(cli, start_server, caplog):
     caplog.set_level(logging.DEBUG, logger="paramserver.server")
     srv = start_server(num_workers=2, mode="sync", optimizer="sgd", lr=0.05)
     _train(srv.address)
-    assert ps("status", srv.address).returncode == 0
+    assert cli("status", srv.address).returncode == 0
     import time
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any("all 2 workers have left" in r.getMessage() for r in caplog.records):
