@@ -1,7 +1,7 @@
 """A worker without PyTorch: least squares in numpy, through the numpy-only client.
 
 Nothing here imports torch (`paramserver.PSClient`, `connect`, `worker_config` and
-`ShardSampler` never do); any language that speaks the wire protocol (README, "Wire protocol")
+`ShardSampler` never do); any language that speaks the wire protocol (docs/protocol.md)
 can do the same. Its parameters are named and shaped as torch's `nn.Linear(D, 1)` ("weight"
 (1, D), "bias" (1,)), so it can train in the same job as a PyTorch worker.
 
