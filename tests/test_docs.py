@@ -69,3 +69,12 @@ def test_the_link_checker_sees_a_broken_link(tmp_path):
     assert _anchors(str(page)) == {"sharding-θ-over-k-servers", "no-loop-at-all---entry-packagemodulefunction"}
     assert list(_links(str(page))) == ["page.md#sharding-θ-over-k-servers", "missing.md",
                                        "#no-loop-at-all---entry-packagemodulefunction", "#not-there"]
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    """.ci/run runs the README's test command verbatim on a clean clone: change both together."""
+    ci = [l for l in open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+          if l.startswith("python3 -m venv")]
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert len(ci) == 1 and f"```sh\n{ci[0]}\n```" in readme, f".ci/run's {ci} is not the README's test command"
+    assert "source .venv/bin/activate" in readme      # every later bare `paramserver` needs the venv
