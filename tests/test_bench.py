@@ -13,6 +13,7 @@ N, B, S = 3, 1, 1
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    """The suite's one consistency-bench run: every mode, without and with a straggler, 12 steps of 3 workers."""
     out = tmp_path_factory.mktemp("bench")
     cfg = BenchConfig(job="mlp", workers=N, steps=12, staleness=str(S), backup_workers=B, straggler=4.0,
                       scenarios="none,straggler", modes="sync,backup,ssp,async,ddp", eval_every=4,
@@ -106,25 +107,39 @@ def test_report_ranks_only_where_repeat_ranges_do_not_overlap():
     assert verdict({"repeats": 3, "range": {"t": [1.0, 2.0]}}, never, "t").startswith("lower")
 
 
-def test_repeats_report_median_and_range_and_equal_computed_gradients(tmp_path):
-    cfg = BenchConfig(job="mlp", workers=2, steps=6, staleness="1", backup_workers=1, straggler=3.0,
-                      scenarios="straggler", modes="sync,backup", eval_every=2, optimizer="sgd", lr=0.05,
-                      out=str(tmp_path), repeats=2)
-    rep = run_bench(cfg)
-    assert rep["repeats"] == 2 and len(rep["all_runs"]) == 4 and {r["seed"] for r in rep["all_runs"]} == {0, 1}
-    for r in rep["runs"]:
+def _results_of(rep: dict) -> list[dict]:
+    """The shared run's results as run_bench holds them before it aggregates (one repeat, seed 0): copies."""
+    return [dict({k: v for k, v in r.items() if k not in ("range", "repeats", "per_repeat")},
+                 summary=dict(r["summary"]), seed=r["per_repeat"][0]["seed"]) for r in rep["runs"]]
+
+
+def test_repeats_report_median_and_range_and_equal_computed_gradients(report, tmp_path):
+    """--repeats 2 from given figures (nothing runs again): the shared run's results as the first repeat and, as
+    the second (seed 1), the same with every wall time 1.5x; then, on the shared run itself, the computed
+    gradients of backup workers and of sync."""
+    from paramserver.bench.consistency import assemble_report
+    from paramserver.bench.report import write_report
+    rep, _ = report
+    first = _results_of(rep)
+    second = [dict(r, summary=dict(r["summary"], wall_s=r["summary"]["wall_s"] * 1.5), seed=1) for r in first]
+    cfg = BenchConfig(**dict(rep["config"], repeats=2, out=str(tmp_path)))
+    two = assemble_report(cfg, first + second, wall_s=1.0)
+    assert two["repeats"] == 2 and len(two["all_runs"]) == 2 * len(first)
+    assert {r["seed"] for r in two["all_runs"]} == {0, 1}
+    for r in two["runs"]:
         walls = [p["wall_s"] for p in r["per_repeat"]]
         assert r["range"]["wall_s"] == [min(walls), max(walls)]
         assert r["summary"]["wall_s"] == pytest.approx(sorted(walls)[0] / 2 + sorted(walls)[1] / 2, abs=1e-3)
-    backup = [r for r in rep["runs"] if r["name"] == "sync+1backup"][0]
-    sync = [r for r in rep["runs"] if r["name"] == "sync"][0]
-    # backup workers compute more gradients than they apply; sync computes exactly what it applies
-    assert backup["summary"]["gradients_computed"] > backup["summary"]["gradients_applied"]
-    assert sync["per_repeat"][0]["gradients_computed"] == sync["per_repeat"][0]["gradients_applied"] == 12
-    assert backup["summary"]["loss_at_equal_computed"] is not None
+    write_report(two, str(tmp_path))
     md = (tmp_path / "report.md").read_text()
-    assert "median over 2 repeats" in md and "At equal computed gradients (12 computed" in md
+    assert "median over 2 repeats" in md and f"At equal computed gradients ({12 * N} computed" in md
     assert "[" in md.split("At equal applied gradients")[1]      # ranges are shown
+    # backup workers compute more gradients than they apply; sync computes exactly what it applies
+    backup = [r for r in _runs(rep, f"sync+{B}backup") if r["scenario"] == "straggler"][0]
+    sync = [r for r in _runs(rep, "sync") if r["scenario"] == "straggler"][0]
+    assert backup["summary"]["gradients_computed"] > backup["summary"]["gradients_applied"]
+    assert sync["per_repeat"][0]["gradients_computed"] == sync["per_repeat"][0]["gradients_applied"] == 12 * N
+    assert backup["summary"]["loss_at_equal_computed"] is not None
 
 
 def test_wait_counts_only_what_the_policy_imposes_not_the_start_gate(report):

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from paramserver.bench.scale import ScaleConfig, _throughput, parse_variant, table
+from paramserver.bench.scale import ScaleConfig, parse_variant
+from paramserver.bench.scale_runs import _throughput
+from paramserver.bench.scale_tables import table
 from tests.conftest import ROOT
 
 FIELDS = ("samples_per_s", "ratio", "eval_loss", "loss_diff_pct", "step_ms", "compute_ms", "wait_ms", "pull_ms",
@@ -17,18 +19,21 @@ FIELDS = ("samples_per_s", "ratio", "eval_loss", "loss_diff_pct", "step_ms", "co
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One `paramserver bench scale --quick` run on the CPU: single, sync and async at global batch 8."""
-    out = tmp_path_factory.mktemp("scale")
-    proc = subprocess.run([sys.executable, "-m", "paramserver", "bench", "scale", "--quick", "--device", "cpu",
-                           "--global-batches", "8", "--variants", "sync;async", "--steps", "6", "--warmup", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    """The suite's one `paramserver bench scale --quick` run on the CPU: single, sync and async at global batch 8,
+    made through deploy/gpu-check.sh, the GPU session's one command (flags after the script's own override its
+    --device cuda). Returns (what the bench printed: scale.log, the report: scale.json, the script's $OUT)."""
+    tmp = tmp_path_factory.mktemp("scale")
+    out, runs = tmp / "out", tmp / "runs"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "deploy", "gpu-check.sh"), "--quick", "--device", "cpu",
+                           "--global-batches", "8", "--variants", "sync;async", "--steps", "6", "--warmup", "2"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), SCALE_RUNS=str(runs)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout, json.loads((out / "scale.json").read_text())
+    return (out / "scale.log").read_text(), json.loads((out / "scale.json").read_text()), out
 
 
 def test_quick_run_prints_the_table_and_writes_every_field(quick):
-    stdout, report = quick
+    stdout, report, _ = quick
     for column in ("variant", "samples/s", "x single", "held-out", "vs single", "compute", "wait", "pull", "push",
                    "apply"):
         assert column in stdout
@@ -58,7 +63,7 @@ def test_sync_reaches_the_single_process_loss(quick):
     initial theta (seeded), the same samples each step (checked: same_samples), the mean of equal-size batch
     means = the mean over the union, and the server's Adam equals torch.optim.Adam. No dropout, CPU: only float
     rounding differs, so the held-out losses agree to ~1e-6 while training moved them by ~0.5."""
-    _, report = quick
+    _, report, _ = quick
     runs = {r["name"]: r for r in report["runs"]}
     single, sync = runs["single"], runs["sync"]
     assert single["initial_eval_loss"] - single["eval_loss"] > 0.1      # it trained: the comparison means something
@@ -123,17 +128,13 @@ def test_cli_rejects_a_bad_variant_with_one_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("paramserver bench: error: --variants 'warp'")
 
 
-def test_gpu_check_script_writes_its_results_under_out(tmp_path):
-    """deploy/gpu-check.sh, the GPU session's one command, run here on the CPU with a tiny plan (flags after the
-    script's own override its --device cuda): env.txt, scale.log, scale.json and logs.tgz land in $OUT."""
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    proc = subprocess.run(["bash", os.path.join(ROOT, "deploy", "gpu-check.sh"), "--quick", "--device", "cpu",
-                           "--global-batches", "4", "--variants", "sync", "--steps", "3", "--warmup", "1"],
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), SCALE_RUNS=str(runs)))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_gpu_check_script_writes_its_results_under_out(quick):
+    """deploy/gpu-check.sh, the GPU session's one command, run here on the CPU with a tiny plan (the shared quick
+    run: flags after the script's own override its --device cuda): env.txt, scale.log, scale.json and logs.tgz
+    land in $OUT."""
+    _, _, out = quick
     assert sorted(p.name for p in out.iterdir()) == ["env.txt", "logs.tgz", "scale.json", "scale.log"]
     assert "pyzmq" in (out / "env.txt").read_text()
     report = json.loads((out / "scale.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["single", "sync"] and report["runs"][1]["complete"]
+    assert [r["name"] for r in report["runs"]] == ["single", "sync", "async"] and report["runs"][1]["complete"]
     assert "fastest sync variant 'sync'" in (out / "scale.log").read_text()

@@ -6,15 +6,27 @@ import os
 
 import pytest
 
-from paramserver.bench.throughput import (ThroughputConfig, run_throughput, shards_table, shm_table, table,
-                                          time_notes)
+from paramserver.bench.throughput import ThroughputConfig, run_throughput
+from paramserver.bench.throughput_tables import shards_table, shm_table, table, time_notes
 
 
-def test_tiny_throughput_run(tmp_path):
-    cfg = ThroughputConfig(sizes="50K", tensors=4, reps=2, seconds=0.5, workers="1,2", optimizers="sgd,adam",
-                           wire_dtypes="fp32,bf16", transports="tcp", shards="", out=str(tmp_path), server_threads=1)
-    r = run_throughput(cfg)
-    assert json.loads((tmp_path / "throughput.json").read_text())["sizes"][0]["params"] == 50_000
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The suite's one `bench throughput` run, its smallest plan that reaches every part: one size (50K values in
+    4 tensors), 1 and 2 pushing processes, sgd and adam, fp32 and bf16 over tcp and (where /dev/shm is writable)
+    fp32 over shared memory, the shard table (1 and 2 shards of 5K values), 2 convergence steps with seeds 0, 1."""
+    from common import shm
+    out = tmp_path_factory.mktemp("throughput")
+    cfg = ThroughputConfig(sizes="50K", tensors=4, reps=2, seconds=0.3, workers="1,2", optimizers="sgd,adam",
+                           wire_dtypes="fp32,bf16", transports="shm,tcp" if shm.available() else "tcp", shards="1,2",
+                           shard_params="5K", server_threads=1, convergence_steps=2, convergence_seeds="0,1",
+                           out=str(out))
+    return cfg, run_throughput(cfg), out
+
+
+def test_tiny_throughput_run(run):
+    cfg, r, out = run
+    assert json.loads((out / "throughput.json").read_text())["sizes"][0]["params"] == 50_000
     size = r["sizes"][0]
     assert size["raw_zmq_ms"] > 0 and size["torch"]["add_ms"] > 0 and size["torch"]["adam_fused_ms"] > 0
     assert size["raw_zmq_half_ms"] > 0   # a 16-bit wire's limit: raw ZeroMQ at half the bytes, same run
@@ -50,17 +62,13 @@ def test_bad_flags_are_named():
         ThroughputConfig(server_threads=-1)
 
 
-def test_shared_memory_and_shard_tables(tmp_path):
+def test_shared_memory_and_shard_tables(run):
     """Capacity and round trip over same-host shared memory beside tcp, and the shard table (K x N x transport):
     every figure measured in this run; the shm pushers really went through /dev/shm; oversubscription is said."""
-    from common import shm
-    if not shm.available():
+    cfg, r, out = run
+    if "shm" not in cfg.transport_list:
         pytest.skip("no writable /dev/shm")
-    cfg = ThroughputConfig(sizes="20K", tensors=2, reps=2, seconds=0.3, workers="1,2", optimizers="sgd",
-                           wire_dtypes="fp32", transports="shm,tcp", shards="1,2", shard_params="5K",
-                           out=str(tmp_path))
-    r = run_throughput(cfg)
-    assert json.loads((tmp_path / "throughput.json").read_text())["shards"] == r["shards"]
+    assert json.loads((out / "throughput.json").read_text())["shards"] == r["shards"]
     size = r["sizes"][0]
     rt = size["shm"]
     # one worker alone: every pull and every push of the round trip went through shared memory
@@ -80,7 +88,7 @@ def test_shared_memory_and_shard_tables(tmp_path):
         assert (x["shm_push_share"] == 1.0) == (x["transport"] == "shm")
     assert len({x["steps"] for x in rows}) > 1                                  # measured, not constants
     text = shm_table(r)
-    row = next(line for line in text.splitlines() if line.startswith("| 0.02M |"))
+    row = next(line for line in text.splitlines() if line.startswith("| 0.05M |"))
     assert f"| {size['wire']['fp32']['round_trip_ms']} / {rt['round_trip_ms']} |" in row and "% / 100% |" in row
     mem = " / ".join(str(rt["capacity"][n]["peak_anon_over_theta"]) for n in ("1", "2"))
     assert f"| {mem} |" in row and rt["capacity"]["1"]["peak_anon_over_theta"] > 0
@@ -146,10 +154,8 @@ def test_the_tables_ratios_and_notes_from_given_figures():
     assert "10M, fp32 tcp, 4 workers (10.0 pushes/s): server busy 50.00 ms per push: update 75%, check 25%" in notes
 
 
-def test_convergence_trains_each_wire_per_seed_and_the_table_shows_the_spread(tmp_path):
-    cfg = ThroughputConfig(sizes="", shards="", convergence_steps=2, convergence_seeds="0,1", wire_dtypes="fp32,bf16",
-                           out=str(tmp_path))
-    r = run_throughput(cfg)
+def test_convergence_trains_each_wire_per_seed_and_the_table_shows_the_spread(run):
+    _, r, _ = run
     for wire in ("fp32", "bf16"):
         c = r["convergence"][wire]
         assert c["seeds"] == [0, 1] and len(c["losses"]) == 2 and all(x > 0 for x in c["losses"])

@@ -168,53 +168,71 @@ def run_ddp_baseline(cfg: BenchConfig, run: dict, folder: str) -> dict:
     return {"server": None, "workers": workers, "theta": theta}
 
 
+def _server_records(srv: dict) -> dict:
+    """A parameter-server run's series and counts, from what the server recorded (paramserver/metrics.py)."""
+    upd = srv["updates"]
+    t0 = srv["t0_epoch"]
+    start = srv.get("first_grant_s")                                 # the start gate opened
+    if start is None:
+        start = min((g[0] for g in srv["pull_gaps"]), default=0.0)
+    times = [u[0] - start for u in upd]
+    staleness = [u[3] for u in upd]
+    losses = [u[4] for u in upd]
+    divergence = [u[5] for u in upd if u[5] is not None]
+    applied = [u[6] for u in upd]
+    versions = [u[1] for u in upd]
+    counters = srv["status"]["counters"]
+    n_updates = srv["status"]["version"]
+    version_to_applied = {}
+    for v, a in zip(versions, applied):
+        version_to_applied[v] = a
+    dropped = sum(v for k, v in counters.items() if k.startswith("dropped"))
+    gap_max = srv.get("pull_gap_max", max((g[2] - g[3] for g in srv["pull_gaps"]), default=0))
+    # rows are every update_stride-th gradient in a very long run (paramserver/metrics.py): counts come
+    # from the exact totals
+    n_applied = srv.get("updates_total", len(upd))
+    staleness_max = srv.get("staleness_max", max(staleness, default=0))
+    per_version = np.bincount(np.asarray(versions, dtype=int)).tolist() if versions else []
+    return {"t0": t0, "start": start, "times": times, "losses": losses, "staleness": staleness,
+            "divergence": divergence, "applied": applied, "n_updates": n_updates, "counters": counters,
+            "version_to_applied": version_to_applied, "dropped": dropped, "gap_max": gap_max,
+            "per_version": per_version, "n_applied": n_applied, "staleness_max": staleness_max}
+
+
+def _ddp_records(workers: list[dict], n: int) -> dict:
+    """A DDP run's series and counts: one update per step of N gradients; replicas identical by construction."""
+    r0 = workers[0]
+    t0, start = r0["t0_epoch"], 0.0
+    steps = np.array([[s[0], s[3]] for s in r0["steps"]])
+    all_losses = np.mean([[s[3] for s in w["steps"]] for w in workers], axis=0)
+    times = list(np.repeat(steps[:, 0], n))
+    losses = list(np.repeat(all_losses, n))
+    staleness = [0] * (len(r0["steps"]) * n)
+    divergence = [0.0] * len(staleness)
+    applied = list(range(1, len(staleness) + 1))
+    n_updates = len(r0["steps"])
+    version_to_applied = {v: v * n for v in range(n_updates + 1)}
+    counters = {"received": len(staleness), "applied": len(staleness)}
+    dropped = gap_max = 0
+    per_version = [0] + [n] * n_updates
+    n_applied, staleness_max = len(applied), 0
+    return {"t0": t0, "start": start, "times": times, "losses": losses, "staleness": staleness,
+            "divergence": divergence, "applied": applied, "n_updates": n_updates, "counters": counters,
+            "version_to_applied": version_to_applied, "dropped": dropped, "gap_max": gap_max,
+            "per_version": per_version, "n_applied": n_applied, "staleness_max": staleness_max}
+
+
 def analyse(cfg: BenchConfig, run: dict, raw: dict, final_eval: float, initial_eval: float) -> dict:
     """Turn one run's raw records into its series and summary figures."""
     from worker.train import summarize
     workers = raw["workers"]
     n = cfg.workers
     samples_per_grad = cfg.batch_size
-    if raw["server"] is not None:
-        srv = raw["server"]
-        upd = srv["updates"]
-        t0 = srv["t0_epoch"]
-        start = srv.get("first_grant_s")                                 # the start gate opened
-        if start is None:
-            start = min((g[0] for g in srv["pull_gaps"]), default=0.0)
-        times = [u[0] - start for u in upd]
-        staleness = [u[3] for u in upd]
-        losses = [u[4] for u in upd]
-        divergence = [u[5] for u in upd if u[5] is not None]
-        applied = [u[6] for u in upd]
-        versions = [u[1] for u in upd]
-        counters = srv["status"]["counters"]
-        n_updates = srv["status"]["version"]
-        version_to_applied = {}
-        for v, a in zip(versions, applied):
-            version_to_applied[v] = a
-        dropped = sum(v for k, v in counters.items() if k.startswith("dropped"))
-        gap_max = srv.get("pull_gap_max", max((g[2] - g[3] for g in srv["pull_gaps"]), default=0))
-        # rows are every update_stride-th gradient in a very long run (paramserver/metrics.py): counts come
-        # from the exact totals
-        n_applied = srv.get("updates_total", len(upd))
-        staleness_max = srv.get("staleness_max", max(staleness, default=0))
-        per_version = np.bincount(np.asarray(versions, dtype=int)).tolist() if versions else []
-    else:   # DDP: one update per step of N gradients; replicas identical by construction
-        r0 = workers[0]
-        t0, start = r0["t0_epoch"], 0.0
-        steps = np.array([[s[0], s[3]] for s in r0["steps"]])
-        all_losses = np.mean([[s[3] for s in w["steps"]] for w in workers], axis=0)
-        times = list(np.repeat(steps[:, 0], n))
-        losses = list(np.repeat(all_losses, n))
-        staleness = [0] * (len(r0["steps"]) * n)
-        divergence = [0.0] * len(staleness)
-        applied = list(range(1, len(staleness) + 1))
-        n_updates = len(r0["steps"])
-        version_to_applied = {v: v * n for v in range(n_updates + 1)}
-        counters = {"received": len(staleness), "applied": len(staleness)}
-        dropped = gap_max = 0
-        per_version = [0] + [n] * n_updates
-        n_applied, staleness_max = len(applied), 0
+    rec = _server_records(raw["server"]) if raw["server"] is not None else _ddp_records(workers, n)
+    t0, start, times, losses, staleness = rec["t0"], rec["start"], rec["times"], rec["losses"], rec["staleness"]
+    divergence, applied, n_updates, counters = rec["divergence"], rec["applied"], rec["n_updates"], rec["counters"]
+    version_to_applied, dropped, gap_max = rec["version_to_applied"], rec["dropped"], rec["gap_max"]
+    per_version, n_applied, staleness_max = rec["per_version"], rec["n_applied"], rec["staleness_max"]
     wall = max(times) if times else 0.0
     # every push a worker made is a computed gradient (applied, accumulated or dropped): when it was made
     pushed = np.sort(np.concatenate([np.array([w["t0_epoch"] + s[0] for s in w["steps"]], dtype=float)
@@ -347,6 +365,15 @@ def run_bench(cfg: BenchConfig) -> dict:
                   f"{run['scenario']:9s} {s['wall_s']:7.2f}s  {s['updates_per_s']:7.1f} upd/s  staleness mean "
                   f"{s['staleness_mean']:.2f} max {s['staleness_max']:3d}  wait {wait}  eval "
                   f"{s['final_eval_loss']:.4f}  ({time.time() - t:.0f}s incl. start-up)", flush=True)
+    report = assemble_report(cfg, results, time.time() - t_all)
+    write_report(report, cfg.out)
+    print_table(report)
+    return report
+
+
+def assemble_report(cfg: BenchConfig, results: list[dict], wall_s: float) -> dict:
+    """The report of every run of every repeat (`results`, each with its "seed"): the target loss and each run's
+    time to it, one entry per (run, scenario) with medians and ranges over the repeats, and every run's summary."""
     refs = [r for r in results if r["name"] == "sync" and r["scenario"] == "none"] or results[:1]
     ref_final = float(np.median([r["summary"]["final_eval_loss"] for r in refs]))
     ref_init = float(np.median([r["summary"]["initial_eval_loss"] for r in refs]))
@@ -354,13 +381,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     for r in results:
         ttt = time_to_target(r, target)
         r["summary"]["time_to_target_s"] = round(ttt, 3) if ttt is not None else None
-    report = {"config": dataclasses.asdict(cfg), "machine": machine(), "target_eval_loss": target,
-              "target_rule": f"the {refs[0]['name']} ({refs[0]['scenario']}) run's final held-out loss plus 5% of "
-                             "its improvement from the initial loss" + (" (medians over the repeats)"
-                                                                        if cfg.repeats > 1 else ""),
-              "equal_computed": cfg.budget, "repeats": cfg.repeats,
-              "bench_wall_s": round(time.time() - t_all, 1), "runs": aggregate(results, cfg.repeats),
-              "all_runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}
-    write_report(report, cfg.out)
-    print_table(report)
-    return report
+    return {"config": dataclasses.asdict(cfg), "machine": machine(), "target_eval_loss": target,
+            "target_rule": f"the {refs[0]['name']} ({refs[0]['scenario']}) run's final held-out loss plus 5% of "
+                           "its improvement from the initial loss" + (" (medians over the repeats)"
+                                                                      if cfg.repeats > 1 else ""),
+            "equal_computed": cfg.budget, "repeats": cfg.repeats,
+            "bench_wall_s": round(wall_s, 1), "runs": aggregate(results, cfg.repeats),
+            "all_runs": [{k: v for k, v in r.items() if k != "series"} for r in results]}

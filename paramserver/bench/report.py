@@ -102,13 +102,22 @@ def _smooth(y: list, k: int) -> np.ndarray:
 
 
 def write_plots(report: dict, out: str) -> list[str]:
+    """The four figures of the report, written into `out`; returns their file names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = report["runs"]
     scenarios = sorted({r["scenario"] for r in runs}, key=list(TITLES).index)
-    files = []
+    files = _plot_losses(plt, report, scenarios, out)
+    files.append(_plot_staleness(plt, runs, scenarios, out))
+    files.append(_plot_throughput_wait(plt, runs, scenarios, out))
+    return files
 
+
+def _plot_losses(plt, report: dict, scenarios: list[str], out: str) -> list[str]:
+    """Held-out loss against wall-clock time and against gradients applied, one panel per scenario."""
+    runs = report["runs"]
+    files = []
     for xkey, fname, xlabel in (("time_s", "loss_vs_time.png", "wall-clock seconds"),
                                 ("applied", "loss_vs_updates.png", "gradients applied")):
         fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
@@ -128,8 +137,12 @@ def write_plots(report: dict, out: str) -> list[str]:
         fig.savefig(os.path.join(out, fname), dpi=100)
         plt.close(fig)
         files.append(fname)
+    return files
 
-    # staleness: only the runs that have any (sync, backup workers and DDP are all 0 and would squash the rest)
+
+def _plot_staleness(plt, runs: list[dict], scenarios: list[str], out: str) -> str:
+    """The staleness histogram of every run that has any, one panel per scenario."""
+    # only the runs with some staleness: sync, backup workers and DDP are all 0 and would squash the rest
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
         sel = [r for r in runs if r["scenario"] == sc and r["summary"]["staleness_max"]]
@@ -148,9 +161,11 @@ def write_plots(report: dict, out: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "staleness_hist.png"), dpi=100)
     plt.close(fig)
-    files.append("staleness_hist.png")
+    return "staleness_hist.png"
 
-    # throughput and time shares: grouped by scenario, one colour per run kind
+
+def _plot_throughput_wait(plt, runs: list[dict], scenarios: list[str], out: str) -> str:
+    """Samples/s and the shares of the workers' time, grouped by scenario, one colour per run kind."""
     names = list(dict.fromkeys(r["name"] for r in runs))
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
     by = {(r["name"], r["scenario"]): r for r in runs}
@@ -191,8 +206,7 @@ def write_plots(report: dict, out: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "throughput_wait.png"), dpi=100)
     plt.close(fig)
-    files.append("throughput_wait.png")
-    return files
+    return "throughput_wait.png"
 
 
 def write_report(report: dict, out: str) -> None:
