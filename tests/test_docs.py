@@ -78,3 +78,13 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert len(ci) == 1 and f"```sh\n{ci[0]}\n```" in readme, f".ci/run's {ci} is not the README's test command"
     assert "source .venv/bin/activate" in readme      # every later bare `paramserver` needs the venv
+
+
+def test_every_file_the_readme_names_exists():
+    """The architecture table is where a newcomer starts: a module it names that was moved or renamed is a
+    dead end, so every `path/file.py` (and `folder/`) the README names in backticks must exist."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`((?:paramserver|common|worker|examples|deploy|tests|docs)/[\w./-]*)`", readme))
+    assert len(named) > 15, named
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"the README names files that are not there: {missing}"
