@@ -9,6 +9,7 @@ keeps serving and theta is untouched. The server is made of parts, each owning o
 `sessions`          worker records: identity binding, sequence dedup and cached replies, liveness
 `admission`         push slots (--max-pushes-in-flight): reserve, release, queue, sweep
 `pulls`             held pulls (`pending`) and PARAMS replies
+`pushes`            a gradient's way to the policy: its check, the budget, its divergence
 `divergence`        samples of theta taken by pulls, and the divergence of pushes
 `job`               the job's flags and shard map, checked at REGISTER
 `checkpointer`      state_dict, checkpoints, resume
@@ -35,7 +36,7 @@ import torch
 import zmq
 
 from common.config import ServerConfig
-from common.protocol import WIRE_DTYPES, Encoded, Message, MsgType, decode_wire, error_reply, session_of
+from common.protocol import WIRE_DTYPES, Message, MsgType, error_reply, session_of
 from paramserver.admission import Admission
 from paramserver.checkpointer import Checkpointer
 from paramserver.consistency import Consistency, Contribution
@@ -43,21 +44,15 @@ from paramserver.divergence import Divergence
 from paramserver.job import Job
 from paramserver.metrics import CounterView, PhaseTimes, ServerMetrics
 from paramserver.pulls import Pulls
+from paramserver.pushes import Pushes
 from paramserver.sessions import Peer, RequestError, Sessions, WorkerState
 from paramserver.store import ParamStore
-from paramserver.transport import Transport, user_id
+from paramserver.transport import Transport, user_id, widen
 
 log = logging.getLogger("paramserver.server")
 
 #: refusals of who may do what (counted as refused:<code>; other rejected requests count as "rejected")
 REFUSALS = frozenset({"identity", "worker_live", "bad_seq", "too_many_workers", "not_admin"})
-
-
-def widen(msg: Message) -> None:
-    """bf16/fp16 tensors of a request -> float32 (the server keeps theta and sync sums in fp32)."""
-    for name, t in msg.tensors.items():
-        if isinstance(t, Encoded):
-            msg.tensors[name] = decode_wire(t)
 
 
 class Server:
@@ -80,6 +75,8 @@ class Server:
         self.divergence = Divergence(cfg, self.store, self.policy, self.phases)
         self.pulls = Pulls(cfg, self.store, self.policy, self.sessions, self.divergence, self.record, self.phases,
                            send)
+        self.pushes = Pushes(cfg, self.store, self.policy, self.divergence, self.phases,
+                             finished=lambda: self.pulls.finished)
         self.job = Job(cfg)
         self.checkpointer = Checkpointer(cfg, self.store, self.policy, self.sessions, self.job, self.events,
                                          self.record)
@@ -347,46 +344,9 @@ class Server:
         if not self.transport.note_segment(msg.worker, msg):   # (a gradient through shared memory: not the socket)
             self.admission.count_unadmitted(msg)   # a client that does not ask: not bounded
         try:
-            return self._push_gradient(msg)
+            return self.pushes.gradient(msg)
         finally:
             self.admission.release(msg.worker)   # its gradient is handled: the next worker may send
-
-    def _push_gradient(self, msg: Message) -> Message:
-        if msg.meta.get("skip") is True and not msg.tensors:
-            # shards + backup workers: shard 0 dropped this worker's gradient for the step, so this shard
-            # must not use it either; the worker only passes the step (see ShardedClient.push)
-            if self.cfg.mode != "sync":
-                raise RequestError("bad_request", "a PUSH with skip (shard 0 dropped the gradient) only applies to "
-                                   f"--mode sync; this server runs --mode {self.cfg.mode}")
-            with self.phases.phase("update"):   # (it may complete the step)
-                result = self.policy.skip(msg.worker, msg.clock)
-            return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
-                           meta={"status": result.status, "reason": result.reason, "stop": self.finished})
-        with self.phases.phase("check"):
-            try:   # (16-bit wire values are checked as they are: widening is exact, and only a gradient that fits is)
-                self.store.check_gradient(msg.tensors, msg.checked)
-            except ValueError as exc:
-                self.policy.counters["received"] += 1   # (gradients are the policy's to count, dropped ones too)
-                self.policy.counters["dropped:invalid"] += 1
-                raise RequestError("bad_gradient", str(exc)) from None
-            if self.cfg.mode == "sync":   # held until the step is complete: float32 copies of its own
-                widen(msg)
-        # (ssp/async apply it at once: 16-bit wire values go to the store as they are, which adds them for plain
-        # SGD and widens them a slice at a time for the fused optimizers, see ParamStore.apply)
-        if self.finished:   # the budget is spent: nothing more is applied
-            self.policy.counters["received"] += 1
-            self.policy.counters["dropped:budget"] += 1
-            return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=self.store.version,
-                           meta={"status": "dropped", "reason": "the --max-gradients budget is spent", "stop": True})
-        meta = {k: msg.meta[k] for k in ("loss",) if isinstance(msg.meta.get(k), (int, float))}
-        with self.phases.phase("divergence"):
-            meta["divergence"] = self.divergence.measure(msg.worker, msg.version)
-        with self.phases.phase("update"):
-            result = self.policy.push(msg.worker, msg.clock, msg.tensors, msg.version, meta,
-                                      members=msg.meta.get("members"))   # shards + backups: shard 0's step set
-        return Message(MsgType.ACK, worker=msg.worker, seq=msg.seq, clock=msg.clock, version=result.version,
-                       meta={"status": result.status, "reason": result.reason, "stop": self.finished,
-                             **({"members": result.members} if result.members is not None else {})})
 
     def _grant_slot(self, worker: int, identity: bytes, msg: Message) -> None:
         """Admission lets a waiting worker send: answer its reservation (a resend of it gets this again)."""

@@ -24,8 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from common import shm
 from common.config import ServerConfig
-from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, Message, ProtocolError, decode, encode,
-                             error_reply)
+from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, Encoded, Message, ProtocolError, decode,
+                             decode_wire, encode, error_reply)
 from common.security import server_curve
 from common.tuning import ReusedBuffers
 from paramserver.metrics import PhaseTimes
@@ -57,6 +57,13 @@ def send_tracked(sock: zmq.Socket, frames: list) -> zmq.MessageTracker:
         sock.send(part, zmq.SNDMORE, copy=False)
     sock.send(parts[-1], copy=False)
     return zmq.MessageTracker(*parts)
+
+
+def widen(msg: Message) -> None:
+    """bf16/fp16 tensors of a request -> float32 (the server keeps theta and sync sums in fp32)."""
+    for name, t in msg.tensors.items():
+        if isinstance(t, Encoded):
+            msg.tensors[name] = decode_wire(t)
 
 
 def frame_limit(cfg: ServerConfig, largest_tensor: int | None) -> int:
@@ -141,7 +148,7 @@ class Transport:
     def decode(self, identity: bytes, body: list) -> tuple[Message | None, Message | None]:
         """(the request in a message's frames, None), its gradient read from shared memory if it came that way;
         or (None, the ERROR reply) for a message that does not decode, is not a request, or whose shared memory
-        is unusable (counted as malformed). 16-bit tensors stay Encoded (see Server._push_gradient)."""
+        is unusable (counted as malformed). 16-bit tensors stay Encoded (see Pushes.gradient)."""
         try:
             msg = decode(body, raw=True, pool=self.joined)
         except ProtocolError as exc:
