@@ -58,7 +58,7 @@ class Divergence:
         samples.pop(version, None)
         with self.phases.phase("divergence"):
             samples[version] = self.store.sample()[1]
-        if len(samples) > SAMPLES_KEPT:   # (a resent pull adds one: the push computed on the pull before stays measurable)
+        if len(samples) > SAMPLES_KEPT:   # (a resent pull adds one: the push on the pull before stays measurable)
             del samples[next(iter(samples))]
 
     def measure(self, worker: int, base_version: int) -> float | None:

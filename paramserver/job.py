@@ -1,9 +1,10 @@
 """The job a server serves: its model, the flags its workers share, and the shard this server is of it.
 
 This part owns the job's description (`flags`: the first worker's job flags, or the resumed
-checkpoint's; the first worker's REGISTER also brings theta, every later model must match it), the shard map (`shard`: this server's index, the shard count and the partition
-plan's hash, see common/shards.py) with the full model layout the plan was built from
-(`layout`, to merge the shards' checkpoints), and the checks a REGISTER must pass against them.
+checkpoint's; the first worker's REGISTER also brings theta, every later model must match it),
+the shard map (`shard`: this server's index, the shard count and the partition plan's hash, see
+common/shards.py) with the full model layout the plan was built from (`layout`, to merge the
+shards' checkpoints), and the checks a REGISTER must pass against them.
 
 Usage::
 

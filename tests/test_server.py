@@ -243,7 +243,7 @@ def test_auto_divergence_samples_while_it_costs_under_5_percent_of_the_apply(sta
         ps.register(init=THETA)
         p = ps.pull()
         ps.push(GRAD, p.version, p.clock)
-        assert server.divergence.held.get(0)                                   # nothing spent yet: the first pull samples
+        assert server.divergence.held.get(0)                        # nothing spent yet: the first pull samples
         server.divergence.held.clear()
         server.phases.seconds["divergence"] = 1.0                   # over budget: 1 s against (far) under 20 s
         assert server.policy.apply_s < 1.0 / server_mod.DIVERGENCE_BUDGET

@@ -110,7 +110,8 @@ def test_a_retry_after_reregistration_keeps_its_sequence_number(start_server):
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=0.1, worker_timeout=0.3)
     seen = []
     handler = srv.server.handlers[MsgType.PUSH]
-    srv.server.handlers[MsgType.PUSH] = lambda identity, msg, peer: (seen.append(msg.seq), handler(identity, msg, peer))[1]
+    srv.server.handlers[MsgType.PUSH] = lambda identity, msg, peer: (seen.append(msg.seq),
+                                                                     handler(identity, msg, peer))[1]
     with PSClient(srv.address, worker=0, request_timeout=0.5, server_timeout=20) as ps:
         ps.register(init=THETA)
         _wait_for(lambda: not srv.server.workers[0].alive, what="the worker to be declared dead")
