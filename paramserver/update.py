@@ -13,9 +13,9 @@ for Adam too (Adam is invariant to the gradient's scale).
 
 The path, top to bottom:
 
-1. Σ: `Consistency._fold` (paramserver/consistency.py) adds each held gradient with `UpdateRule.accumulate`
-   in worker-id order (into one reused buffer). ssp/async skip this: the one gradient is the total.
-2. 1/N: `step_scales(mode, aggregate, n)` below gives (scale, lr_scale); Consistency calls nothing else.
+1. Σ: `Consistency._fold` (paramserver/consistency.py) adds the held gradients in worker-id order with
+   `store.accumulate`, that is `UpdateRule.accumulate` below (one reused buffer). ssp/async skip this.
+2. 1/N: `step_scales(mode, aggregate, n)` below gives (scale, lr_scale), for both of Consistency's cases.
 3. apply: `ParamStore.apply(total, scale, lr_scale)` (paramserver/store.py) first moves theta out of the
    way of a send still reading it (paramserver/snapshots.py), then calls `UpdateRule.apply`, which takes
    one of three paths, each one small method:
@@ -155,7 +155,8 @@ class UpdateRule:
             for n in self.names:
                 torch.add(as_tensor(np.asarray(total[n])), as_tensor(np.asarray(g[n])), out=as_tensor(self._sum[n]))
             return self._sum
-        torch._foreach_add_([as_tensor(total[n]) for n in self.names], [as_tensor(np.asarray(g[n])) for n in self.names])
+        torch._foreach_add_([as_tensor(total[n]) for n in self.names],
+                            [as_tensor(np.asarray(g[n])) for n in self.names])
         return total
 
     def apply(self, grads: Mapping[str, np.ndarray], scale: float = 1.0, lr_scale: float = 1.0,
