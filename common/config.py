@@ -345,6 +345,15 @@ def _value_type(hint):
     return args[0] if len(args) == 1 else hint
 
 
+def _or_not_given(typ):
+    """A flag whose default is None ("not given") also takes an empty value as not given: a deployment template
+    can pass `--staleness=$STALENESS` whatever the mode, and leave STALENESS empty outside ssp."""
+    def convert(text: str):
+        return None if text.strip() == "" else typ(text)
+    convert.__name__ = typ.__name__   # argparse names the type in its error ("invalid int value")
+    return convert
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """Add one --flag per dataclass field of `cls` (defaults come from the dataclass; a field whose default is
     None, "not given", states its effective default in its help)."""
@@ -360,7 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = typ
+            kwargs["type"] = _or_not_given(typ) if f.default is None else typ
             kwargs["metavar"] = f.name.upper()
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]

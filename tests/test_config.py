@@ -79,3 +79,18 @@ def test_min_workers_above_the_workers_is_one_line_on_the_command_line(cli):
                                              "workers, so sync would hold every pull forever: give --min-workers 1..2"]
     r = cli("cluster", "--workers", "2", "--min-workers", "4")
     assert r.returncode == 2 and "--min-workers 4 is more than the job's 2 workers" in r.stderr
+
+
+@pytest.mark.parametrize("mode, expected", [("sync", None), ("async", None), ("ssp", DEFAULT_STALENESS)])
+def test_an_empty_staleness_is_not_given(mode, expected):
+    """The deploy templates pass --staleness=$STALENESS whatever the mode; empty means not given."""
+    import argparse
+    from common.config import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ServerConfig)
+    cfg = from_args(ServerConfig, parser.parse_args(["--mode", mode, "--staleness="]))
+    assert cfg.staleness == expected
+    cfg = from_args(ServerConfig, parser.parse_args(["--mode", "ssp", "--staleness=2"]))
+    assert cfg.staleness == 2
+    with pytest.raises(SystemExit):   # still an int when given
+        parser.parse_args(["--staleness=two"])
