@@ -52,7 +52,7 @@ def start_server():
 
 def worker_process(cfg: WorkerConfig, **popen) -> subprocess.Popen:
     """Start `paramserver worker` for cfg in a subprocess, the cluster's way (its output: as `popen` says)."""
-    from paramserver.cluster import launch_worker
+    from paramserver.launch import launch_worker
     return launch_worker(cfg, **popen)
 
 

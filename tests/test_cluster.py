@@ -208,13 +208,13 @@ def test_start_workers_launches_each_worker_on_its_own_config(monkeypatch, tmp_p
     give back exactly the config it should run (its identity, the cluster's settings, the wcfg's others)."""
     import argparse
     from common.config import ENV_VARS, WorkerConfig, add_arguments, from_args
-    from paramserver import cluster
+    from paramserver import launch
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     seen = []
-    monkeypatch.setattr(cluster, "_spawn", lambda args, log_path=None, **popen: seen.append((args, log_path)))
+    monkeypatch.setattr(launch, "_spawn", lambda args, log_path=None, **popen: seen.append((args, log_path)))
     wcfg = WorkerConfig(job="mlp", steps=7, threads=5, slowdown=9.0, wire_dtype="bf16")
-    cluster.start_workers(wcfg, 3, "tcp://h:1", str(tmp_path), slowdown={2: 3.0}, threads=2, slowdown_prob=0.5)
+    launch.start_workers(wcfg, 3, "tcp://h:1", str(tmp_path), slowdown={2: 3.0}, threads=2, slowdown_prob=0.5)
     assert len(seen) == 3
     for rank, (args, log_path) in enumerate(seen):
         assert args[0] == "worker" and log_path == os.path.join(str(tmp_path), f"worker{rank}.log")

@@ -413,7 +413,7 @@ def test_each_shard_has_its_own_key_and_workers_are_given_every_one(tmp_path):
     import zmq
     from common.config import ServerConfig
     from common.security import make_keys, server_key_names
-    from paramserver.cluster import shutdown, start_server
+    from paramserver.launch import shutdown, start_server
     from tests.test_cli import ps as cli
     from worker.client import ServerUnavailable
     if not zmq.has("curve"):

@@ -130,7 +130,7 @@ def _worker_cfg(cfg: BenchConfig, steps: int) -> WorkerConfig:
 
 def run_ps(cfg: BenchConfig, run: dict, folder: str) -> dict:
     """One parameter-server run: in-process server thread, worker processes; returns raw series."""
-    from paramserver.cluster import start_workers
+    from paramserver.launch import start_workers
     from paramserver.server import Server
     server = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=cfg.workers, optimizer=cfg.optimizer,
                                  lr=cfg.lr, aggregate="mean", max_gradients=cfg.budget, log_level="warning",

@@ -44,7 +44,7 @@ class LoadConfig:
 def run_load(cfg: LoadConfig) -> dict:
     import tempfile
 
-    from paramserver.cluster import shutdown, start_server
+    from paramserver.launch import shutdown, start_server
     from worker.client import PSClient
     out = cfg.out or tempfile.mkdtemp(prefix="ps-load-")
     os.makedirs(out, exist_ok=True)

@@ -6,7 +6,7 @@ a dict; this module is that shape once. The parent joins the start barrier, so t
 measures starts when the workers start. A worker that fails reports its error (and breaks the
 barrier, so nobody waits for it); the parent raises it as one line. Processes still alive at the end
 are killed. (These are measurement functions, not training workers: a bench that trains starts
-`paramserver worker` processes the one way the cluster and the tests do, `cluster.launch_worker`.)
+`paramserver worker` processes the one way the cluster and the tests do, `launch.launch_worker`.)
 
 The target is called as ``target(rank, *args, sync=Sync)`` in a fresh ("spawn") process and returns
 the dict to report: it calls ``sync.registered(rank)`` once connected (rank 0 first: it brings theta)

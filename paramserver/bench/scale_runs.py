@@ -123,7 +123,7 @@ def run_single(cfg: ScaleConfig, batch: int, device: str, workers: int) -> dict:
 
 def _wait(workers: list, servers: list, deadline: float) -> str:
     """'' once every worker has exited with 0; else why the run is being stopped."""
-    from paramserver.cluster import exit_text
+    from paramserver.launch import exit_text
     while any(p.poll() is None for p in workers):
         if time.monotonic() > deadline:
             return "timeout"
@@ -147,8 +147,8 @@ def _read(path: str) -> dict:
 
 def run_ps(cfg: ScaleConfig, v: Variant, batch: int, device: str, folder: str, seconds: float, evaluate) -> dict:
     """One paramserver run of variant `v` at global batch `batch`, stopped after `seconds` at the latest."""
-    from paramserver.cluster import (ClusterError, last_error_line, merge_checkpoints, shard_configs, start_server,
-                                     start_workers, stop_all)
+    from paramserver.cluster import merge_checkpoints, shard_configs
+    from paramserver.launch import ClusterError, last_error_line, start_server, start_workers, stop_all
     from common.checkpoint import load_checkpoint
     os.makedirs(folder, exist_ok=True)
     for f in os.listdir(folder):   # an earlier run's files would pass for this one's

@@ -99,7 +99,8 @@ def _worker(rank: int, addresses: list[str], size: int, seconds: float, use_shm:
 def start_servers(scfg: ServerConfig, shards: int, out: str, log_name: str = "bench") -> tuple[list, list[str]]:
     """K server processes for `scfg` (one unsharded server for K = 1), without checkpoints or metrics files;
     returns (processes, addresses in shard order). Stop them with `stop_servers`."""
-    from paramserver.cluster import shard_configs, start_server
+    from paramserver.cluster import shard_configs
+    from paramserver.launch import start_server
     cfgs = shard_configs(scfg, shards, out) if shards > 1 else [scfg]
     procs, addresses = [], []
     try:
@@ -115,7 +116,7 @@ def start_servers(scfg: ServerConfig, shards: int, out: str, log_name: str = "be
 
 
 def stop_servers(procs: list, addresses: list[str]) -> None:
-    from paramserver.cluster import shutdown
+    from paramserver.launch import shutdown
     for proc, address in zip(procs, addresses):
         if proc.poll() is None:
             shutdown(address)
@@ -170,7 +171,7 @@ def measure_overlap(mode: str, overlap: bool, shards: int, steps: int, out: str)
     import json
 
     from common.config import WorkerConfig
-    from paramserver.cluster import start_workers
+    from paramserver.launch import start_workers
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=2, mode=mode, log_level="warning")
     procs, addresses = start_servers(scfg, shards, out, log_name="ov")
     run = os.path.join(out, f"overlap-{mode}-{overlap}-{shards}")

@@ -169,14 +169,14 @@ def _shm_share(ps, pulls: int, pushes: int) -> dict:
 
 
 def _start_server(out: str, num_workers: int, optimizer: str, **server):
-    from paramserver.cluster import start_server
+    from paramserver.launch import start_server
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=num_workers, mode="async", optimizer=optimizer,
                         lr=1e-4, log_level="warning", worker_timeout=600, max_message_mb=4096, **server)
     return start_server(scfg, out)
 
 
 def _stop_server(proc, address: str) -> dict:
-    from paramserver.cluster import shutdown
+    from paramserver.launch import shutdown
     from worker.client import PSClient
     with PSClient(address, server_timeout=30) as ps:
         status = ps.status()
