@@ -38,14 +38,14 @@ log = logging.getLogger("paramserver.server.checkpointer")   # (under the server
 
 #: flags a checkpoint must have been written with to be resumed (unless --resume-override)
 RESUME_MUST_MATCH = ("mode", "aggregate", "lr", "num_workers")
-#: counters of the server's own events (the rest of a checkpoint's counters are the policy's); "refused:<code>"
-#: counters are server events too
-SERVER_EVENTS = frozenset({"malformed", "rejected", "disconnects", "handshake_failures", "internal_errors", "dead",
-                           "step_timeouts", "checkpoint_errors", "unadmitted_pushes", "duplicates"})
+#: the policy's counters (it counts gradients: received, applied, updates, dropped:<reason>); every other counter of
+#: a checkpoint is one of the server's own events (malformed, refused:<code>, dead, disconnects, ...), so an event
+#: added later needs no list to go back onto the server's counter at a resume
+POLICY_COUNTERS = frozenset({"received", "applied", "updates"})
 
 
 def is_server_event(key: str) -> bool:
-    return key in SERVER_EVENTS or key.startswith("refused:")
+    return key not in POLICY_COUNTERS and not key.startswith("dropped:")
 
 
 def check_writable(flag: str, path: str) -> None:

@@ -53,14 +53,20 @@ class CounterView(Mapping):
     def __contains__(self, key) -> bool:
         return any(key in src() for src in self._sources)
 
+    def copy(self) -> dict:
+        """The counts now, as one dict. Each source is copied first (`dict(Counter)` is one step under the GIL),
+        so another thread (a test, a status tool in-process) never iterates a counter the server is adding a
+        key to."""
+        return merge_counters(*(dict(src()) for src in self._sources))
+
     def __iter__(self):
-        return iter(merge_counters(*(src() for src in self._sources)))
+        return iter(self.copy())
 
     def __len__(self) -> int:
-        return len(merge_counters(*(src() for src in self._sources)))
+        return len(self.copy())
 
     def __repr__(self) -> str:
-        return f"CounterView({merge_counters(*(src() for src in self._sources))!r})"
+        return f"CounterView({self.copy()!r})"
 
 
 #: the parts of the server thread's work timed apart (status `time_s`, Prometheus `paramserver_server_seconds`);

@@ -171,7 +171,7 @@ class PromExporter:
             "step": srv.policy.step, "workers": states, "num_workers": srv.cfg.num_workers,
             "waiting_pulls": len(srv.pending), "min_clock": srv.policy.min_clock(),
             "loss": sum(r[2] for r in recent) / len(recent) if recent else None,
-            "counters": dict(srv.counters), "checkpoint_at": checkpoint_at,
+            "counters": srv.counters.copy(), "checkpoint_at": checkpoint_at,
             "checkpoint_version": checkpoint_version, "started_at": srv.record.started_at,
             "time_s": srv.phases.summary(),
         }

@@ -417,7 +417,7 @@ class Server:
             "push_slots": self.admission.status(),
             "started": self.policy.started, "registered": len(self.policy.last_clock),
             "num_workers": self.cfg.num_workers,
-            "counters": dict(self.counters), "pending_gradients": self.policy.pending_gradients,
+            "counters": self.counters.copy(), "pending_gradients": self.policy.pending_gradients,
             "apply_s": round(self.policy.apply_s, 4),
             "time_s": self.phases.summary(),
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),

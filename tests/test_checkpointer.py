@@ -41,6 +41,42 @@ def test_the_servers_events_survive_a_resume_on_its_own_counter(tmp_path):
     assert again.policy.counters == Counter({"received": 3})
     assert again.status()["counters"] == {"received": 3, "dead": 2, "refused:identity": 1}
     assert is_server_event("refused:not_admin") and not is_server_event("dropped:late")
+    assert is_server_event("an_event_added_later") and not any(map(is_server_event, ("received", "applied", "updates")))
+
+
+def test_the_merged_counters_are_copied_while_the_server_thread_counts():
+    """status() may be called from another thread (tests, an in-process tool) while the server thread counts a
+    key it has never counted: the merged view copies each counter before walking it."""
+    import threading
+    from paramserver.metrics import CounterView
+    policy, events, stop, errors = Counter(), Counter(), threading.Event(), []
+
+    def count():
+        i = 0
+        while not stop.is_set():
+            events[f"refused:code{i % 5000}"] += 1
+            policy[f"dropped:{i % 5000}"] += 1
+            i += 1
+            if i % 5000 == 0:
+                events.clear(), policy.clear()
+
+    view = CounterView(lambda: policy, lambda: events)
+    t = threading.Thread(target=count, daemon=True)
+    t.start()
+    try:
+        for _ in range(2000):
+            try:
+                copied = view.copy()
+                assert isinstance(copied, dict) and dict(view) is not None and len(view) >= 0
+            except RuntimeError as exc:   # "dictionary changed size during iteration"
+                errors.append(exc)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:1]
+    policy.update(applied=2)
+    events.update(dead=1, applied=1)
+    assert view.copy() == {"applied": 3, "dead": 1} and view["applied"] == 3 and view["nothing"] == 0
 
 
 def test_dedup_record_survives_a_server_restart(tmp_path):
