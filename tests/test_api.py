@@ -71,7 +71,11 @@ def _run_api_worker(model, data, address, rank, steps, accum, batch_size, out, o
                 if opt.steps == steps:
                     break
             out[rank] = opt.steps
-            out[("shm", rank)] = opt.client.stats.get("shm_pushes", 0) == steps
+            inner = opt.client.inner if type(opt.client).__name__ == "OverlapClient" else opt.client
+            # every push through shared memory (with shards: through each shard's own segment)
+            out[("shm", rank)] = all(c.stats.get("shm_pushes", 0) == steps for c in getattr(inner, "clients", [inner]))
+        # the server's answer to each push is counted, also when pushes go in the background (overlap)
+        out[("answers", rank)] = opt.stats["applied"] + opt.stats["accumulated"]
     except BaseException as exc:   # surfaced by the test
         out[rank] = exc
 
@@ -102,9 +106,9 @@ def test_api_sync_equals_single_process_training(start_server, accum, shards, op
         t.start()
     for t in threads:
         t.join(timeout=120)
-    via_shm = client == "ShmClient"   # (through shards, each shard's client counts its own)
+    via_shm = client != "PSClient"   # shared memory unless shm=False
     assert out == {0: steps, 1: steps, ("client", 0): client, ("client", 1): client, ("shm", 0): via_shm,
-                   ("shm", 1): via_shm}, out
+                   ("shm", 1): via_shm, ("answers", 0): steps, ("answers", 1): steps}, out
     assert all(s.server.store.version == steps for s in servers)
     assert all(isinstance(u[4], float) for u in srv.server.record.updates)   # step(loss=...) labels each push
 
@@ -330,3 +334,21 @@ def test_api_with_a_16_bit_wire_loads_the_servers_theta_rounded(start_server, wi
         assert not all(np.array_equal(p.detach().numpy(), theta[n]) for n, p in model.named_parameters())
         # the 16-bit values reached the model as they came (no float32 theta made per pull)
         assert len(loaded) == 3 and all(isinstance(t, Encoded) and t.wire == wire for m in loaded for t in m.values())
+
+
+def test_api_default_shared_memory_with_a_16_bit_wire_loads_float32_theta(start_server):
+    """The API's default client is the worker loop's: on the server's host θ comes through shared memory, in
+    float32 whatever wire_dtype says (the bytes do not cross a network), so the model holds the server's θ exactly."""
+    srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=LR)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(7, 3)
+    x, y = torch.randn(16, 7), torch.randn(16, 3)
+    with ps.DistributedOptimizer(model, server=srv.address, rank=0, num_workers=1, wire_dtype="bf16") as opt:
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        assert type(opt.client).__name__ == "ShmClient" and opt.client.stats["shm_pulls"] >= 3
+        assert opt.stats["applied"] == 3 and opt.version == srv.server.store.version == 3
+        theta = srv.server.store.theta
+        assert all(np.array_equal(p.detach().numpy(), theta[n]) for n, p in model.named_parameters())

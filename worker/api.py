@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, WorkerConfig
+from common.protocol import Message
 from worker.client import ServerError, ServerUnavailable
 from worker.connect import make_client, register, worker_config
+from worker.overlap import OverlapClient
 from worker.sampler import ShardSampler
 from worker.transfer import ParamIO
 
@@ -77,6 +79,7 @@ class DistributedOptimizer:
         self.should_stop = False
         self.steps = 0                 # pushes made
         self.stats = {"applied": 0, "accumulated": 0, "dropped": 0}
+        self._tallied: Message | None = None   # overlap: the last settled answer counted in stats
         self._micro = 0
         self._acc: dict[str, torch.Tensor | None] | None = None
         self._acc_buf: dict[str, torch.Tensor] = {}   # accum > 1: the running sums, allocated once
@@ -136,13 +139,12 @@ class DistributedOptimizer:
         ack = self.client.push(self.io.grads(grads), version=self._params.version, clock=self._params.clock, **meta)
         self._micro, self._acc, self._losses = 0, None, []
         self.steps += 1
-        status = ack.meta.get("status", "")
-        if status in self.stats:
-            self.stats[status] += 1
+        self._tally(ack)
         if ack.meta.get("stop"):
             self._stop("the server's gradient budget is spent")
         else:
             self._pull()
+            self._tally()
         return loss
 
     def sampler(self, data, shard: str | None = None, seed: int | None = None, shuffle: bool = True) -> ShardSampler:
@@ -171,6 +173,7 @@ class DistributedOptimizer:
         self.client.server_timeout = min(self.client.server_timeout, LEAVE_TIMEOUT)
         try:
             self.client.leave(reason)
+            self._tally()
         except (ServerError, ServerUnavailable) as exc:
             log.warning("could not say goodbye to the server: %s", exc)
         finally:
@@ -218,6 +221,19 @@ class DistributedOptimizer:
             buf.copy_(g.detach())
             self._acc_seen.add(n)
         self._acc = {n: (self._acc_buf[n] if n in self._acc_seen else None) for n in grads}
+
+    def _tally(self, ack: Message | None = None) -> None:
+        """Count the server's answers to this worker's pushes in `stats`. With overlap=True a push returns
+        "sent" at once; its answer is settled later (by the next pull, push or the goodbye) into the client's
+        `last_ack`, and counted here once it is there."""
+        answers = [ack] if ack is not None and ack.meta.get("status") != "sent" else []
+        if isinstance(self.client, OverlapClient) and self.client.last_ack is not self._tallied:
+            self._tallied = self.client.last_ack
+            answers.append(self._tallied)
+        for answer in answers:
+            status = answer.meta.get("status", "").split(",")[0]   # θ over shards: shard 0's answer ("applied,accumulated")
+            if status in self.stats:
+                self.stats[status] += 1
 
     def _pull(self) -> None:
         reply = self.client.pull(raw=True)   # 16-bit wire values as they came: load() widens them into the model
