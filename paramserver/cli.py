@@ -217,7 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paramserver", allow_abbrev=False, epilog=env_help,
                      description="A parameter server for data-parallel training (sync, bounded staleness, async).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_training_commands(sub)
+    _add_bench_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_training_commands(sub) -> None:
+    """server, worker, cluster: their flags are their config dataclasses' fields (common/config.py)."""
     p = sub.add_parser("server", help="run the parameter server", allow_abbrev=False)
     add_arguments(p, ServerConfig)
     p.set_defaults(func=cmd_server)
@@ -236,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "curve_secret"))
     p.set_defaults(func=cmd_cluster)
 
+
+def _add_bench_commands(sub) -> None:
+    """bench consistency | load | shards | throughput | scale: flags from each bench's config dataclass."""
     p = sub.add_parser("bench", help="benchmarks that print figures", allow_abbrev=False)
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     from paramserver.bench.consistency import BenchConfig
@@ -267,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b, ScaleConfig)
     b.set_defaults(func=cmd_bench_scale)
 
+
+def _add_tool_commands(sub) -> None:
+    """status, stop, eval, sample, keys: tools around a run."""
     p = sub.add_parser("status", help="show a running server's state", allow_abbrev=False)
     add_client_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
@@ -305,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "server-shard{K-1} instead of server (default: 1)")
     p.add_argument("--force", action="store_true", help="replace key files that exist already")
     p.set_defaults(func=cmd_keys)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

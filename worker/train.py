@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -71,67 +72,10 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
             m["rank"], m["worker_id"] = cfg.rank, welcome.worker
         shard, stream = batch_stream(cfg, job.n_samples)
         m["shard_size"] = int(len(shard))
-        slow_rng = straggler_rng(cfg)
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
         gate = _GateReporter(cfg, client)
-        if cfg.rank == 0 and cfg.eval_every:
-            job.load_params(welcome.tensors)
-            m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
-        for step in range(cfg.steps):
-            micro = []
-            for _ in range(cfg.accum):
-                item = next(stream, None)
-                if item is None:
-                    break
-                micro.append(item[1])
-            if len(micro) < cfg.accum:
-                log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
-                break
-            t0 = time.perf_counter()
-            params = client.pull(raw=True)   # 16-bit θ as it came: io.load widens it into the model
-            t1 = time.perf_counter()
-            gated = 0.0
-            if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
-                gate.stop()
-                gated = float(params.meta.get("wait_s", 0.0))
-                m["start_gate_s"] = round(gated, 5)
-            if params.meta.get("stop"):
-                log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
-                break
-            io.load(params.tensors)
-            job.model.zero_grad(set_to_none=False)   # backward accumulates into the same .grad buffers
-            loss_sum = 0.0
-            for idx in micro:
-                x, y = job.batch(idx)
-                loss = job.loss(x, y) / cfg.accum
-                loss.backward()
-                loss_sum += loss.item()
-            grads = io.grads()   # (on cuda: waits for the copies to the pinned buffers)
-            t2 = time.perf_counter()
-            slept = 0.0
-            if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:
-                # straggler: as if this worker's hardware were `slowdown` times slower for this step
-                slept = (cfg.slowdown - 1.0) * (t2 - t1)
-                time.sleep(slept)
-            t3 = time.perf_counter()
-            ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
-            t4 = time.perf_counter()
-            wait = float(params.meta.get("wait_s", 0.0)) - gated
-            pull_s = max(0.0, (t1 - t0) - wait - gated)
-            comm = pull_s + (t4 - t3)
-            m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
-                               round(t2 - t1, 5), round(wait, 5), round(comm, 5), round(slept, 5),
-                               ack.meta.get("status", ""), round(pull_s, 5), round(t4 - t3, 5)])
-            if cfg.rank == 0 and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                # the model still holds the theta this step computed on
-                m["evals"].append([round(time.time() - t_start, 4), step, params.version,
-                                   job.eval_loss(cfg.eval_batches, cfg.batch_size)])
-            if ack.meta.get("stop"):
-                break
-            if cfg.log_every and (step + 1) % cfg.log_every == 0:
-                log.info("worker %d step %d/%d clock %d version %d loss %.4f", cfg.rank, step + 1, cfg.steps,
-                         params.clock, params.version, loss_sum)
+        _train(cfg, job, client, io, welcome, stream, gate, m, t_start)
         client.leave("done")
     except (KeyboardInterrupt, SystemExit):
         m["exit"] = "interrupted"
@@ -158,6 +102,63 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         if cfg.out:
             write_metrics(m, cfg)
     return m
+
+
+def _train(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m: dict, t_start: float) -> None:
+    """The loop, one step per iteration: pull θ, forward/backward on this worker's micro-batches, push the
+    gradient; each step's timings go into m["steps"], rank 0's held-out evaluations into m["evals"]."""
+    slow_rng = straggler_rng(cfg)
+    if cfg.rank == 0 and cfg.eval_every:
+        job.load_params(welcome.tensors)
+        m["evals"].append([0.0, 0, welcome.version, job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+    for step in range(cfg.steps):
+        micro = [item[1] for item in itertools.islice(stream, cfg.accum)]
+        if len(micro) < cfg.accum:
+            log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
+            break
+        t0 = time.perf_counter()
+        params = client.pull(raw=True)   # 16-bit θ as it came: io.load widens it into the model
+        t1 = time.perf_counter()
+        gated = 0.0
+        if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
+            gate.stop()
+            gated = float(params.meta.get("wait_s", 0.0))
+            m["start_gate_s"] = round(gated, 5)
+        if params.meta.get("stop"):
+            log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+            break
+        io.load(params.tensors)
+        job.model.zero_grad(set_to_none=False)   # backward accumulates into the same .grad buffers
+        loss_sum = 0.0
+        for idx in micro:
+            x, y = job.batch(idx)
+            loss = job.loss(x, y) / cfg.accum
+            loss.backward()
+            loss_sum += loss.item()
+        grads = io.grads()   # (on cuda: waits for the copies to the pinned buffers)
+        t2 = time.perf_counter()
+        slept = 0.0
+        if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:
+            # straggler: as if this worker's hardware were `slowdown` times slower for this step
+            slept = (cfg.slowdown - 1.0) * (t2 - t1)
+            time.sleep(slept)
+        t3 = time.perf_counter()
+        ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum)
+        t4 = time.perf_counter()
+        wait = float(params.meta.get("wait_s", 0.0)) - gated
+        pull_s = max(0.0, (t1 - t0) - wait - gated)
+        m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum,
+                           round(t2 - t1, 5), round(wait, 5), round(pull_s + (t4 - t3), 5), round(slept, 5),
+                           ack.meta.get("status", ""), round(pull_s, 5), round(t4 - t3, 5)])
+        if cfg.rank == 0 and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            # the model still holds the theta this step computed on
+            m["evals"].append([round(time.time() - t_start, 4), step, params.version,
+                               job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+        if ack.meta.get("stop"):
+            break
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            log.info("worker %d step %d/%d clock %d version %d loss %.4f", cfg.rank, step + 1, cfg.steps,
+                     params.clock, params.version, loss_sum)
 
 
 def write_metrics(m: dict, cfg: WorkerConfig) -> None:
