@@ -118,8 +118,11 @@ def _parse(argv: list[str], env: dict[str, str]):
 
 
 def _compose_defaults(value) -> str:
-    """Compose's interpolation with every variable unset: ${VAR:-default} -> default."""
-    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), str(value))
+    """Compose's interpolation with every variable unset: ${VAR:-default} -> default, ${VAR} -> "" (podman-compose
+    1.0.3 takes no empty default, ${VAR:-}: the templates write ${VAR} for an empty one)."""
+    value = re.sub(r"\$\{(\w+):-([^}]+)\}", lambda m: m.group(2), str(value))
+    assert "${" not in re.sub(r"\$\{\w+\}", "", value), f"an interpolation podman-compose 1.0.3 leaves as it is: {value}"
+    return re.sub(r"\$\{\w+\}", "", value)
 
 
 def _compose(name: str) -> dict:
