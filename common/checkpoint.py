@@ -65,7 +65,9 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # torch's own text suggests weights_only=False: bad advice for a file we did not write
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"   # torch.save writes a zip archive: one cut short starts alike
+        if zipped or "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
             why = "it is truncated or damaged (an interrupted copy?)"
         else:
             why = "it is not a checkpoint written by paramserver"

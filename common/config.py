@@ -65,6 +65,12 @@ def check_address(flag: str, value: str) -> None:
             raise ValueError(f"{flag} {addr!r} has no transport: write tcp://{addr}")
         if scheme not in TRANSPORTS or not rest:
             raise ValueError(f"{flag} {addr!r}: use tcp://HOST:PORT (or ipc://PATH)")
+        if scheme == "tcp":   # ZeroMQ would retry a port it cannot use in silence until --server-timeout
+            host, colon, port = rest.rpartition(":")
+            if not colon or not host:
+                raise ValueError(f"{flag} {addr!r} has no port: write tcp://{rest}:PORT")
+            if port != "*" and not (port.isdigit() and int(port) <= 65535):
+                raise ValueError(f"{flag} {addr!r}: port {port!r} is not a TCP port (0..65535, or * for a free one)")
 
 
 def check_resolves(flag: str, addresses: str) -> None:
@@ -290,8 +296,10 @@ class WorkerConfig(JobConfig):
         if not -1 <= self.rank < self.num_workers:
             raise ValueError(f"--rank {self.rank} must be in [0, {self.num_workers - 1}] for --num-workers "
                              f"{self.num_workers}, or -1 (PS_RANK=auto) for a rank assigned by the server")
-        if self.batch_size < 1 or self.accum < 1 or self.steps < 0:
-            raise ValueError("--batch-size and --accum must be >= 1 and --steps >= 0")
+        for flag, value, least in (("--batch-size", self.batch_size, 1), ("--accum", self.accum, 1),
+                                   ("--steps", self.steps, 0)):
+            if value < least:   # name only the flag that is wrong
+                raise ValueError(f"{flag} must be >= {least}, not {value}")
         if self.slowdown < 1.0:
             raise ValueError("--slowdown is a slowdown factor and must be >= 1.0")
         if not 0.0 <= self.slowdown_prob <= 1.0:
@@ -321,6 +329,8 @@ class ClusterConfig:
                         "where they do not")
     shards: int = opt(1, "server processes theta is split over (one `paramserver server --shard-index I "
                          "--num-shards K` each)")
+    overwrite: bool = opt(False, "replace an earlier run in --out (its checkpoint, metrics); without it such a "
+                                 "folder is refused unless --resume continues the run there")
 
     def __post_init__(self):
         if self.shards < 1:

@@ -36,7 +36,6 @@ import secrets
 
 import numpy as np
 
-from common.int8 import Int8Blocks
 from common.protocol import DTYPES, Encoded, Message, MsgType, ProtocolError, decode_wire, within_bounds
 from common.tuning import ReusedBuffers
 
@@ -256,13 +255,10 @@ class GradientWriter:
         self.seg = Segment(f"psg-{os.getpid()}-{secrets.token_hex(8)}", max(8, size), create=True)
 
     def write(self, grads: dict[str, np.ndarray]) -> dict:
-        """Copy the gradients into the segment (`Encoded` 16-bit values widened to float32 on the way, `Int8Blocks`
-        dequantized: the values the server would have decoded from the socket)."""
+        """Copy the gradients into the segment (`Encoded` 16-bit values widened to float32 on the way)."""
         for name, dtype, shape, offset in self.specs:
             g, dst = grads[name], self.seg.view(dtype, shape, offset)
-            if isinstance(g, Int8Blocks):
-                g.to_float32(out=dst)
-            elif isinstance(g, Encoded):
+            if isinstance(g, Encoded):
                 decode_wire(g, out=dst)
             else:
                 np.copyto(dst, g, casting="same_kind")

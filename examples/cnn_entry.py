@@ -1,6 +1,6 @@
 """The CNN of `cnn_api.py` through `--entry`: no training loop to write.
 
-    paramserver cluster --entry examples.cnn_entry:make_job --workers 2 --steps 60 --lr 0.01
+    paramserver cluster --entry examples.cnn_entry:make_job --workers 2 --steps 60 --lr 0.01 --out runs/cnn
 
 (run from the folder that holds `examples/`; `paramserver worker` and `paramserver bench
 consistency` take the same `--entry`).

@@ -28,7 +28,10 @@ def _setup_logging(level: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An unknown flag gets this (sub)command's name and a "did you mean"; errors print a short usage."""
+    """An unknown flag gets this (sub)command's name and a "did you mean"; errors print a short usage. A flag
+    that belongs to another command (`worker --lr`) says so instead (`elsewhere`: flag -> why not here)."""
+
+    elsewhere: dict[str, str] = {}
 
     def parse_known_args(self, args=None, namespace=None):
         ns, extras = super().parse_known_args(args, namespace)
@@ -37,9 +40,12 @@ class _Parser(argparse.ArgumentParser):
             flags = [o for a in self._actions for o in a.option_strings]
             hints = []
             for a in unknown:
-                close = difflib.get_close_matches(a.split("=")[0], flags, n=1, cutoff=0.6)
-                if close:
-                    hints.append(f"{a.split('=')[0]}: did you mean {close[0]}?")
+                name = a.split("=")[0]
+                close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+                if name in self.elsewhere:
+                    hints.append(f"{name} {self.elsewhere[name]}")
+                elif close:
+                    hints.append(f"{name}: did you mean {close[0]}?")
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
         return ns, extras
 
@@ -117,7 +123,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM both stop the cluster cleanly, even where SIGINT arrives ignored (background jobs)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    preflight(scfg, wcfg)
+    preflight(scfg, wcfg, ccfg)
     try:
         return run_cluster(ccfg, scfg, wcfg)
     except ClusterError as exc:
@@ -126,7 +132,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    from paramserver.cluster import Terminated
+    raise Terminated
 
 
 def cmd_bench_consistency(args: argparse.Namespace) -> int:
@@ -228,20 +235,52 @@ def _add_training_commands(sub) -> None:
     p = sub.add_parser("server", help="run the parameter server", allow_abbrev=False)
     add_arguments(p, ServerConfig)
     p.set_defaults(func=cmd_server)
+    p.elsewhere = {f: "is a worker flag: give it to `paramserver worker`, the same on every worker"
+                   for f in _flags(WorkerConfig) - _flags(ServerConfig)}
 
     p = sub.add_parser("worker", help="run one worker", allow_abbrev=False)
     add_arguments(p, WorkerConfig)
     p.set_defaults(func=cmd_worker)
+    p.elsewhere = {f: "is a server flag: the workers take the server's; give it to `paramserver server`"
+                   for f in _flags(ServerConfig) - _flags(WorkerConfig)}
 
-    p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False)
+    p = sub.add_parser("cluster", help="run a server and N workers on this machine", allow_abbrev=False,
+                       description="One server (or --shards K) and --workers N workers on this machine. It takes "
+                                   "the server's and the workers' flags except those it sets itself: "
+                                   + "; ".join(f"{f} ({why})" for f, why in CLUSTER_SETS.items()) + ".")
     add_arguments(p, ClusterConfig)
-    # keys: the cluster makes its own (--curve / --keys): one per worker, an admin key for itself
-    # (the cluster writes OUT/checkpoint.pt itself: continue a run with --resume OUT/checkpoint.pt)
-    add_arguments(p, ServerConfig, skip=("bind", "num_workers", "metrics", "checkpoint", "curve_secret", "auth",
-                                         "shard_index", "num_shards", "auto_resume"))
-    add_arguments(p, WorkerConfig, skip=("server", "rank", "num_workers", "out", "slowdown", "curve_server",
-                                         "curve_secret"))
+    add_arguments(p, ServerConfig, skip=CLUSTER_SKIPS)
+    add_arguments(p, WorkerConfig, skip=CLUSTER_SKIPS)
+    for a in p._actions:   # its help names only flags the cluster takes
+        for old, new in (("HOST from --bind", "on 127.0.0.1"), ("--num-workers", "--workers")):
+            a.help = a.help.replace(old, new) if a.help else a.help
+    p.elsewhere = {f: f"is set by the cluster itself: {why}" for f, why in CLUSTER_SETS.items()}
     p.set_defaults(func=cmd_cluster)
+
+
+#: the server's and workers' flags `paramserver cluster` sets itself, and what to use instead
+CLUSTER_SETS = {
+    "--bind": "the server binds a free port on 127.0.0.1",
+    "--server": "the workers connect to the cluster's own server",
+    "--rank": "the workers get ranks 0..N-1",
+    "--num-workers": "use --workers N",
+    "--checkpoint": "it writes OUT/checkpoint.pt; choose the folder with --out",
+    "--metrics": "it writes OUT/metrics.json; choose the folder with --out",
+    "--auto-resume": "continue a run with --resume OUT/checkpoint.pt",
+    "--shard-index": "use --shards K",
+    "--num-shards": "use --shards K",
+    "--slowdown": "use --straggler F",
+    "--curve-secret": "use --curve or --keys DIR",
+    "--curve-server": "use --curve or --keys DIR",
+    "--auth": "use --curve or --keys DIR",
+    "--admins": "its own admin key is cluster in the --curve or --keys folder",
+}
+CLUSTER_SKIPS = tuple(f[2:].replace("-", "_") for f in CLUSTER_SETS) + ("out",)   # a worker's --out: the cluster's
+
+
+def _flags(cls) -> set[str]:
+    import dataclasses
+    return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
 
 
 def _add_bench_commands(sub) -> None:
@@ -337,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:   # say what to change, no traceback
         parser.exit(2, f"paramserver {args.command}: error: {exc}\n")
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:   # 128 + the signal, as shells report it
+        from paramserver.cluster import Terminated
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

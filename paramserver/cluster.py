@@ -25,6 +25,10 @@ from common.shards import merge_states
 from paramserver.launch import ClusterError, _Signals, exit_text, last_error_line, start_server, start_workers, stop_all
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to the cluster: stopped as on Ctrl-C, exit code 143 (128 + SIGTERM) instead of 130."""
+
+
 def _progress(ps, t0: float, n: int) -> str:
     from worker.client import ServerUnavailable
     try:
@@ -43,19 +47,69 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def preflight(scfg: ServerConfig, wcfg: WorkerConfig) -> None:
-    """Check, before any process starts, what would make the server or every worker fail at once (the
-    resumed checkpoint, the data folder); raises ConfigError / FileNotFoundError with one line."""
+def preflight(scfg: ServerConfig, wcfg: WorkerConfig, ccfg: ClusterConfig | None = None) -> None:
+    """Check, before any process starts, what would make the server or every worker fail (the output folder, the
+    resumed checkpoint against these flags, the data and its size for --context); raises ConfigError /
+    FileNotFoundError with one line."""
     from common.checkpoint import load_checkpoint
     from common.config import ConfigError
-    from worker.data import text_files
-    if wcfg.job == "gpt" and wcfg.data and not text_files(wcfg.data):
-        raise ConfigError(f"--data {wcfg.data!r}: no text files found")
+    if ccfg is not None:
+        check_out(ccfg, scfg.resume)
+    if wcfg.job == "gpt" and not wcfg.entry:
+        from worker.data import load_corpus
+        train, val, description = load_corpus(wcfg.data, wcfg.max_bytes)   # ConfigError: no text files
+        if (len(train) - 1) // wcfg.context < 1 or len(val) <= wcfg.context:   # as worker/models.py's Job
+            raise ConfigError(f"corpus too small for --context {wcfg.context}: {description}; give more text "
+                              "(--data, --max-bytes) or a shorter --context")
     if scfg.resume:
         state = load_checkpoint(scfg.resume)
         if state.get("optimizer", scfg.optimizer) != scfg.optimizer:
             raise ConfigError(f"--resume {scfg.resume}: the checkpoint was written with --optimizer "
                               f"{state['optimizer']}; resume with the same optimizer")
+        _check_resumed_job(scfg, wcfg, state)
+
+
+def _check_resumed_job(scfg: ServerConfig, wcfg: WorkerConfig, state: dict) -> None:
+    """What the server would refuse at its start (--mode, --aggregate, --lr, --workers: unless
+    --resume-override) and what it would refuse every worker for (their job flags: --data, the model's size,
+    --seed, ...), found before anything starts."""
+    from common.config import ConfigError
+    from paramserver.checkpointer import RESUME_MUST_MATCH
+    from worker.train import _job_meta
+    flag = lambda k: "--workers" if k == "num_workers" else "--" + k.replace("_", "-")   # noqa: E731
+    saved = state.get("config", {})
+    changed = [f"{flag(k)} {saved[k]} (now {getattr(scfg, k)})" for k in RESUME_MUST_MATCH
+               if k in saved and saved[k] != getattr(scfg, k)]
+    if changed and not scfg.resume_override:
+        raise ConfigError(f"--resume {scfg.resume}: the checkpoint was written with {', '.join(changed)}; resume "
+                          "with the same flags, or add --resume-override to continue under the new ones")
+    job, mine = state.get("job") or {}, _job_meta(wcfg)
+    diffs = [f"{flag(k)} {mine[k]!r} (the job has {v!r})" for k, v in sorted(job.items())
+             if k != "num_workers" and k in mine and mine[k] != v]
+    if diffs:   # the server would refuse every worker (job_mismatch) with these words
+        raise ConfigError(f"--resume {scfg.resume}: its job was trained with other flags: {'; '.join(diffs)}. "
+                          "Resume with the job's flags")
+
+
+#: what a cluster run leaves in its --out folder that a later run would replace
+RUN_FILES = ("checkpoint.pt", "metrics.json")
+
+
+def check_out(ccfg: ClusterConfig, resume: str = "") -> None:
+    """Refuse an --out folder that holds an earlier run (its checkpoint or metrics), unless this run continues
+    it (--resume names a checkpoint in that folder) or --overwrite says to replace it."""
+    from common.config import ConfigError
+    out = ccfg.out
+    if ccfg.overwrite or not os.path.isdir(out):
+        return
+    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out):
+        return
+    found = [f for f in sorted(os.listdir(out)) if f in RUN_FILES or (f.startswith("checkpoint-shard") and
+                                                                       f.endswith(".pt"))]
+    if found:
+        raise ConfigError(f"--out {out} holds an earlier run ({', '.join(found)}): choose another folder with "
+                          f"--out, continue it with --resume {os.path.join(out, 'checkpoint.pt')}, or pass "
+                          "--overwrite to replace it")
 
 
 def cluster_keys(folder: str, n: int, shards: int = 1) -> list[dict]:
@@ -131,6 +185,7 @@ class _Outcome:
     workers: list = dataclasses.field(default_factory=list)
     interrupted: bool = False
     failure: str = ""      # the first failure's one-line account ("" when none)
+    exit_code: int = 0     # an interrupt's: 130 (Ctrl-C), 143 (SIGTERM)
 
 
 def run_cluster(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig) -> int:
@@ -206,8 +261,9 @@ def _supervise(ccfg: ClusterConfig, wcfg: WorkerConfig, plan: _Plan, t0: float) 
         monitors = [PSClient(a, server_timeout=2.0, request_timeout=1.0, **c)
                     for a, c in zip(run.addresses, plan.curves)]
         run.failure = _watch(ccfg, plan, run, monitors, t0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         run.interrupted = True
+        run.exit_code = 143 if isinstance(exc, Terminated) else 130
         print(f"\ninterrupted: stopping workers and {'server' if k == 1 else 'server shards'} (each server writes "
               "its checkpoint)", flush=True)
     except ClusterError as exc:
@@ -221,6 +277,7 @@ def _supervise(ccfg: ClusterConfig, wcfg: WorkerConfig, plan: _Plan, t0: float) 
                 stop_all([], proc, run.addresses[i] if i < len(run.addresses) else "", plan.curves[i])
             if sigs.again:
                 run.interrupted = True
+                run.exit_code = run.exit_code or 130
     return run
 
 
@@ -251,7 +308,7 @@ def _watch(ccfg: ClusterConfig, plan: _Plan, run: _Outcome, monitors: list, t0: 
 def _report(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, plan: _Plan, run: _Outcome,
             t0: float) -> int:
     """Write metrics.json (summary, servers', workers'), evaluate the final checkpoint and print the summary;
-    returns the exit code (1 when a process failed or the run was interrupted)."""
+    returns the exit code: 1 when a process failed, else 130 / 143 when Ctrl-C / SIGTERM stopped the run."""
     from worker.evaluate import evaluate_checkpoint
     out, k, cfgs, failure = plan.out, plan.shards, plan.cfgs, run.failure
     if failure:
@@ -293,7 +350,7 @@ def _report(ccfg: ClusterConfig, scfg: ServerConfig, wcfg: WorkerConfig, plan: _
     else:
         where = f"{', '.join(c.checkpoint for c in cfgs)} (merged: {scfg.checkpoint})"
     print(f"checkpoint{'s' if k > 1 else ''}: {where}   metrics: {os.path.join(out, 'metrics.json')}", flush=True)
-    return 1 if failed or run.interrupted or failure else 0
+    return 1 if failed or failure else (run.exit_code or 130) if run.interrupted else 0
 
 
 def _print_outcome(summary: dict, resumed: bool) -> None:

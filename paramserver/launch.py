@@ -61,6 +61,9 @@ def last_error_line(log_path: str) -> str:
             lines = [ln.strip() for ln in f.read().splitlines()[-50:] if ln.strip()]
     except OSError:
         return ""
+    for ln in reversed(lines):    # the command line's own error line first (a user's frames may follow it)
+        if ": error: " in ln:
+            return ln
     for ln in reversed(lines):    # prefer the error line over a trailing usage hint
         if "error" in ln.lower() or "Error" in ln:
             return ln

@@ -124,7 +124,7 @@ def test_cluster_stops_cleanly_on_ctrl_c(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 1 and "interrupted" in rest
+    assert p.returncode == 130 and "interrupted" in rest
     ckpt = torch.load(out / "checkpoint.pt")
     assert ckpt["version"] > 0
     time.sleep(0.5)
@@ -193,12 +193,18 @@ def test_unreachable_server_is_logged_while_retrying_then_one_line():
 
 @pytest.mark.parametrize("shards", ["1", "2"])
 def test_cluster_prints_the_failing_workers_own_error_line(tmp_path, shards):
-    small = tmp_path / "small.txt"
-    small.write_text("tiny corpus\n" * 3)
-    r = ps("cluster", "--workers", "2", "--shards", shards, "--data", str(small), "--context", "64",
-           "--out", str(tmp_path / "c"), "--sample-bytes", "0", timeout=120)
+    # what the cluster checks before it starts (a corpus too small, ...) cannot fail a worker: this entry fails in
+    # the worker processes only
+    (tmp_path / "fails_in_workers.py").write_text(
+        "import sys\nimport torch\nimport paramserver as ps\n\ndef make_job():\n"
+        "    if 'worker' in sys.argv:\n        raise ValueError('no data here')\n    x = torch.ones(8, 3)\n"
+        "    return ps.UserJob(model=torch.nn.Linear(3, 1), loss=torch.nn.functional.mse_loss, n_samples=8,\n"
+        "                      batch=lambda idx: (x[idx], x[idx, :1]))\n")
+    r = ps("cluster", "--workers", "2", "--shards", shards, "--entry", "fails_in_workers:make_job",
+           "--out", str(tmp_path / "c"), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}, timeout=120)
     assert r.returncode == 1
-    assert "corpus too small for --context 64" in r.stdout and "worker" in r.stdout, r.stdout
+    assert "exited with code 2: paramserver worker: error: --entry 'fails_in_workers:make_job' raised ValueError: " \
+           "no data here" in r.stdout, r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert ("checkpoint: none written" if shards == "1" else "checkpoints: none written") in r.stdout
 

@@ -4,6 +4,8 @@ import glob
 import os
 import re
 
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_MAX_LINES = 450
 PAGES = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "deploy", "README.md"),
@@ -88,3 +90,40 @@ def test_every_file_the_readme_names_exists():
     assert len(named) > 15, named
     missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, f"the README names files that are not there: {missing}"
+
+
+def _shape(line: str) -> str:
+    """A line of output with what changes from run to run taken out: numbers, quoted text (the prompt), the
+    counters, a train loss not reported yet, the spacing."""
+    line = re.sub(r"\{[^}]*\}", "{}", line)
+    line = re.sub(r"'[^']*'", "''", line)
+    line = re.sub(r"train loss -", "train loss 0", line)
+    line = re.sub(r"\d+(\.\d+)?", "#", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def _quoted_output(page: str, first: str) -> list[str]:
+    """The lines of the page's output block that starts with `first` (a "..." stands for lines left out)."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    block = next(b for b in re.findall(r"^```[\w-]*\n(.*?)^```", text, flags=re.M | re.S) if first in b)
+    return [ln for ln in block.splitlines() if ln.strip() and ln.strip() != "..." and not ln.startswith("$ ")]
+
+
+def test_the_quoted_cluster_output_is_what_a_run_prints(cli, tmp_path, monkeypatch):
+    """The README's (and docs/api.md's) example output, line by line and in order, has the shape of what a tiny
+    real cluster run prints now (run in a scratch folder, so that its output folder is runs/cluster/ too)."""
+    monkeypatch.chdir(tmp_path)
+    r = cli("cluster", "--workers", "1", "--steps", "2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--context", "16", "--max-bytes", "100000", "--eval-every", "0", "--eval-batches", "2",
+            "--sample-bytes", "8", "--progress-every", "0.1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = [_shape(ln) for ln in r.stdout.splitlines()]
+    gpt_only = re.compile(r" \(# bits/byte\)$")   # your own model's run prints the held-out loss without it
+    for page, first in (("README.md", "paramserver cluster: 1 server"), ("docs/api.md", "job examples.cnn_entry")):
+        at = 0
+        for line in _quoted_output(page, first):
+            shape = re.sub(r"job [^,]+,", "job gpt,", _shape(line)).replace("runs/cnn/", "runs/cluster/")
+            found = [i for i in range(at, len(printed)) if shape in (printed[i], gpt_only.sub("", printed[i]))]
+            assert found, f"{page} quotes a line a run does not print (or not in this order):\n{line}\n" \
+                          f"printed:\n{r.stdout}"
+            at = found[0] + 1

@@ -71,7 +71,9 @@ def load_entry(spec: str) -> Callable[[], UserJob]:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ConfigError(f"--entry {spec!r}: no module named {exc.name!r} (looked in the current folder "
                               "and on PYTHONPATH)") from None
-        raise
+        raise ConfigError(user_error(f"--entry {spec!r}: importing {module_name} raised", exc)) from None
+    except Exception as exc:   # a syntax error, a failed import or a raise in the user's module: their lines only
+        raise ConfigError(user_error(f"--entry {spec!r}: importing {module_name} raised", exc)) from None
     func = getattr(module, func_name, None)
     if func is None:
         raise ConfigError(f"--entry {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
@@ -88,12 +90,38 @@ def load_entry(spec: str) -> Callable[[], UserJob]:
     return func
 
 
+#: paramserver's own packages: their frames are left out of the account of a user's error
+_OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
+              for p in ("paramserver", "worker", "common"))
+
+
+def user_error(what: str, exc: BaseException) -> str:
+    """`what` and the exception on one line, then the user's own frames of its traceback (file, line, code):
+    not paramserver's, not importlib's, not the installed libraries' (unless no other frame is left)."""
+    import sysconfig
+    import traceback
+    libs = tuple({sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "purelib", "platlib")})
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_OURS) and not f.filename.startswith("<frozen")]
+    frames = [f for f in frames if not os.path.abspath(f.filename).startswith(libs)] or frames[-1:]
+    lines = [f"{what} {type(exc).__name__}: {exc}".rstrip()]
+    for f in frames:
+        lines.append(f'  File "{f.filename}", line {f.lineno}, in {f.name}' + (f"\n    {f.line}" if f.line else ""))
+    if isinstance(exc, SyntaxError) and exc.filename:   # where the bad line is: the exception itself says
+        lines = [f"{what} {type(exc).__name__}: {exc.msg}", f'  File "{exc.filename}", line {exc.lineno}'
+                 + (f"\n    {exc.text.strip()}" if exc.text else "")]
+    return "\n".join(lines)
+
+
 def make_user_job(cfg: JobConfig) -> UserJob:
     """Call the --entry function (after seeding torch with --seed) and check what it returns."""
     func = load_entry(cfg.entry)
     with _BUILD_LOCK:   # workers in threads of one process: each builds from the seeded generator in turn
         torch.manual_seed(cfg.seed)
-        job = func()
+        try:
+            job = func()
+        except Exception as exc:
+            raise ConfigError(user_error(f"--entry {cfg.entry!r} raised", exc)) from None
     if not isinstance(job, UserJob):
         raise ConfigError(f"--entry {cfg.entry!r} returned {type(job).__name__}; it must return "
                           "paramserver.UserJob(model=..., loss=..., batch=... or dataset=..., n_samples=...)")

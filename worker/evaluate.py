@@ -61,16 +61,33 @@ def corpus_prompt(job, max_len: int = 24) -> bytes:
 
 
 def sample_text(job, n_bytes: int, prompt: bytes | None = None, seed: int = 0, temperature: float = 0.8) -> str:
+    """`n_bytes` generated after `prompt`, as text a terminal shows as it is (see `printable`)."""
+    if job.cfg.entry:
+        raise ConfigError(f"this checkpoint's model is your own (--entry {job.cfg.entry}), not a text model: "
+                          "sample generates text from a checkpoint of --job gpt")
     if job.cfg.job != "gpt":
         raise ConfigError(f"--job {job.cfg.job} is a regression model: it generates no text")
     prompt = corpus_prompt(job) if prompt is None else prompt
-    return job.model.generate(prompt, n_bytes, temperature=temperature, seed=seed).decode("utf-8", errors="replace")
+    return printable(job.model.generate(prompt, n_bytes, temperature=temperature, seed=seed))
+
+
+def printable(data: bytes) -> str:
+    """UTF-8 text with what a terminal would act on escaped: a byte that is not UTF-8 as \\xNN, a control or
+    other non-printable character as \\xNN / \\uNNNN; newlines and tabs stay as they are."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() or c in "\n\t" else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
+
+
+def is_text_job(cfg) -> bool:
+    """A built-in gpt job (bits per byte, samples), not a regression job nor the user's own model."""
+    return cfg.job == "gpt" and not cfg.entry
 
 
 def eval_summary(job, eval_batches: int, batch_size: int, prefix: str = "") -> dict:
     loss = job.eval_loss(eval_batches, batch_size)
     out = {f"{prefix}eval_loss": loss}
-    if job.cfg.job == "gpt":
+    if is_text_job(job.cfg):
         out[f"{prefix}bits_per_byte"] = loss / math.log(2)
     return out
 
@@ -89,11 +106,11 @@ def evaluate_checkpoint(path: str, wcfg: WorkerConfig, sample_bytes: int = 0, ou
     _load_theta(job, state, path)
     summary["final_eval_loss"] = job.eval_loss(wcfg.eval_batches, wcfg.batch_size)
     summary["version"] = int(state["version"])
-    if jcfg.job == "gpt" and not jcfg.entry:
+    if is_text_job(jcfg):
         summary["initial_bits_per_byte"] = summary["initial_eval_loss"] / math.log(2)
         summary["final_bits_per_byte"] = summary["final_eval_loss"] / math.log(2)
         if sample_bytes:
-            summary["prompt"] = corpus_prompt(job).decode("utf-8", errors="replace")
+            summary["prompt"] = printable(corpus_prompt(job))
             summary["sample"] = sample_text(job, sample_bytes, seed=jcfg.seed)
     if out:
         with open(os.path.join(out, "eval.json"), "w") as f:
@@ -102,8 +119,12 @@ def evaluate_checkpoint(path: str, wcfg: WorkerConfig, sample_bytes: int = 0, ou
 
 
 def evaluate_path(path: str, data: str = "", eval_batches: int = 8, batch_size: int = 16) -> dict:
-    """`paramserver eval`: the held-out figures of one checkpoint."""
+    """`paramserver eval`: the held-out figures of one checkpoint (of your own model: its own evaluation)."""
+    entry = (load_checkpoint(path).get("job") or {}).get("entry")
+    if entry and data:
+        raise ConfigError(f"--data {data!r}: this checkpoint's model is your own (--entry {entry}); it is "
+                          "evaluated with its own eval_loss (or its training samples), not on other text")
     job, state = load_job(path, data=data)
-    return {"checkpoint": path, "version": int(state["version"]), "job": job.cfg.job, "data": job.description,
-            **eval_summary(job, eval_batches, batch_size)}
+    return {"checkpoint": path, "version": int(state["version"]), "job": job.cfg.entry or job.cfg.job,
+            "data": job.description, **eval_summary(job, eval_batches, batch_size)}
 
