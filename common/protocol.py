@@ -12,12 +12,14 @@ Every message is one ZeroMQ multipart message::
                                   sent (WELCOME / PARAMS)
                      "ts"  list   one spec per tensor, in frame order: [name, dtype, shape] or
                                   [name, "float32", shape, enc]: a float32 tensor sent as enc, "bf16" (the
-                                  upper 16 bits of each float32, rounded to nearest even) or "fp16"
+                                  upper 16 bits of each float32, rounded to nearest even) or "fp16";
+                                  or [name, "float32", shape, "int8", phase]: 8-bit blocks (common/int8.py)
                      "ck"  int    optional: chunk size in bytes; a tensor whose bytes exceed it takes
                                   ceil(bytes / ck) frames of ck bytes (the last one shorter)
                      "m"   map    free-form metadata (loss, timings, error code and text, ...)
     frame 1..n     raw tensor bytes, C order, little endian: prod(shape) * itemsize bytes per tensor
-                   (2 bytes per value when enc is given), in one frame or in chunks
+                   (2 bytes per value when enc is given), in one frame or in chunks; an int8 tensor
+                   takes two parts, its float32 scales then its int8 values, each in one frame or in chunks
 
 Between a worker (DEALER) and the server (ROUTER) ZeroMQ adds the routing identity on the
 server side. A client sets that routing id itself: a random session id of SESSION_BYTES bytes plus
@@ -27,7 +29,8 @@ cannot act as that worker; a client that sets no routing id is its own session (
 heartbeats on the request socket). Tensors are keyed by parameter *name*, never by
 position. Tensor frames are sent without copying (``copy=False``) and decoded as read-only
 numpy views of the received frames; a chunked tensor is joined into one array and a 16-bit one
-widened to float32 (or, with ``decode(..., raw=True)``, left as `Encoded` bits). No frame exceeds
+widened to float32 (or, with ``decode(..., raw=True)``, left as `Encoded` bits); an int8 one is always
+dequantized to float32 (its scales checked first). No frame exceeds
 CHUNK_BYTES (libzmq takes a fresh mmap for every received frame over 32 MiB). Nothing is ever pickled.
 
 Usage::
@@ -46,6 +49,8 @@ from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+
+from common.int8 import BLOCK as INT8_BLOCK, Int8Blocks, check_scales, dequantize_part, n_blocks
 
 PROTOCOL_VERSION = 1
 
@@ -108,8 +113,13 @@ def within_bounds(values) -> bool:
 
 
 def wire_bytes(tensors) -> int:
-    """Bytes a message's tensors take on the wire (`Encoded` ones as their 16-bit values)."""
+    """Bytes a message's tensors take on the wire (`Encoded` ones as their 16-bit values, `Int8Blocks` as theirs)."""
     return sum(getattr(t, "bits", t).nbytes for t in tensors.values())
+
+
+def frames_bytes(frames) -> int:
+    """Bytes of a message's frames as they cross the socket (header and tensor frames; not ZeroMQ's routing id)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 class MsgType(IntEnum):
@@ -238,6 +248,10 @@ def encode(msg: Message) -> list:
     chunked = False
     for name, arr in msg.tensors.items():
         enc = None
+        if isinstance(arr, Int8Blocks):   # two parts: the scales, then the values
+            specs.append([name, "float32", list(arr.shape), "int8", int(arr.phase)])
+            chunked |= _append(buffers, _contiguous(arr.scales)) | _append(buffers, _contiguous(arr.q))
+            continue
         if not isinstance(arr, Encoded) and msg.wire != "fp32" and np.asarray(arr).dtype == np.float32:
             arr = encode_wire(arr, msg.wire)
         if isinstance(arr, Encoded):
@@ -252,20 +266,25 @@ def encode(msg: Message) -> list:
                 arr = arr.astype(DTYPES[wire])
         arr = _contiguous(arr)
         specs.append([name, wire, list(arr.shape)] + ([enc] if enc else []))
-        if not arr.size:
-            buffers.append(b"")
-            continue
-        view = memoryview(arr.reshape(-1)).cast("B")
-        if len(view) <= CHUNK_BYTES:
-            buffers.append(view)
-        else:
-            chunked = True
-            buffers.extend(view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES))
+        chunked |= _append(buffers, arr)
     header = {"v": PROTOCOL_VERSION, "t": int(msg.type), "w": int(msg.worker), "seq": int(msg.seq),
               "clk": int(msg.clock), "ver": int(msg.version), "ts": specs, "m": msg.meta}
     if chunked:
         header["ck"] = CHUNK_BYTES
     return [msgpack.packb(header, use_bin_type=True)] + buffers
+
+
+def _append(buffers: list, arr: np.ndarray) -> bool:
+    """Append a contiguous array's bytes as one frame, or as CHUNK_BYTES chunks (True) when larger."""
+    if not arr.size:
+        buffers.append(b"")
+        return False
+    view = memoryview(arr.reshape(-1)).cast("B")
+    if len(view) <= CHUNK_BYTES:
+        buffers.append(view)
+        return False
+    buffers.extend(view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES))
+    return True
 
 
 def _buffer(frame) -> memoryview:
@@ -331,14 +350,15 @@ def _read_header(frames: Sequence) -> tuple[dict, MsgType]:
 
 def _tensor_plan(specs: list, chunk: int | None) -> list[tuple]:
     """The header's tensor specs -> [(name, dtype, shape, enc, expected bytes, frames)], each spec checked
-    before any byte of a tensor is looked at."""
+    before any byte of a tensor is looked at. An int8 tensor is two entries: its scales (enc "scales",
+    shape [blocks]), then its values (enc ("int8", phase))."""
     plan = []
     for spec in specs:
-        if (not isinstance(spec, list) or len(spec) not in (3, 4) or not isinstance(spec[0], str)
+        if (not isinstance(spec, list) or len(spec) not in (3, 4, 5) or not isinstance(spec[0], str)
                 or not isinstance(spec[1], str) or not isinstance(spec[2], list)):
-            raise ProtocolError(f"bad tensor spec {spec!r}: expected [name, dtype, shape] or [name, dtype, shape, enc]")
+            raise ProtocolError(f"bad tensor spec {spec!r}: expected [name, dtype, shape(, enc(, phase))]")
         name, dtype_name, shape = spec[:3]
-        enc = spec[3] if len(spec) == 4 else None
+        enc = spec[3] if len(spec) >= 4 else None
         if dtype_name not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: unknown dtype {dtype_name!r}; use one of {sorted(DTYPES)}")
         if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -348,21 +368,34 @@ def _tensor_plan(specs: list, chunk: int | None) -> list[tuple]:
         if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
             raise ProtocolError(f"tensor {name!r}: shape {shape!r} is absurdly large (a dimension over "
                                 f"{MAX_DIM} or over {MAX_ELEMENTS} elements)")
-        if enc is not None and (enc not in ("bf16", "fp16") or dtype_name != "float32"):
-            raise ProtocolError(f"tensor {name!r}: encoding {enc!r} is not one of bf16, fp16 for a float32 tensor")
-        dtype = DTYPES[dtype_name] if enc is None else np.dtype("<u2" if enc == "bf16" else "<f2")
-        expected = math.prod(shape) * dtype.itemsize
-        n_frames = 1 if chunk is None or expected <= chunk else -(-expected // chunk)
-        plan.append((name, dtype, shape, enc, expected, n_frames))
+        if enc is not None and (enc not in (("bf16", "fp16"), ("int8",))[len(spec) - 4] or dtype_name != "float32"):
+            raise ProtocolError(f"tensor {name!r}: encoding {', '.join(map(repr, spec[3:]))} is not bf16, fp16 or "
+                                "int8 with its phase for a float32 tensor")
+        if enc == "int8":
+            phase = spec[4]
+            if not isinstance(phase, int) or isinstance(phase, bool) or not 0 <= phase < INT8_BLOCK:
+                raise ProtocolError(f"tensor {name!r}: int8 phase {phase!r} is not an integer in [0, {INT8_BLOCK})")
+            blocks = n_blocks(math.prod(shape), phase)
+            plan.append(_planned(name, np.dtype("<f4"), [blocks], "scales", chunk))
+            enc = ("int8", phase)
+        dtype = (DTYPES[dtype_name] if enc is None else np.dtype("<i1") if enc[0] == "int8"
+                 else np.dtype("<u2" if enc == "bf16" else "<f2"))
+        plan.append(_planned(name, dtype, shape, enc, chunk))
     return plan
 
 
+def _planned(name: str, dtype: np.dtype, shape: list, enc, chunk: int | None) -> tuple:   # a _tensor_plan entry
+    expected = math.prod(shape) * dtype.itemsize
+    return name, dtype, shape, enc, expected, 1 if chunk is None or expected <= chunk else -(-expected // chunk)
+
+
 def _read_tensors(frames: Sequence, plan: list[tuple], chunk: int | None, raw: bool, pool) -> tuple[dict, str]:
-    """The tensor frames -> ({name: array or Encoded}, the 16-bit encoding seen or "fp32"); a single frame is
-    viewed in place, a chunked tensor joined (the one copy it costs)."""
+    """The tensor frames -> ({name: array or Encoded}, the encoding seen or "fp32"); a single frame is viewed in
+    place, a chunked tensor joined (the one copy it costs); int8 values are dequantized into float32 part by part."""
     tensors: dict = {}
     pos = 1
     wire_seen = "fp32"
+    scales = None   # an int8 tensor's checked scales, read just before its values
     for name, dtype, shape, enc, expected, n_frames in plan:
         if name in tensors:
             raise ProtocolError(f"tensor {name!r} appears twice")
@@ -370,26 +403,44 @@ def _read_tensors(frames: Sequence, plan: list[tuple], chunk: int | None, raw: b
         pos += n_frames
         got = sum(len(b) for b in parts)
         if got != expected or (n_frames > 1 and any(len(b) != chunk for b in parts[:-1])):
-            what = enc or dtype.name
+            what = "int8 scales" if enc == "scales" else "int8 values" if isinstance(enc, tuple) else enc or dtype.name
             raise ProtocolError(f"tensor {name!r}: frame has {got} bytes but {what}{shape} needs {expected}"
                                 f"{f' in chunks of {chunk}' if n_frames > 1 else ''} (truncated frame?)")
-        if n_frames == 1:
-            try:
-                arr = np.frombuffer(parts[0], dtype=dtype).reshape(shape)
-            except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
-                raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
-        else:   # join the chunks (the one copy a chunked tensor costs)
-            flat = pool.get(expected, name) if pool is not None else np.empty(expected, np.uint8)
-            arr = flat.view(dtype).reshape(shape)
+        if isinstance(enc, tuple):   # int8 values: dequantized chunk by chunk, nothing joined
+            wire_seen = "int8"
+            out = (pool.get(4 * expected, name) if pool is not None else np.empty(4 * expected, np.uint8)).view("<f4")
             at = 0
             for b in parts:
-                flat[at:at + len(b)] = np.frombuffer(b, np.uint8)
-                at += len(b)
+                at += dequantize_part(np.frombuffer(b, np.int8), scales, enc[1] + at, out[at:at + len(b)])
+            tensors[name] = out.reshape(shape)
+            continue
+        arr = _array(parts, name, dtype, shape, expected, pool)
+        if enc == "scales":
+            problem = check_scales(arr)
+            if problem:
+                raise ProtocolError(f"tensor {name!r}: int8 {problem}")
+            scales = arr
+            continue
         if enc is not None:
             wire_seen = enc
             arr = Encoded(arr, enc) if raw else decode_wire(Encoded(arr, enc))
         tensors[name] = arr
     return tensors, wire_seen
+
+
+def _array(parts: list, name: str, dtype: np.dtype, shape: list, expected: int, pool) -> np.ndarray:
+    """A tensor's frames as one array: the frame itself (a view), or its chunks joined."""
+    if len(parts) == 1:
+        try:
+            return np.frombuffer(parts[0], dtype=dtype).reshape(shape)
+        except ValueError as exc:   # e.g. [0, 2**40, 2**40]: no bytes, but numpy cannot index it
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} cannot be represented ({exc})") from None
+    flat = pool.get(expected, name) if pool is not None else np.empty(expected, np.uint8)
+    at = 0
+    for b in parts:
+        flat[at:at + len(b)] = np.frombuffer(b, np.uint8)
+        at += len(b)
+    return flat.view(dtype).reshape(shape)
 
 
 def error_reply(request: Message | None, code: str, text: str) -> Message:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.int8 import Int8Blocks
 from common.protocol import Encoded, decode_wire
 
 PLAN_VERSION = 1
@@ -132,9 +133,12 @@ class ShardPlan:
 
 
 def _piece(t, p):
-    """The part of tensor `t` that piece `p` covers: a view (of the 16-bit values of an `Encoded` one)."""
+    """The part of tensor `t` that piece `p` covers: a view (of the 16-bit values of an `Encoded` one; of an
+    int8 one's values and the scales of their blocks, which stay the whole tensor's: see Int8Blocks.piece)."""
     if p.whole:
         return t
+    if isinstance(t, Int8Blocks):
+        return t.piece(p.start, p.stop)
     if isinstance(t, Encoded):
         return Encoded(t.bits.reshape(-1)[p.start:p.stop], t.wire)
     return np.asarray(t).reshape(-1)[p.start:p.stop]

@@ -36,6 +36,7 @@ import secrets
 
 import numpy as np
 
+from common.int8 import Int8Blocks
 from common.protocol import DTYPES, Encoded, Message, MsgType, ProtocolError, decode_wire, within_bounds
 from common.tuning import ReusedBuffers
 
@@ -255,10 +256,13 @@ class GradientWriter:
         self.seg = Segment(f"psg-{os.getpid()}-{secrets.token_hex(8)}", max(8, size), create=True)
 
     def write(self, grads: dict[str, np.ndarray]) -> dict:
-        """Copy the gradients into the segment (`Encoded` 16-bit values widened to float32 on the way)."""
+        """Copy the gradients into the segment (`Encoded` 16-bit values widened to float32 on the way, `Int8Blocks`
+        dequantized: the values the server would have decoded from the socket)."""
         for name, dtype, shape, offset in self.specs:
             g, dst = grads[name], self.seg.view(dtype, shape, offset)
-            if isinstance(g, Encoded):
+            if isinstance(g, Int8Blocks):
+                g.to_float32(out=dst)
+            elif isinstance(g, Encoded):
                 decode_wire(g, out=dst)
             else:
                 np.copyto(dst, g, casting="same_kind")

@@ -113,6 +113,12 @@ class _Snapshot:
         for phase, seconds in s["time_s"].items():
             c.add_metric([phase], seconds)
         yield c
+        c = CounterMetricFamily("paramserver_bytes", "bytes of messages over the socket (received, sent; pushed: PUSH "
+                                "requests, pulled: replies with theta) and through shared memory (shm_pushed, "
+                                "shm_pulled)", labels=["kind"])
+        for kind, value in sorted(s.get("bytes", {}).items()):
+            c.add_metric([kind], value)
+        yield c
         yield GaugeMetricFamily("paramserver_uptime_seconds", "seconds since this server process started",
                                 value=time.time() - s["started_at"])
 
@@ -173,7 +179,7 @@ class PromExporter:
             "loss": sum(r[2] for r in recent) / len(recent) if recent else None,
             "counters": srv.counters.copy(), "checkpoint_at": checkpoint_at,
             "checkpoint_version": checkpoint_version, "started_at": srv.record.started_at,
-            "time_s": srv.phases.summary(),
+            "time_s": srv.phases.summary(), "bytes": dict(srv.transport.bytes),
         }
         with self.snapshot.lock:
             for staleness in new_staleness:

@@ -419,7 +419,7 @@ class Server:
             "num_workers": self.cfg.num_workers,
             "counters": self.counters.copy(), "pending_gradients": self.policy.pending_gradients,
             "apply_s": round(self.policy.apply_s, 4),
-            "time_s": self.phases.summary(),
+            "time_s": self.phases.summary(), "bytes": dict(self.transport.bytes),
             "checkpoint": self.last_checkpoint, "theta_crc32": self.store.checksum(),
             "resumed_from": self.resumed_from, "shard": self.job.shard,
             "snapshots": {"in_flight": self.store.in_flight(), "copies": self.store.copies,

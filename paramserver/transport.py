@@ -4,7 +4,12 @@ This part owns the socket (options, CurveZMQ authenticator, bind, close), its mo
 connection events: disconnects and failed handshakes, counted on the server's events), the frame
 limit (ZMQ_MAXMSGSIZE), zero-copy sends whose tracker says when ZeroMQ has let go of every frame,
 and the same-host shared-memory side (`shm`: common.shm.ServerTransport, or None). It knows
-nothing of workers or theta: the server decides what to send and to whom.
+nothing of workers or theta: the server decides what to send and to whom. It counts the bytes
+(`bytes`): every message's frames as they cross the socket (the routing id left out), received and
+sent; pushed (PUSH requests that decode, duplicates included: a message that does not decode is only
+received) and pulled (replies that carry theta: PARAMS, WELCOME); and what went through shared
+memory instead (shm_pushed: gradients read from a segment, as float32; shm_pulled: theta handed to a
+PARAMS through the segment).
 
 Usage::
 
@@ -18,14 +23,15 @@ import logging
 from collections import Counter
 from typing import Callable
 
+import msgpack
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common import shm
 from common.config import ServerConfig
-from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, Encoded, Message, ProtocolError, decode,
-                             decode_wire, encode, error_reply)
+from common.protocol import (CHUNK_BYTES, MAX_HEADER_BYTES, REQUEST_TYPES, Encoded, Message, MsgType, ProtocolError,
+                             decode, decode_wire, encode, error_reply, frames_bytes, wire_bytes)
 from common.security import server_curve
 from common.tuning import ReusedBuffers
 from paramserver.metrics import PhaseTimes
@@ -57,6 +63,14 @@ def send_tracked(sock: zmq.Socket, frames: list) -> zmq.MessageTracker:
         sock.send(part, zmq.SNDMORE, copy=False)
     sock.send(parts[-1], copy=False)
     return zmq.MessageTracker(*parts)
+
+
+def _type_of(frames: list) -> int | None:
+    """The message type in an encoded reply's header (a cached reply, resent as it was)."""
+    try:
+        return msgpack.unpackb(frames[0], raw=False).get("t")
+    except Exception:
+        return None
 
 
 def widen(msg: Message) -> None:
@@ -93,6 +107,7 @@ class Transport:
         # holds one gradient per worker until it is applied. Only theta's own tensors (name and size, fp32 or
         # 16-bit) are kept: nothing before theta is known, nothing for made-up names (see allow_joins)
         self.joined = ReusedBuffers(keep=max(2, cfg.num_workers + 1), allowed=set())
+        self.bytes: Counter = Counter(received=0, sent=0, pushed=0, pulled=0, shm_pushed=0, shm_pulled=0)
 
     @property
     def bound(self) -> bool:
@@ -149,6 +164,8 @@ class Transport:
         """(the request in a message's frames, None), its gradient read from shared memory if it came that way;
         or (None, the ERROR reply) for a message that does not decode, is not a request, or whose shared memory
         is unusable (counted as malformed). 16-bit tensors stay Encoded (see Pushes.gradient)."""
+        nbytes = frames_bytes(body)
+        self.bytes["received"] += nbytes
         try:
             msg = decode(body, raw=True, pool=self.joined)
         except ProtocolError as exc:
@@ -159,11 +176,16 @@ class Transport:
             self.events["malformed"] += 1
             return None, error_reply(msg, "not_a_request", f"{msg.type.name} is a reply type; send one of "
                                      + ", ".join(t.name for t in REQUEST_TYPES))
+        if msg.type == MsgType.PUSH:
+            self.bytes["pushed"] += nbytes
         if self.shm is None:
             return msg, None
         try:
             with self.phases.phase("shm_in"):
-                return self.shm.inbound(identity, msg), None
+                msg = self.shm.inbound(identity, msg)
+                if msg.checked is not None:   # (set when the gradient was read from shared memory)
+                    self.bytes["shm_pushed"] += wire_bytes(msg.tensors)
+                return msg, None
         except ProtocolError as exc:
             self.events["malformed"] += 1
             log.warning("shared memory of %r unusable: %s", msg, exc)
@@ -174,7 +196,10 @@ class Transport:
         if self.shm is None:
             return msg
         with self.phases.phase("shm_out"):
-            return self.shm.outbound(identity, msg)
+            out = self.shm.outbound(identity, msg)
+        if msg.tensors and not out.tensors:   # theta went through the segment
+            self.bytes["shm_pulled"] += wire_bytes(msg.tensors)
+        return out
 
     def note_segment(self, worker: int, msg: Message) -> bool:
         """Remember the shared-memory segment a PUSH's gradient came through (True), else False: it came
@@ -196,6 +221,10 @@ class Transport:
         says when ZeroMQ no longer needs any of the frames. A send that fails (peer gone, queue full: the
         client resends) is logged and returns None."""
         frames = msg if isinstance(msg, list) else encode(msg)
+        nbytes = frames_bytes(frames)
+        self.bytes["sent"] += nbytes
+        if (msg.type if isinstance(msg, Message) else _type_of(frames)) in (MsgType.PARAMS, MsgType.WELCOME):
+            self.bytes["pulled"] += nbytes
         try:
             with self.phases.phase("send"):
                 if track:

@@ -87,6 +87,8 @@ def test_metrics_of_a_training_run(start_server, tmp_path):
     # every handled message was timed (the count only grows; 2 x 25 pushes and pulls at least)
     assert value(m, "paramserver_message_handling_seconds_count") >= 100
     assert value(m, "paramserver_checkpoint_version") == 50
+    for kind in ("pushed", "pulled", "received", "sent"):   # the bytes over the socket, as in status
+        assert value(m, "paramserver_bytes_total", kind=kind) == status["bytes"][kind] > 0
     assert 0 <= value(m, "paramserver_checkpoint_age_seconds") < 600
     assert value(m, "paramserver_train_loss") > 0
     assert value(m, "paramserver_step") == status["step"] and value(m, "paramserver_waiting_pulls") == 0

@@ -70,7 +70,7 @@ class DistributedOptimizer:
         self.cfg: WorkerConfig = worker_config(args, **options)
         self.model = model
         try:
-            self.io = ParamIO(model, self.cfg.wire_dtype)
+            self.io = ParamIO(model, self.cfg.wire_dtype, compress=self.cfg.compress)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.client = client if client is not None else make_client(self.cfg)

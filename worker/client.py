@@ -10,6 +10,12 @@ has already applied (its answer is kept across the re-registration) and training
 it was. Both sockets of a client carry one random session id in their routing ids: the server
 binds the worker id to it, and refuses that worker id from any other connection.
 
+`stats` counts the bytes of every message as it crosses the socket (all frames, header included):
+bytes_sent / bytes_received for every request and reply, bytes_pushed for PUSH requests (each resend
+again) and bytes_pulled for replies that carry theta (PARAMS, WELCOME); heartbeats are not counted.
+With a `link` (worker/link.py, --link-mbps: an emulated link) every request and reply is paced and
+the seconds charged are added up in link_s.
+
 Usage::
 
     with PSClient("tcp://127.0.0.1:5555", worker=0) as ps:
@@ -29,7 +35,7 @@ import numpy as np
 import zmq
 
 from common.protocol import (RESERVE_MIN_BYTES, ROLE_HEARTBEAT, ROLE_REQUESTS, WIRE_DTYPES, Message, MsgType, decode,
-                             encode, encode_wire, new_session, routing_id, wire_bytes)
+                             encode, encode_wire, frames_bytes, new_session, routing_id, wire_bytes)
 from common.security import client_curve
 from common.tuning import ReusedBuffers
 
@@ -56,7 +62,7 @@ class PSClient:
     def __init__(self, server: str, worker: int = -1, request_timeout: float = 2.0, server_timeout: float = 120.0,
                  heartbeat: float = 0.0, context: zmq.Context | None = None, drop: float = 0.0,
                  duplicate: float = 0.0, fault_seed: int = 0, curve_server: str = "", curve_secret: str = "",
-                 wire_dtype: str = "fp32"):
+                 wire_dtype: str = "fp32", link=None):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"unknown --wire-dtype {wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
         self.server, self.worker = server, worker
@@ -75,7 +81,9 @@ class PSClient:
         self.registered = False
         self.push_slots = 0   # the server admits this many senders of gradients at once (0: no limit, no asking)
         self._register_args: tuple = ()
-        self.stats = {"requests": 0, "resends": 0, "reregistrations": 0, "dropped_by_fault": 0}
+        self.stats = {"requests": 0, "resends": 0, "reregistrations": 0, "dropped_by_fault": 0, "bytes_sent": 0,
+                      "bytes_received": 0, "bytes_pushed": 0, "bytes_pulled": 0, "link_s": 0.0}
+        self.link = link   # an emulated link (worker/link.py Link), shared by a worker's shard connections
         # fault injection for tests: drop this fraction of requests and replies, duplicate requests
         self._drop, self._dup, self._rng = drop, duplicate, random.Random(fault_seed)
         self._hb_stop = threading.Event()
@@ -173,7 +181,12 @@ class PSClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _send(self, frames) -> None:
+    def _send(self, frames, push: bool = False) -> None:
+        nbytes = frames_bytes(frames)
+        self.stats["bytes_sent"] += nbytes
+        self.stats["bytes_pushed"] += nbytes if push else 0
+        if self.link is not None:   # (emulated: the bytes reach the server once they would have crossed the link)
+            self.stats["link_s"] += self.link.pace(nbytes)
         if self._drop and self._rng.random() < self._drop:
             self.stats["dropped_by_fault"] += 1
             return   # injected loss: the resend path must recover
@@ -190,12 +203,15 @@ class PSClient:
         msg.worker = self.worker
         frames = encode(msg)
         self.stats["requests"] += 1
-        self._send(frames)
+        push = msg.type == MsgType.PUSH
+        self._send(frames, push)
         timeout = self.request_timeout
         first_sent = sent_at = time.monotonic()
         while True:
             if self.sock.poll(int(min(timeout, 1.0) * 1000)):
-                reply = decode(self.sock.recv_multipart(copy=False), raw=raw, pool=self._joined)
+                received = self.sock.recv_multipart(copy=False)
+                reply = decode(received, raw=raw, pool=self._joined)
+                self._count_reply(frames_bytes(received), reply.type)
                 self.last_heard = time.monotonic()
                 if self._drop and self._rng.random() < self._drop:
                     self.stats["dropped_by_fault"] += 1
@@ -219,9 +235,16 @@ class PSClient:
             self._note_silence(msg, now - max(self.last_heard, first_sent))   # every 5 s, between resends too
             if now - sent_at >= timeout:
                 self.stats["resends"] += 1
-                self._send(frames)
+                self._send(frames, push)
                 sent_at = now
                 timeout = min(timeout * 2, 8 * self.request_timeout)
+
+    def _count_reply(self, nbytes: int, mtype: MsgType) -> None:
+        self.stats["bytes_received"] += nbytes
+        if mtype in (MsgType.PARAMS, MsgType.WELCOME):   # the replies that carry theta
+            self.stats["bytes_pulled"] += nbytes
+        if self.link is not None:
+            self.stats["link_s"] += self.link.pace(nbytes)
 
     def _silence_text(self, msg: Message, silent: float) -> str:
         why = ("the server may be refusing this key (CurveZMQ: is its public key in the server's --auth folder?), "

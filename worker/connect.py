@@ -23,6 +23,7 @@ from common.config import ConfigError, WorkerConfig, add_arguments as _add_field
 from common.protocol import Message
 from common.shards import parse_addresses
 from worker.client import PSClient
+from worker.link import Link
 from worker.overlap import OverlapClient
 from worker.sharded import ShardedClient
 from worker.shmclient import ShmClient
@@ -62,7 +63,9 @@ def make_client(cfg: WorkerConfig):
     One address: one connection; a comma-separated list (one address per shard, in shard order): a
     ShardedClient with the same verbs, one connection per shard. With --shm (the default) each connection
     is a ShmClient (shared memory with a server on this host, tcp otherwise); with --overlap the whole is
-    wrapped in an OverlapClient (pushes in the background, async prefetch).
+    wrapped in an OverlapClient (pushes in the background, async prefetch). --link-mbps (an emulated link,
+    worker/link.py: one for the worker, shared by its shard connections) stands for a worker on another
+    machine, so it turns shared memory off: every byte then crosses a socket and is paced.
     """
     addresses = parse_addresses(cfg.server)
     if not addresses:
@@ -70,8 +73,8 @@ def make_client(cfg: WorkerConfig):
     kwargs = dict(worker=cfg.rank, request_timeout=cfg.request_timeout, server_timeout=cfg.server_timeout,
                   heartbeat=cfg.heartbeat, drop=cfg.fault_drop, duplicate=cfg.fault_dup,
                   fault_seed=cfg.seed * 1000 + cfg.rank, curve_server=cfg.curve_server, curve_secret=cfg.curve_secret,
-                  wire_dtype=cfg.wire_dtype)
-    one = ShmClient if cfg.shm else PSClient
+                  wire_dtype=cfg.wire_dtype, link=Link(cfg.link_mbps) if cfg.link_mbps > 0 else None)
+    one = ShmClient if cfg.shm and not cfg.link_mbps else PSClient
     client = ShardedClient(addresses, client=one, **kwargs) if len(addresses) > 1 else one(addresses[0], **kwargs)
     return OverlapClient(client) if cfg.overlap else client
 

@@ -30,6 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
+from common.int8 import Int8Blocks
 from common.protocol import Encoded, Message, MsgType
 
 
@@ -127,13 +128,20 @@ class OverlapClient:
         """The gradient copied into this client's buffers (the last push is settled: they are free)."""
         out = {}
         for name, g in grads.items():
-            src = g.bits if isinstance(g, Encoded) else np.asarray(g)
-            buf = self._owned.get(name)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = self._owned[name] = np.empty_like(src)
-            np.copyto(buf, src)
+            if isinstance(g, Int8Blocks):   # its values and scales, each into a buffer of their own
+                q, s = self._copy(name, g.q), self._copy(name + "\0scales", g.scales)
+                out[name] = Int8Blocks(q, s, g.phase)
+                continue
+            buf = self._copy(name, g.bits if isinstance(g, Encoded) else np.asarray(g))
             out[name] = Encoded(buf, g.wire) if isinstance(g, Encoded) else buf
         return out
+
+    def _copy(self, key: str, src: np.ndarray) -> np.ndarray:
+        buf = self._owned.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = self._owned[key] = np.empty_like(src)
+        np.copyto(buf, src)
+        return buf
 
     def leave(self, reason: str = "done") -> None:
         try:

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
+from common.int8 import Int8Blocks
 from common.protocol import Encoded, Message, MsgType
 from common.shm import GradientWriter, ThetaReader
 from worker.client import PSClient, ServerError
@@ -30,7 +31,8 @@ class ShmClient(PSClient):
         self.reader: ThetaReader | None = None
         self.writer: GradientWriter | None = None
         self.push_shm = True          # False once the server could not read our gradient segment
-        self.stats.update(shm_pulls=0, shm_pushes=0, shm_repulls=0)
+        # bytes copied through shared memory (float32 gradients written, theta read), apart from the socket's
+        self.stats.update(shm_pulls=0, shm_pushes=0, shm_repulls=0, shm_bytes_pushed=0, shm_bytes_pulled=0)
 
     def register(self, init: Mapping[str, np.ndarray] | None = None, job: dict | None = None,
                  meta: dict | None = None) -> Message:
@@ -59,6 +61,7 @@ class ShmClient(PSClient):
             self.stats["shm_repulls"] += 1
             return super().pull(clock, raw=raw)
         self.stats["shm_pulls"] += 1
+        self.stats["shm_bytes_pulled"] += sum(t.nbytes for t in theta.values())
         reply.tensors = theta
         return reply
 
@@ -66,8 +69,10 @@ class ShmClient(PSClient):
         if self.reader is None or not self.push_shm:
             return super().push(grads, version, clock, **meta)
         if self.writer is None:
-            try:   # 16-bit wire values (--wire-dtype) are written widened: no socket to save bytes on here
-                self.writer = GradientWriter({n: ["float32" if isinstance(g, Encoded) else np.asarray(g).dtype.name,
+            try:   # 16-bit wire values (--wire-dtype) are written widened, int8 ones (--compress) dequantized: no
+                # socket to save bytes on here (the worker's error feedback is the same: D(C(g + e)) is what arrives)
+                self.writer = GradientWriter({n: ["float32" if isinstance(g, (Encoded, Int8Blocks))
+                                                  else np.asarray(g).dtype.name,
                                                   list(np.shape(g))] for n, g in grads.items()})
             except OSError as exc:   # /dev/shm full or not writable
                 log.warning("no shared memory for gradients (%s): pushing over the socket", exc.strerror or exc)
@@ -83,6 +88,7 @@ class ShmClient(PSClient):
             self.push_shm = False
             return super().push(grads, version, clock, **meta)
         self.stats["shm_pushes"] += 1
+        self.stats["shm_bytes_pushed"] += sum(np.dtype(d).itemsize * int(np.prod(s)) for _, d, s, _ in self.writer.specs)
         return ack
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
     job = build_job(subset(cfg, JobConfig), device)
     own = client is None
     client = client or make_client(cfg)
-    io = ParamIO(job.model, cfg.wire_dtype)   # reused buffers: no model-size allocation per step
+    io = ParamIO(job.model, cfg.wire_dtype, compress=cfg.compress)   # reused buffers, no model-size allocation per step
     m = {"rank": cfg.rank, "device": device, "threads": torch.get_num_threads(), "data": job.description,
          "steps": [], "step_fields": PS_STEP_FIELDS, "evals": [], "eval_fields": EVAL_FIELDS}
     t_start = time.time()

@@ -13,6 +13,9 @@ on several devices (CPU and one or more GPUs); each goes its own way:
   pinned buffer that the push sends zero-copy. A buffer is reallocated only when the dtype it
   holds changes (a pull over the socket in bf16, the next through shared memory in fp32). One CUDA
   event per device is recorded per load; the next load waits on them before reusing the buffers.
+* `compress="int8"` (--compress): float32 gradients go out as 8-bit blocks with error feedback
+  (worker/compress.py), quantized on the parameter's device; on CUDA only the int8 values and the
+  scales cross to the pinned host buffers.
 
 Usage::
 
@@ -28,7 +31,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
+from common.int8 import Int8Blocks
 from common.protocol import Encoded
+from worker.compress import COMPRESSIONS, ErrorFeedback
 
 _TORCH_WIRE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,9 +64,13 @@ class ParamIO:
     or float64 (ValueError otherwise, naming the parameter).
     """
 
-    def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], wire: str = "fp32"):
+    def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], wire: str = "fp32",
+                 compress: str = "none"):
         if wire not in _TORCH_WIRE:
             raise ValueError(f"unknown wire dtype {wire!r}; choose one of {', '.join(_TORCH_WIRE)}")
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compress!r}; choose one of {', '.join(COMPRESSIONS)}")
+        self.compressor = ErrorFeedback() if compress == "int8" else None   # its residuals: allocated once
         named = params.named_parameters() if isinstance(params, torch.nn.Module) else params
         self.params: dict[str, torch.nn.Parameter] = dict(named)
         self.wire = wire
@@ -139,6 +148,9 @@ class ParamIO:
                 if g is None:
                     g = torch.zeros_like(p)
             g = g.detach()
+            if self.compressor is not None and p.dtype == torch.float32:
+                out[name] = self._compressed(name, p, g)
+                continue
             if p.is_cuda:
                 if g.dtype != dtype:
                     g = self._buffer(self._dev16, name, p, dtype, device=p.device).copy_(g)
@@ -152,3 +164,14 @@ class ParamIO:
         for device in self.devices:
             torch.cuda.current_stream(device).synchronize()
         return out
+
+    def _compressed(self, name: str, p: torch.Tensor, g: torch.Tensor) -> Int8Blocks:
+        """C(g + e) with error feedback, as the push sends it (on CUDA: copied to pinned host buffers)."""
+        if not p.is_cuda:
+            return self.compressor.blocks(name, g)
+        q, s = self.compressor.compress(name, g)
+        host_q = self._buffer(self._out, name, q, torch.int8)
+        host_s = self._buffer(self._out, name + "\0scales", s, torch.float32)
+        host_q.copy_(q, non_blocking=True)
+        host_s.copy_(s, non_blocking=True)
+        return Int8Blocks(host_q.numpy(), host_s.numpy())
