@@ -7,20 +7,21 @@ import os
 import pytest
 
 from paramserver.bench.throughput import ThroughputConfig, run_throughput
-from paramserver.bench.throughput_tables import shards_table, shm_table, table, time_notes
+from paramserver.bench.throughput_tables import shm_table, table, time_notes
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The suite's one `bench throughput` run, its smallest plan that reaches every part: one size (50K values in
-    4 tensors), 1 and 2 pushing processes, sgd and adam, fp32 and bf16 over tcp and (where /dev/shm is writable)
-    fp32 over shared memory, the shard table (1 and 2 shards of 5K values), 2 convergence steps with seeds 0, 1."""
+    """The suite's `bench throughput` run of one size, its smallest plan that reaches every part of a size: 50K
+    values in 4 tensors, 1 and 2 pushing processes, sgd and adam, fp32 and bf16 over tcp and (where /dev/shm is
+    writable) fp32 over shared memory. The same bench's shard table and convergence runs are their own plans, in
+    tests/test_bench_throughput_shards.py and tests/test_bench_throughput_convergence.py (another test process
+    runs each file: together they are the one run this fixture was)."""
     from common import shm
     out = tmp_path_factory.mktemp("throughput")
     cfg = ThroughputConfig(sizes="50K", tensors=4, reps=2, seconds=0.3, workers="1,2", optimizers="sgd,adam",
-                           wire_dtypes="fp32,bf16", transports="shm,tcp" if shm.available() else "tcp", shards="1,2",
-                           shard_params="5K", server_threads=1, convergence_steps=2, convergence_seeds="0,1",
-                           out=str(out))
+                           wire_dtypes="fp32,bf16", transports="shm,tcp" if shm.available() else "tcp", shards="",
+                           server_threads=1, out=str(out))
     return cfg, run_throughput(cfg), out
 
 
@@ -62,13 +63,12 @@ def test_bad_flags_are_named():
         ThroughputConfig(server_threads=-1)
 
 
-def test_shared_memory_and_shard_tables(run):
-    """Capacity and round trip over same-host shared memory beside tcp, and the shard table (K x N x transport):
-    every figure measured in this run; the shm pushers really went through /dev/shm; oversubscription is said."""
+def test_shared_memory_tables(run):
+    """Capacity and round trip over same-host shared memory beside tcp: every figure measured in this run; the shm
+    pushers really went through /dev/shm. (The shard table: tests/test_bench_throughput_shards.py.)"""
     cfg, r, out = run
     if "shm" not in cfg.transport_list:
         pytest.skip("no writable /dev/shm")
-    assert json.loads((out / "throughput.json").read_text())["shards"] == r["shards"]
     size = r["sizes"][0]
     rt = size["shm"]
     # one worker alone: every pull and every push of the round trip went through shared memory
@@ -79,24 +79,11 @@ def test_shared_memory_and_shard_tables(run):
         assert cap["applied"] > 0 and cap["pushes_per_s"] > 0 and cap["processes"] == int(n) + 1
         assert share["pushes"] > 0 and share["shm_pushes"] == share["pushes"] and share["shm_pulls"] > 0
         assert "shm_share" not in size["wire"]["fp32"]["capacity"][n]          # tcp's pushers: the socket
-    rows = r["shards"]
-    assert [(x["shards"], x["workers"], x["transport"]) for x in rows] == [
-        (k, n, t) for k in (1, 2) for n in (1, 2) for t in ("shm", "tcp")]
-    for x in rows:
-        assert x["size"] == 5000 and x["steps"] > 0 and x["mb_per_s"] > 0
-        assert x["processes"] == x["shards"] + x["workers"]
-        assert (x["shm_push_share"] == 1.0) == (x["transport"] == "shm")
-    assert len({x["steps"] for x in rows}) > 1                                  # measured, not constants
     text = shm_table(r)
     row = next(line for line in text.splitlines() if line.startswith("| 0.05M |"))
     assert f"| {size['wire']['fp32']['round_trip_ms']} / {rt['round_trip_ms']} |" in row and "% / 100% |" in row
     mem = " / ".join(str(rt["capacity"][n]["peak_anon_over_theta"]) for n in ("1", "2"))
     assert f"| {mem} |" in row and rt["capacity"]["1"]["peak_anon_over_theta"] > 0
-    lines = [line for line in shards_table(r).splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(lines) == len(rows)
-    for x, line in zip(rows, lines):
-        assert f"| {x['processes']} / {os.cpu_count()} |" in line
-        assert ("oversubscribed" in line) == (x["processes"] > os.cpu_count())
 
 
 def test_shard_and_transport_flags_are_checked():
@@ -152,21 +139,3 @@ def test_the_tables_ratios_and_notes_from_given_figures():
     notes = time_notes(r)
     assert "raw / (raw + the server's sgd apply) = 20 / (20 + 4) = 0.83x at best" in notes and "measured 0.80x" in notes
     assert "10M, fp32 tcp, 4 workers (10.0 pushes/s): server busy 50.00 ms per push: update 75%, check 25%" in notes
-
-
-def test_convergence_trains_each_wire_per_seed_and_the_table_shows_the_spread(run):
-    _, r, _ = run
-    for wire in ("fp32", "bf16"):
-        c = r["convergence"][wire]
-        assert c["seeds"] == [0, 1] and len(c["losses"]) == 2 and all(x > 0 for x in c["losses"])
-        assert c["final_eval_loss"] == pytest.approx(sum(c["losses"]) / 2)
-    assert r["convergence"]["fp32"]["losses"][0] != r["convergence"]["fp32"]["losses"][1]   # the seeds differ
-    given = {"config": {"workers": "1"}, "machine": {"cpus": 2}, "sizes": [],
-             "convergence": {"fp32": {"final_eval_loss": 2.0, "losses": [1.9, 2.1], "wall_s": 1.0},
-                             "bf16": {"final_eval_loss": 2.02, "losses": [2.0, 2.04], "wall_s": 1.0}}}
-    text = table(given)
-    assert "| fp32 | 2.0000 | 1.9000 / 2.1000 | +0.00% | 1.0 |" in text
-    assert "| bf16 | 2.0200 | 2.0000 / 2.0400 | +1.00% | 1.0 |" in text
-    assert "fp32's spread between seeds: 10.53%" in text
-    with pytest.raises(ValueError, match="--convergence-seeds"):
-        ThroughputConfig(convergence_seeds="0,0")
