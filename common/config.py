@@ -22,6 +22,7 @@ from common.shards import parse_addresses, per_shard
 MODES = ("sync", "ssp", "async")
 AGGREGATES = ("sum", "mean")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+COMPRESSIONS = ("none", "int8")
 SHARDINGS = ("contiguous", "random", "hash")
 DEVICES = ("auto", "cpu", "cuda")
 JOBS = ("gpt", "mlp", "linear")
@@ -287,6 +288,12 @@ class WorkerConfig(JobConfig):
     wire_dtype: str = opt("fp32", "how gradients go to the server and theta comes back: fp32, or bf16 / fp16 "
                                   "(half the bytes; the server keeps fp32 theta and optimizer state; fp16 turns "
                                   "values beyond +-65504 into Inf, which the server refuses)", ("fp32", "bf16", "fp16"))
+    compress: str = opt("none", "push compression: int8 sends each gradient (or pseudo-gradient) as 8-bit blocks "
+                                "with one float32 absmax scale per block (about a quarter of fp32's bytes); what "
+                                "rounding leaves out is kept on the worker and added to its next push (error "
+                                "feedback), so nothing is lost over time", COMPRESSIONS)
+    link_mbps: float = opt(0.0, "benchmarks: emulate a link of this many Mb/s per worker by pacing the bytes this "
+                                "worker sends and receives (an emulation on one machine, never a real limit; 0: off)")
     fault_drop: float = opt(0.0, "testing: drop this fraction of requests and replies (the resend path recovers)")
     fault_dup: float = opt(0.0, "testing: send this fraction of requests twice (the server answers once)")
     log_level: str = opt("info", "logging level", ("debug", "info", "warning", "error"))
@@ -300,6 +307,8 @@ class WorkerConfig(JobConfig):
                                    ("--steps", self.steps, 0)):
             if value < least:   # name only the flag that is wrong
                 raise ValueError(f"{flag} must be >= {least}, not {value}")
+        if self.link_mbps < 0:
+            raise ValueError(f"--link-mbps must be >= 0 (0: off), not {self.link_mbps}")
         if self.slowdown < 1.0:
             raise ValueError("--slowdown is a slowdown factor and must be >= 1.0")
         if not 0.0 <= self.slowdown_prob <= 1.0:
