@@ -89,7 +89,7 @@ def test_the_readmes_cluster_commands_write_to_different_folders():
     """The first command, then "Your own model": each cluster run of the README has a folder of its own."""
     from paramserver.cli import build_parser
     outs = []
-    for c in _sh_commands(README):
+    for c in [part.strip().removeprefix(".venv/bin/") for c in _sh_commands(README) for part in c.split("&&")]:
         if c.startswith("paramserver cluster") and "--resume" not in c:
             args = build_parser().parse_args(c.split()[1:])
             outs.append(getattr(args, "out", "runs/cluster"))
