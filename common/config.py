@@ -21,7 +21,8 @@ from common.shards import parse_addresses, per_shard
 
 MODES = ("sync", "ssp", "async")
 AGGREGATES = ("sum", "mean")
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "delayed-nesterov", "adam")
+INNER_OPTIMIZERS = ("adamw", "adam", "sgd")
 COMPRESSIONS = ("none", "int8")
 SHARDINGS = ("contiguous", "random", "hash")
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,9 +107,12 @@ class ServerConfig:
     backup_workers: int = opt(0, "sync: apply each step after the first N-b gradients; later ones are dropped")
     aggregate: str = opt("mean", "sum: theta -= lr*sum(g_i); mean: theta -= lr*mean(g_i) (ssp/async: each push "
                                  "is applied with lr/N, N live workers)", AGGREGATES)
-    optimizer: str = opt("adam", "update rule applied on the server", OPTIMIZERS)
-    lr: float = opt(0.003, "learning rate alpha")
-    momentum: float = opt(0.9, "momentum coefficient (--optimizer momentum)")
+    optimizer: str = opt("adam", "update rule applied on the server; with workers' --local-steps H > 1 it is the "
+                                 "outer optimizer, applied to the mean pseudo-gradient (sgd with --lr 1: averaging, "
+                                 "classic local SGD; nesterov: DiLoCo; delayed-nesterov: ssp/async only, momentum "
+                                 "updated every N arrivals)", OPTIMIZERS)
+    lr: float = opt(0.003, "learning rate alpha (the outer learning rate with --local-steps > 1)")
+    momentum: float = opt(0.9, "momentum coefficient (--optimizer momentum, nesterov, delayed-nesterov)")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
     eps: float = opt(1e-8, "Adam epsilon")
@@ -189,6 +193,9 @@ class ServerConfig:
             raise ValueError("--backup-workers only applies to --mode sync")
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
+        if self.optimizer == "delayed-nesterov" and self.mode == "sync":
+            raise ValueError("--optimizer delayed-nesterov applies each push on arrival (--mode ssp or async); "
+                             "with --mode sync use --optimizer nesterov")
         if self.auth and not self.curve_secret:
             raise ValueError("--auth needs --curve-secret (the server's secret key file from `paramserver keys`)")
         if self.min_workers < 1:
@@ -263,7 +270,8 @@ class WorkerConfig(JobConfig):
     shard: str = opt("random", "how samples are split over workers", SHARDINGS)
     batch_size: int = opt(16, "samples per micro-batch")
     accum: int = opt(1, "micro-batches accumulated into each pushed gradient")
-    steps: int = opt(800, "pushes this worker makes (it leaves early if its shard runs out and --epochs is set)")
+    steps: int = opt(800, "steps this worker trains, one push each (with --local-steps H: one push every H); it "
+                          "leaves early if its shard runs out and --epochs is set")
     epochs: int = opt(0, "stop after this many passes over the shard (0: no limit, --steps decides)")
     device: str = opt("auto", "where to compute: auto picks cuda when available", DEVICES)
     eval_every: int = opt(50, "rank 0: evaluate held-out loss every this many steps (0: never)")
@@ -288,6 +296,15 @@ class WorkerConfig(JobConfig):
     wire_dtype: str = opt("fp32", "how gradients go to the server and theta comes back: fp32, or bf16 / fp16 "
                                   "(half the bytes; the server keeps fp32 theta and optimizer state; fp16 turns "
                                   "values beyond +-65504 into Inf, which the server refuses)", ("fp32", "bf16", "fp16"))
+    local_steps: int = opt(1, "inner optimizer steps per push: with H > 1 the worker pulls theta, takes H steps of "
+                              "--inner-optimizer on its own batches and pushes the pseudo-gradient theta_pulled - "
+                              "theta_local, which the server's --optimizer applies as the outer step (DiLoCo, local "
+                              "SGD). 1: push every gradient (the server is the only optimizer)")
+    inner_optimizer: str = opt("adamw", "--local-steps > 1: the worker's own optimizer (its state is kept across "
+                                        "rounds, and starts fresh when the worker process restarts)",
+                               INNER_OPTIMIZERS)
+    inner_lr: float = opt(0.003, "--local-steps > 1: the inner optimizer's learning rate")
+    inner_weight_decay: float = opt(0.0, "--local-steps > 1: the inner optimizer's weight decay (adamw: decoupled)")
     compress: str = opt("none", "push compression: int8 sends each gradient (or pseudo-gradient) as 8-bit blocks "
                                 "with one float32 absmax scale per block (about a quarter of fp32's bytes); what "
                                 "rounding leaves out is kept on the worker and added to its next push (error "
@@ -303,12 +320,16 @@ class WorkerConfig(JobConfig):
         if not -1 <= self.rank < self.num_workers:
             raise ValueError(f"--rank {self.rank} must be in [0, {self.num_workers - 1}] for --num-workers "
                              f"{self.num_workers}, or -1 (PS_RANK=auto) for a rank assigned by the server")
+        if self.local_steps < 1:
+            raise ValueError(f"--local-steps must be >= 1 (1: push every gradient), not {self.local_steps}")
+        if self.inner_lr <= 0 or self.inner_weight_decay < 0:
+            raise ValueError("--inner-lr must be positive and --inner-weight-decay >= 0")
+        if self.link_mbps < 0:
+            raise ValueError(f"--link-mbps must be >= 0 (0: off), not {self.link_mbps}")
         for flag, value, least in (("--batch-size", self.batch_size, 1), ("--accum", self.accum, 1),
                                    ("--steps", self.steps, 0)):
             if value < least:   # name only the flag that is wrong
                 raise ValueError(f"{flag} must be >= {least}, not {value}")
-        if self.link_mbps < 0:
-            raise ValueError(f"--link-mbps must be >= 0 (0: off), not {self.link_mbps}")
         if self.slowdown < 1.0:
             raise ValueError("--slowdown is a slowdown factor and must be >= 1.0")
         if not 0.0 <= self.slowdown_prob <= 1.0:
@@ -348,6 +369,18 @@ class ClusterConfig:
             raise ValueError("--workers must be at least 1")
         if self.straggler < 1.0:
             raise ValueError("--straggler is a slowdown factor and must be >= 1.0")
+
+
+#: the server's optimizer when workers take --local-steps H > 1 and no --optimizer / --lr is given
+#: (`paramserver cluster`, the benches): plain averaging, chosen by measurement (docs/benchmarks.md, bench local)
+LOCAL_SGD_OUTER = {"optimizer": "sgd", "lr": 1.0}
+
+
+def outer_defaults(ns: argparse.Namespace, local_steps: int) -> dict:
+    """The outer optimizer's settings not given on the command line, for a job of --local-steps `local_steps`."""
+    if local_steps <= 1:
+        return {}
+    return {k: v for k, v in LOCAL_SGD_OUTER.items() if k not in vars(ns)}
 
 
 # ---------------------------------------------------------------------------------------------

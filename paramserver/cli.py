@@ -15,7 +15,7 @@ import signal
 import sys
 
 from common.config import (ENV_VARS, ClusterConfig, ConfigError, ServerConfig, WorkerConfig, add_arguments,
-                           check_resolves, from_args)
+                           check_resolves, from_args, outer_defaults)
 from common.tuning import short_openmp_spin
 from paramserver.remote import add_client_arguments, cmd_status, cmd_stop
 
@@ -114,8 +114,9 @@ def _exit_once(signum, frame):
 def cmd_cluster(args: argparse.Namespace) -> int:
     from paramserver.cluster import ClusterError, preflight, run_cluster
     ccfg = from_args(ClusterConfig, args)
-    scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0")
     wcfg = from_args(WorkerConfig, args, num_workers=ccfg.workers, rank=0)
+    scfg = from_args(ServerConfig, args, num_workers=ccfg.workers, bind="tcp://127.0.0.1:0",
+                     **outer_defaults(args, wcfg.local_steps))
     _setup_logging(scfg.log_level)
     if wcfg.entry:   # a bad --entry is one clear line here rather than a failure in every worker's log
         from worker.entry import make_user_job
@@ -166,6 +167,14 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     result = run_load(from_args(LoadConfig, args))
     print_load(result)
     return 0 if result["theta_exact"] and result["applied_acked"] == result["server_applied"] else 1
+
+
+def cmd_bench_local(args: argparse.Namespace) -> int:
+    from paramserver.bench.local import LocalBenchConfig, run_bench
+    cfg = from_args(LocalBenchConfig, args)
+    _setup_logging("warning")
+    run_bench(cfg)
+    return 0
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -284,7 +293,7 @@ def _flags(cls) -> set[str]:
 
 
 def _add_bench_commands(sub) -> None:
-    """bench consistency | load | shards | throughput | scale: flags from each bench's config dataclass."""
+    """bench consistency | load | shards | throughput | scale | local: flags from each bench's config dataclass."""
     p = sub.add_parser("bench", help="benchmarks that print figures", allow_abbrev=False)
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     from paramserver.bench.consistency import BenchConfig
@@ -315,6 +324,12 @@ def _add_bench_commands(sub) -> None:
                               "global batch: samples/s, held-out loss, time split")
     add_arguments(b, ScaleConfig)
     b.set_defaults(func=cmd_bench_scale)
+    from paramserver.bench.local import LocalBenchConfig
+    b = bench.add_parser("local", allow_abbrev=False,
+                         help="per-step sync vs local steps (local SGD, DiLoCo), async local steps and int8 pushes "
+                              "at equal samples: loss, bytes per sample, communicating share, wall time")
+    add_arguments(b, LocalBenchConfig)
+    b.set_defaults(func=cmd_bench_local)
 
 
 def _add_tool_commands(sub) -> None:

@@ -69,6 +69,7 @@ class Job:
                 self.flags = dict(msg.meta.get("job", {}))
                 log.info("theta initialised by worker %d: %d tensors, %d values", worker, len(msg.tensors),
                          sum(t.size for t in msg.tensors.values()))
+                self._say_outer()
                 return True
             if {n: [t.dtype.name, list(t.shape)] for n, t in msg.tensors.items()} != store.layout():
                 raise RequestError("model_mismatch", "this worker's model does not match the parameters the "
@@ -78,6 +79,19 @@ class Job:
             raise RequestError("no_parameters", "the server holds no parameters yet: the first REGISTER must "
                                "carry the initial parameters")
         return False
+
+    def _say_outer(self) -> None:
+        """With --local-steps H > 1 the server's optimizer is the outer one: say which, and warn when it is the
+        per-step default (Adam at a per-step lr barely moves θ by a pseudo-gradient)."""
+        h = self.flags.get("local_steps", 1)
+        if not isinstance(h, int) or h <= 1:
+            return
+        log.info("the workers take %d local steps per push: --optimizer %s (lr %g) is the outer optimizer", h,
+                 self.cfg.optimizer, self.cfg.lr)
+        if self.cfg.optimizer == "adam":
+            log.warning("--local-steps %d with the server's --optimizer adam: the pseudo-gradients are applied by "
+                        "Adam at lr %g; local SGD / DiLoCo use --optimizer sgd --lr 1 (averaging) or --optimizer "
+                        "nesterov --lr 0.7 --momentum 0.9 (`paramserver cluster` picks sgd --lr 1)", h, self.cfg.lr)
 
     def adopt(self, plan: tuple[str, dict] | None) -> None:
         """The first worker's shard plan (from check_shard) is the job's from now on."""

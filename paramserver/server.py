@@ -61,7 +61,7 @@ class Server:
     def __init__(self, cfg: ServerConfig, context: zmq.Context | None = None):
         self.cfg = cfg
         self.store = ParamStore(cfg.optimizer, cfg.lr, cfg.momentum, cfg.beta1, cfg.beta2, cfg.eps,
-                                spares=cfg.snapshot_buffers, stall_s=cfg.snapshot_wait)
+                                spares=cfg.snapshot_buffers, stall_s=cfg.snapshot_wait, period=cfg.num_workers)
         self.policy = Consistency(self.store, cfg.mode, cfg.num_workers, cfg.staleness, cfg.backup_workers,
                                   cfg.aggregate, min_workers=cfg.min_workers, on_update=self._record_update,
                                   follower=cfg.shard_index > 0)

@@ -47,10 +47,10 @@ class ParamStore:
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, spares: int = 2,
-                 stall_s: float = 0.5):
+                 stall_s: float = 0.5, period: int = 1):
         warm_up()
         self.snapshots = Snapshots(spares, stall_s)
-        self.rule = UpdateRule(optimizer, lr, momentum, beta1, beta2, eps)
+        self.rule = UpdateRule(optimizer, lr, momentum, beta1, beta2, eps, period)
         self.theta: dict[str, np.ndarray] = {}
         self.version = 0        # number of updates applied
         self.opt_steps = 0      # Adam's t (equals version unless restored from another optimizer)

@@ -5,7 +5,10 @@
     ssp, async  total = g                               one gradient, applied as it arrives
                 theta <- step(theta, grad = total, lr = lr / N)      N live workers (mean), else lr
 
-`step` is the server's --optimizer. For plain SGD it is theta -= lr * grad, so sync under mean is
+`step` is the server's --optimizer. With workers' --local-steps H > 1 the pushed "gradient" is a
+pseudo-gradient Δ = θ_pulled − θ_local, and `step` is the outer optimizer (sgd at lr 1: θ becomes the
+mean of the workers' θ_local, classic local SGD; nesterov: DiLoCo's outer Nesterov; delayed-nesterov:
+see `_delayed_nesterov`). For plain SGD it is theta -= lr * grad, so sync under mean is
 θ −= α·(1/k)·Σg: single-process SGD on the union of the workers' batches, bit for bit (the sum's order
 never depends on arrival order). Momentum SGD and Adam are torch.optim's own fused steps. ssp/async
 scale the learning rate, not the gradient, so that N pushes move theta about as far as one sync step
@@ -22,6 +25,7 @@ The path, top to bottom:
      `_sgd_add`       plain SGD: theta += (-lr * scale) * g in one pass (16-bit wire values in slices)
      `_fused_step`    momentum / Adam: torch's fused step on float32 gradients (scale * g where needed)
      `_widened_step`  momentum / Adam with 16-bit wire gradients: widened chunk by chunk, one step() each
+     `_delayed_nesterov`  ssp/async outer Nesterov whose momentum moves once every `period` arrivals
 
 Usage::
 
@@ -86,8 +90,11 @@ class UpdateRule:
     16-bit values). The results are `torch.optim`'s own."""
 
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, period: int = 1):
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
+        self.period = max(1, period)   # delayed-nesterov: arrivals per momentum update (the job's workers)
+        self._delayed: dict[str, list[torch.Tensor]] | None = None   # delayed-nesterov: momentum, pending sum
+        self._arrivals = 0             # delayed-nesterov: Δs applied since the start (a checkpoint's opt_steps)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []   # torch views of theta, in theta's order
@@ -106,10 +113,19 @@ class UpdateRule:
         if self.optimizer == "adam":
             self.opt = torch.optim.Adam(self.params, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
                                         fused=fused or None)
-        elif self.optimizer == "momentum":
-            self.opt = torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, fused=fused or None)
+        elif self.optimizer in ("momentum", "nesterov"):
+            self.opt = torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, fused=fused or None,
+                                       nesterov=self.optimizer == "nesterov")
         else:
             self.opt = None
+        if self.optimizer == "delayed-nesterov":
+            self._delayed = {"momentum": [torch.zeros_like(p) for p in self.params],
+                             "pending": [torch.zeros_like(p) for p in self.params]}
+            self._arrivals = opt_steps
+            for i, name in enumerate(theta):
+                for key in ("momentum", "pending"):
+                    if key in state.get(name, {}):
+                        self._delayed[key][i].copy_(torch.from_numpy(np.asarray(state[name][key])))
         for name, p in zip(theta, self.params):   # restored optimizer slots (a checkpoint)
             slots = state.get(name)
             if not slots or self.opt is None:
@@ -120,7 +136,7 @@ class UpdateRule:
             if self.optimizer == "adam" and "exp_avg" in slots:
                 step = torch.tensor(float(opt_steps), dtype=torch.float32 if fused else torch.get_default_dtype())
                 self.opt.state[p] = {"step": step, "exp_avg": slot("exp_avg"), "exp_avg_sq": slot("exp_avg_sq")}
-            elif self.optimizer == "momentum" and "momentum" in slots:
+            elif self.optimizer in ("momentum", "nesterov") and "momentum" in slots:
                 self.opt.state[p] = {"momentum_buffer": slot("momentum")}
 
     def rebind(self, theta: dict[str, np.ndarray]) -> None:
@@ -130,6 +146,9 @@ class UpdateRule:
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         """Optimizer slots per parameter as numpy arrays (views of the optimizer's own tensors)."""
+        if self._delayed is not None:
+            return {name: {"momentum": m.numpy(), "pending": b.numpy()}
+                    for name, m, b in zip(self.names, self._delayed["momentum"], self._delayed["pending"])}
         if self.opt is None:
             return {}
         out = {}
@@ -166,6 +185,8 @@ class UpdateRule:
         lr = self.lr * lr_scale
         if self.optimizer == "sgd":
             self._sgd_add(grads, -lr * scale, old)
+        elif self.optimizer == "delayed-nesterov":
+            self._delayed_nesterov(grads, scale, lr)
         elif any(isinstance(x, Encoded) for x in grads.values()):
             self._set_lr(lr)
             self._widened_step(grads, scale)
@@ -212,6 +233,28 @@ class UpdateRule:
         self.opt.step()
         for p in self.params:
             p.grad = None
+
+    def _delayed_nesterov(self, grads: Mapping, scale: float, lr: float) -> None:
+        """Delayed Nesterov (Liu et al. 2024, asynchronous local SGD), for Δs applied as they arrive:
+
+            every arrival      θ −= lr/N · Δ;   pending += Δ
+            every period-th    m = β·m + pending / period;   θ −= lr_outer · β · m;   pending = 0
+
+        (`lr` is already lr_outer/N under --aggregate mean.) Over `period` equal arrivals this is one outer
+        Nesterov step with g = mean Δ (torch's: m = β·m + g; θ −= lr·(g + β·m)), but no Δ waits for the others
+        and the momentum, which plain async momentum would apply N times per round, moves once per round."""
+        g = [grad_tensor(grads[n]).to(torch.float32) for n in self.names]
+        if scale != 1.0:
+            g = [x * scale for x in g]
+        torch._foreach_add_(self.params, g, alpha=-lr)
+        torch._foreach_add_(self._delayed["pending"], g)
+        self._arrivals += 1
+        if self._arrivals % self.period == 0:
+            m, pending = self._delayed["momentum"], self._delayed["pending"]
+            torch._foreach_mul_(m, self.momentum)
+            torch._foreach_add_(m, pending, alpha=1.0 / self.period)
+            torch._foreach_add_(self.params, m, alpha=-self.lr * self.momentum)
+            torch._foreach_zero_(pending)
 
     def _widened_step(self, grads: Mapping, scale: float) -> None:
         """The fused optimizer with 16-bit wire gradients (ssp/async: applied as they come), without a float32

@@ -5,7 +5,10 @@ PS_NUM_WORKERS), registers the model's parameters (the first worker's become the
 and loads the θ the server hands out into the model. Each `step()` pushes the gradients in the
 model's `.grad` and loads the next θ the server allows (the mode, sync / ssp / async, and the
 update rule are the server's). With `accum=k` a push is the mean gradient of k consecutive
-`step()` calls. θ and gradients move through `worker.transfer.ParamIO` (pinned host buffers and
+`step()` calls. With `local_steps=H > 1` the model is trained by an inner optimizer of its own
+(`inner=`, your torch optimizer, or --inner-optimizer / --inner-lr) for H `step()` calls between
+two pushes, and each push carries the pseudo-gradient θ_pulled − θ_local, which the server's
+optimizer applies as the outer step (DiLoCo, local SGD; worker/local.py). θ and gradients move through `worker.transfer.ParamIO` (pinned host buffers and
 non-blocking copies for a CUDA model, 16-bit narrowing on the device with --wire-dtype) and the
 client is the worker loop's (`worker.connect.make_client`: shared memory with a server on this
 host, shards, --overlap). The worker leaves the job on `close()`, at the end of a `with` block, on
@@ -18,6 +21,8 @@ Usage::
     for x, y in loader:
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     opt.close()
+
+    opt = DistributedOptimizer(model, inner=torch.optim.AdamW(model.parameters(), lr=3e-4), local_steps=50)
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from common.config import ConfigError, WorkerConfig
 from common.protocol import Message
 from worker.client import ServerError, ServerUnavailable
 from worker.connect import make_client, register, worker_config
+from worker.local import LocalSteps
 from worker.overlap import OverlapClient
 from worker.sampler import ShardSampler
 from worker.transfer import ParamIO
@@ -62,13 +68,24 @@ class DistributedOptimizer:
     clock of the θ it was computed on, and loads the next θ. `should_stop` turns True when the
     server ends the job (its --max-gradients budget); later steps do nothing. The learning rate
     and the update rule are the server's (--optimizer, --lr); buffers (e.g. BatchNorm statistics)
-    stay local to each worker.
+    stay local to each worker: with local_steps=1 (the default) your own optimizer is not used at
+    all. With `local_steps=H > 1`, `inner` (a torch optimizer over the model's parameters; default:
+    --inner-optimizer at --inner-lr) steps the model at every `step()`, and every H-th call pushes
+    θ_pulled − θ_local and loads the server's new θ; `close()` pushes a shorter last round. The
+    inner optimizer's state is kept across rounds.
     """
 
     def __init__(self, model: torch.nn.Module, args: argparse.Namespace | None = None, *, client=None,
-                 **options):
+                 inner: torch.optim.Optimizer | None = None, **options):
         self.cfg: WorkerConfig = worker_config(args, **options)
         self.model = model
+        if inner is not None and self.cfg.local_steps == 1:
+            raise ConfigError("inner= is the optimizer of local steps: with local_steps=1 the server's --optimizer "
+                              "updates θ and yours would never step; pass local_steps=H > 1 (or drop inner=)")
+        if self.cfg.local_steps > 1 and self.cfg.accum > 1:
+            raise ConfigError(f"local_steps={self.cfg.local_steps} with accum={self.cfg.accum}: the inner optimizer "
+                              "steps at every step(); accumulate gradients yourself (call step() every k "
+                              "backward passes), or use accum with local_steps=1")
         try:
             self.io = ParamIO(model, self.cfg.wire_dtype, compress=self.cfg.compress)
         except ValueError as exc:
@@ -86,6 +103,10 @@ class DistributedOptimizer:
         self._acc_seen: set[str] = set()               # the parameters with a gradient in this cycle
         self._losses: list[float] = []
         self._params = None            # the PARAMS reply whose θ the model holds
+        self.local: LocalSteps | None = None   # local_steps > 1: the inner optimizer and θ_pulled
+        if self.cfg.local_steps > 1:
+            self.local = LocalSteps(self.io.params, self.cfg.inner_optimizer, self.cfg.inner_lr,
+                                    self.cfg.inner_weight_decay, inner=inner)
         self._sigterm_installed = False
         atexit.register(self._at_exit)
         if threading.current_thread() is threading.main_thread() and \
@@ -126,6 +147,11 @@ class DistributedOptimizer:
             return loss
         if loss is not None:
             self._losses.append(float(loss.detach().item() if torch.is_tensor(loss) else loss))
+        if self.local is not None:
+            self.local.step()
+            if self.local.steps >= self.cfg.local_steps:
+                self._push(self.local.delta())
+            return loss
         self._accumulate()
         self._micro += 1
         if self._micro < self.cfg.accum:
@@ -135,17 +161,23 @@ class DistributedOptimizer:
             for g in grads.values():
                 if g is not None:
                     g.div_(self.cfg.accum)
+        self._micro, self._acc = 0, None
+        self._push(grads)
+        return loss
+
+    def _push(self, grads, pull: bool = True) -> None:
+        """Push `grads` (by name: gradients, or Δ with local steps) with the θ's version and clock, then load
+        the next θ (`pull`; or stop when the server says so)."""
         meta = {"loss": float(np.mean(self._losses))} if self._losses else {}
         ack = self.client.push(self.io.grads(grads), version=self._params.version, clock=self._params.clock, **meta)
-        self._micro, self._acc, self._losses = 0, None, []
+        self._losses = []
         self.steps += 1
         self._tally(ack)
         if ack.meta.get("stop"):
             self._stop("the server's gradient budget is spent")
-        else:
+        elif pull:
             self._pull()
             self._tally()
-        return loss
 
     def sampler(self, data, shard: str | None = None, seed: int | None = None, shuffle: bool = True) -> ShardSampler:
         """This worker's shard of `data` (a data set or its size) as a DataLoader sampler (see ShardSampler)."""
@@ -163,6 +195,11 @@ class DistributedOptimizer:
         """Leave the job (the server stops waiting for this worker) and close the client. Safe twice."""
         if self.closed:
             return
+        if self.local is not None and self.local.steps and not self.should_stop and reason == "done":
+            try:
+                self._push(self.local.delta(), pull=False)   # the last, shorter round
+            except (ServerError, ServerUnavailable) as exc:
+                log.warning("could not push the last round: %s", exc)
         self.closed = True
         atexit.unregister(self._at_exit)
         if self._sigterm_installed and threading.current_thread() is threading.main_thread() and \
@@ -242,6 +279,8 @@ class DistributedOptimizer:
             return
         self.io.load(reply.tensors)
         self._params = reply
+        if self.local is not None:
+            self.local.begin()
 
     def _stop(self, why: str) -> None:
         if not self.should_stop:

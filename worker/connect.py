@@ -32,7 +32,8 @@ log = logging.getLogger("worker.connect")
 
 #: the WorkerConfig fields a user's own worker takes
 API_FIELDS = ("server", "rank", "num_workers", "shard", "seed", "accum", "request_timeout",
-              "server_timeout", "heartbeat", "curve_server", "curve_secret", "wire_dtype", "shm", "overlap")
+              "server_timeout", "heartbeat", "curve_server", "curve_secret", "wire_dtype", "shm", "overlap",
+              "local_steps", "inner_optimizer", "inner_lr", "inner_weight_decay", "compress", "link_mbps")
 #: seconds a worker with --rank -1 waits for WELCOME before it sends REGISTER again
 AUTO_RANK_TIMEOUT = 30.0
 

@@ -1,5 +1,8 @@
 """The worker loop: register, then pull theta, compute a gradient on the next batch, push it.
 
+With --local-steps H > 1 each round pulls theta, takes H steps of the worker's own optimizer and pushes
+the pseudo-gradient theta_pulled - theta_local instead (`_train_local`, worker/local.py).
+
 Each step records where its time went (computing, waiting at the barrier or staleness bound,
 communicating), the loss, and on rank 0 the held-out loss every `eval_every` steps. The worker
 leaves when it has made `steps` pushes or its shard is used up (`epochs`), so the others never
@@ -27,6 +30,7 @@ from common.config import JobConfig, WorkerConfig, subset
 from worker.client import PSClient
 from worker.connect import make_client, register
 from worker.data import batches, shard_indices
+from worker.local import LocalSteps
 from worker.models import build_job, pick_device
 from worker.transfer import ParamIO
 
@@ -75,7 +79,11 @@ def run_worker(cfg: WorkerConfig, client: PSClient | None = None) -> dict:
         log.info("worker %d registered (mode=%s, version %d); %s; shard %d samples", cfg.rank,
                  welcome.meta.get("mode"), welcome.version, job.description, len(shard))
         gate = _GateReporter(cfg, client)
-        _train(cfg, job, client, io, welcome, stream, gate, m, t_start)
+        if cfg.local_steps > 1:
+            m["local_steps"] = cfg.local_steps
+            _train_local(cfg, job, client, io, welcome, stream, gate, m, t_start)
+        else:
+            _train(cfg, job, client, io, welcome, stream, gate, m, t_start)
         client.leave("done")
     except (KeyboardInterrupt, SystemExit):
         m["exit"] = "interrupted"
@@ -161,6 +169,73 @@ def _train(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m
                      params.clock, params.version, loss_sum)
 
 
+def _train_local(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m: dict, t_start: float) -> None:
+    """Rounds of --local-steps H: pull θ, H inner optimizer steps on this worker's batches, push Δ = θ_pulled −
+    θ_local. `--steps` counts inner steps (batches of --accum micro-batches), so runs with different H train on
+    the same samples; the last round may be shorter. One m["steps"] row per round (its loss: the mean over the
+    round; compute_s: the H steps). Rank 0 evaluates the server's θ as pulled, at the first round and then at
+    the first round after each further `eval_every` inner steps."""
+    slow_rng = straggler_rng(cfg)
+    local = LocalSteps(job.model, cfg.inner_optimizer, cfg.inner_lr, cfg.inner_weight_decay)
+    done, evaluated, exhausted = 0, -1, False
+    while done < cfg.steps and not exhausted:
+        t0 = time.perf_counter()
+        params = client.pull(raw=True)
+        t1 = time.perf_counter()
+        gated = 0.0
+        if local.rounds == 0:
+            gate.stop()
+            gated = float(params.meta.get("wait_s", 0.0))
+            m["start_gate_s"] = round(gated, 5)
+        if params.meta.get("stop"):
+            log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+            break
+        io.load(params.tensors)
+        local.begin()
+        if cfg.rank == 0 and cfg.eval_every and done // cfg.eval_every > evaluated:
+            evaluated = done // cfg.eval_every
+            m["evals"].append([round(time.time() - t_start, 4), done, params.version,
+                               job.eval_loss(cfg.eval_batches, cfg.batch_size)])
+        t1c = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(min(cfg.local_steps, cfg.steps - done)):
+            micro = [item[1] for item in itertools.islice(stream, cfg.accum)]
+            if len(micro) < cfg.accum:
+                log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
+                exhausted = True
+                break
+            job.model.zero_grad(set_to_none=False)
+            for idx in micro:
+                x, y = job.batch(idx)
+                loss = job.loss(x, y) / cfg.accum
+                loss.backward()
+                loss_sum += loss.item()
+            local.step()
+        if local.steps == 0:
+            break
+        grads = io.grads(local.delta())
+        t2 = time.perf_counter()
+        slept = 0.0
+        if cfg.slowdown > 1.0 and slow_rng.random() < cfg.slowdown_prob:
+            slept = (cfg.slowdown - 1.0) * (t2 - t1c)
+            time.sleep(slept)
+        t3 = time.perf_counter()
+        ack = client.push(grads, version=params.version, clock=params.clock, loss=loss_sum / local.steps)
+        t4 = time.perf_counter()
+        done += local.steps
+        wait = float(params.meta.get("wait_s", 0.0)) - gated
+        pull_s = max(0.0, (t1 - t0) - wait - gated)
+        m["steps"].append([round(time.time() - t_start, 4), params.clock, params.version, loss_sum / local.steps,
+                           round(t2 - t1c, 5), round(wait, 5), round(pull_s + (t4 - t3), 5), round(slept, 5),
+                           ack.meta.get("status", ""), round(pull_s, 5), round(t4 - t3, 5)])
+        if ack.meta.get("stop"):
+            break
+        if cfg.log_every and local.rounds % cfg.log_every == 0:
+            log.info("worker %d round %d (%d/%d steps) clock %d version %d loss %.4f", cfg.rank, local.rounds, done,
+                     cfg.steps, params.clock, params.version, loss_sum / local.steps)
+    m["inner_steps"] = done
+
+
 def write_metrics(m: dict, cfg: WorkerConfig) -> None:
     """Write workerN.json atomically (a signal during the write leaves the previous file or none)."""
     os.makedirs(cfg.out, exist_ok=True)
@@ -174,7 +249,7 @@ def _job_meta(cfg: WorkerConfig) -> dict:
     """The job description: the server stores it in its checkpoint (enough to rebuild the model) and
     refuses a worker whose description differs from the job's, naming the flags."""
     return {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(JobConfig)},
-            "num_workers": cfg.num_workers, "shard": cfg.shard}
+            "num_workers": cfg.num_workers, "shard": cfg.shard, "local_steps": cfg.local_steps}
 
 
 def _gate_text(st: dict) -> str:
