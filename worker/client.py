@@ -181,12 +181,16 @@ class PSClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _send(self, frames, push: bool = False) -> None:
+    def _transmit(self, frames, push: bool) -> None:
+        """Count a request's bytes, hold it on the emulated link if there is one, and send it."""
         nbytes = frames_bytes(frames)
         self.stats["bytes_sent"] += nbytes
         self.stats["bytes_pushed"] += nbytes if push else 0
         if self.link is not None:   # (emulated: the bytes reach the server once they would have crossed the link)
             self.stats["link_s"] += self.link.pace(nbytes)
+        self._send(frames)
+
+    def _send(self, frames) -> None:
         if self._drop and self._rng.random() < self._drop:
             self.stats["dropped_by_fault"] += 1
             return   # injected loss: the resend path must recover
@@ -204,7 +208,7 @@ class PSClient:
         frames = encode(msg)
         self.stats["requests"] += 1
         push = msg.type == MsgType.PUSH
-        self._send(frames, push)
+        self._transmit(frames, push)
         timeout = self.request_timeout
         first_sent = sent_at = time.monotonic()
         while True:
@@ -235,7 +239,7 @@ class PSClient:
             self._note_silence(msg, now - max(self.last_heard, first_sent))   # every 5 s, between resends too
             if now - sent_at >= timeout:
                 self.stats["resends"] += 1
-                self._send(frames, push)
+                self._transmit(frames, push)
                 sent_at = now
                 timeout = min(timeout * 2, 8 * self.request_timeout)
 
