@@ -12,7 +12,9 @@
 # x86_64, libzmq bundled, 855 KB; not in git: a tool that copies only what git tracks must be told to carry
 # that folder) into /tmp/ps-site. Nothing else is installed; the project runs from this checkout through
 # PYTHONPATH. See deploy/README.md, "The GPU check". FLAGS go to `paramserver bench scale` after this script's
-# own (--device cuda --out ...), so they override them, e.g. --variants 'sync;async' or --budget 300.
+# own (--device cuda --out ... and, by default, issue 20's local-step variants: 4 workers, H = 50 with outer
+# averaging, with int8 pushes, async, and per-step sync over 4 bf16 shards, 200 steps of a global batch of 64),
+# so they override them, e.g. --variants 'sync;async' or --budget 300 (or GPU_VARIANTS='...').
 # $OUT receives env.txt (versions, GPU), scale.log (the printed table), scale.json and logs.tgz (every run's
 # server and worker logs and metrics, checkpoints left out); the runs themselves go to $SCALE_RUNS
 # (default /tmp/ps-scale). Variables: PYTHON (python3), OUT, SCALE_RUNS, SCALE_TIMEOUT (540: seconds before the
@@ -63,7 +65,9 @@ set +e
 # a hard stop inside a 600 s device call, so that the results so far are still copied (scale.json is rewritten
 # after every run; SIGTERM stops the run in progress and its processes cleanly)
 timeout --signal=TERM --kill-after=30 "${SCALE_TIMEOUT:-540}" \
-    "$PY" -m paramserver bench scale --device cuda --out "$RUNS" "$@" 2>&1 | tee "$OUT/scale.log"
+    "$PY" -m paramserver bench scale --device cuda --out "$RUNS" --global-batches 64 --steps 200 \
+        --variants "${GPU_VARIANTS:-sync,local=50;sync,local=50,compress=int8;async,local=50;sync,shards=4,wire=bf16}" \
+        "$@" 2>&1 | tee "$OUT/scale.log"
 rc=${PIPESTATUS[0]}
 set -e
 cp "$RUNS/scale.json" "$OUT/scale.json" 2>/dev/null || echo "gpu-check: no scale.json was written" >&2

@@ -25,7 +25,8 @@ def quick(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     out, runs = tmp / "out", tmp / "runs"
     proc = subprocess.run(["bash", os.path.join(ROOT, "deploy", "gpu-check.sh"), "--quick", "--device", "cpu",
-                           "--global-batches", "8", "--variants", "sync;async", "--steps", "6", "--warmup", "2"],
+                           "--global-batches", "8", "--variants", "sync;async;sync,local=3", "--steps", "6",
+                           "--warmup", "2"],
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHON=sys.executable, OUT=str(out), SCALE_RUNS=str(runs)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -39,7 +40,11 @@ def test_quick_run_prints_the_table_and_writes_every_field(quick):
         assert column in stdout
     assert report["machine"]["device"] == "cpu" and report["model"]["parameters"] > 0
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"single", "sync", "async"}
+    assert set(runs) == {"single", "sync", "async", "sync,local=3"}
+    local = runs["sync,local=3"]                   # issue 20's GPU variant: H = 3, outer averaging
+    assert local["complete"] and local["samples"] == 6 * 8 and local["gradients_applied"] == 4   # 2 rounds x 2
+    assert local["samples_per_s"] > 0 and local["eval_loss"] is not None
+    assert "global batch 8: local steps 'sync,local=3' at" in stdout    # the per-step target names per-step sync
     single = runs["single"]
     assert single["samples_per_s"] > 0 and single["ratio"] == 1.0 and single["layout"] == "1 x 8"
     assert single["compute_ms"] > 0 and single["apply_ms"] > 0
@@ -94,6 +99,20 @@ def test_samples_per_s_counts_applied_gradients_after_the_warmup():
     assert out["samples_per_s"] == 8.0 and out["step_ms"] == 1000.0 and out["gradients_applied"] == 8
 
 
+def test_local_step_variants_count_h_steps_per_push():
+    """local=H: a push carries H steps of samples, and the warm-up is counted in pushes (rounded up)."""
+    v = parse_variant("sync,local=2,compress=int8", workers=2)
+    assert (v.local, v.compress) == (2, "int8")
+    # 3 rounds of 2 pushes, 1 s apart; each push = 2 steps x 4 samples
+    updates = [[float(t), t, w, 0, 1.0, 0.0, 2 * t - 1 + w] for t in range(1, 4) for w in (0, 1)]
+    cfg = ScaleConfig(quick=True, steps=6, warmup=1, global_batches="8")
+    out = _throughput(cfg, v, 8, {"updates": updates, "status": {}})
+    # skipped: the first round (warm-up 1 step -> 1 round); then 2 rounds x 2 pushes x 8 samples in 2 s
+    assert out["samples_per_s"] == 16.0
+    with pytest.raises(ValueError, match="bad option 'compress=int4'"):
+        parse_variant("sync,compress=int4", 2)
+
+
 def test_variants_parse_and_bad_ones_are_named():
     v = parse_variant("sync, shards=2, wire=bf16, tcp, overlap, accum=4, batch=256/512", workers=4)
     assert (v.mode, v.shards, v.wire, v.shm, v.overlap, v.accum, v.batches) == ("sync", 2, "bf16", False, True, 4,
@@ -136,5 +155,6 @@ def test_gpu_check_script_writes_its_results_under_out(quick):
     assert sorted(p.name for p in out.iterdir()) == ["env.txt", "logs.tgz", "scale.json", "scale.log"]
     assert "pyzmq" in (out / "env.txt").read_text()
     report = json.loads((out / "scale.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["single", "sync", "async"] and report["runs"][1]["complete"]
+    assert [r["name"] for r in report["runs"]] == ["single", "sync", "async", "sync,local=3"]
+    assert report["runs"][1]["complete"]
     assert "fastest sync variant 'sync'" in (out / "scale.log").read_text()

@@ -10,7 +10,9 @@ the share of worker time spent communicating (pull and push, barrier waits exclu
 time to a target loss that every run reached (rank 0 evaluates the server's θ every `--eval-every` steps).
 Runs marked "@N Mb/s" pace every worker's bytes through an EMULATED link of N Mb/s (worker/link.py: the
 client sleeps as long as the bytes would take; nothing limits a real network). Runs marked "straggler" slow
-the last worker by `--straggler`. Through the socket only (--no-shm): bytes are what a network would carry.
+the last worker by `--straggler`. In async runs the samples are a budget the workers share (the server's
+--max-gradients: samples / (batch x H) pushes, then every worker is told to stop), so faster workers train
+more of them, as a straggler-tolerant system should; sync runs train `samples / workers` each. Through the socket only (--no-shm): bytes are what a network would carry.
 `--repeats R` runs everything with seeds seed..seed+R-1; tables give the median and [min, max].
 
 Usage::
@@ -121,12 +123,17 @@ def run_one(cfg: LocalBenchConfig, run: dict, folder: str) -> dict:
     """One run: the server in this process (a thread), the workers as processes; returns what they recorded."""
     from paramserver.launch import start_workers
     from paramserver.server import Server
+    h = run["worker"].get("local_steps", 1)
+    shared = run["server"]["mode"] != "sync"   # async: a budget of pushes the workers share (module docstring)
+    budget = cfg.steps_per_worker * cfg.workers // h if shared else 0
     server = Server(ServerConfig(bind="tcp://127.0.0.1:*", num_workers=cfg.workers, aggregate="mean",
-                                 log_level="warning", worker_timeout=120, threads=1, **run["server"]))
+                                 log_level="warning", worker_timeout=120, threads=1, max_gradients=budget,
+                                 **run["server"]))
     address = server.bind()
     loop = threading.Thread(target=server.serve_forever, daemon=True)
     loop.start()
-    wcfg = subset(cfg, WorkerConfig, steps=cfg.steps_per_worker, num_workers=cfg.workers, rank=0, log_every=0,
+    steps = cfg.steps_per_worker * (cfg.workers if shared else 1)   # shared: the server says when to stop
+    wcfg = subset(cfg, WorkerConfig, steps=steps, num_workers=cfg.workers, rank=0, log_every=0,
                   threads=1, device="cpu", heartbeat=1.0, log_level="warning", shm=False, inner_lr=cfg.lr,
                   **run["worker"])
     slow = {cfg.workers - 1: cfg.straggler} if run["straggler"] else None
@@ -150,6 +157,7 @@ def run_one(cfg: LocalBenchConfig, run: dict, folder: str) -> dict:
 def summarize(cfg: LocalBenchConfig, run: dict, raw: dict, final_eval: float) -> dict:
     """The figures of one run, from the workers' metrics (see the module docstring)."""
     ws = raw["workers"]
+    # samples behind the pushes that were applied or held (a push refused after the budget trained nothing kept)
     trained = sum(w.get("inner_steps", len(w["steps"])) for w in ws) * cfg.batch_size
     pushed = sum(w["client"].get("bytes_pushed", 0) for w in ws)
     pulled = sum(w["client"].get("bytes_pulled", 0) for w in ws)
@@ -161,6 +169,7 @@ def summarize(cfg: LocalBenchConfig, run: dict, raw: dict, final_eval: float) ->
     evals = [(e[0], e[3], e[1]) for e in ws[0]["evals"]]   # (time_s, loss, steps trained by rank 0)
     return {"name": run["name"], "final_eval_loss": final_eval, "wall_s": raw["wall_s"], "samples": trained,
             "pushes": sum(len(w["steps"]) for w in ws), "updates": raw["version"],
+            "worker_steps": [w.get("inner_steps", len(w["steps"])) for w in ws],
             "push_bytes_per_sample": pushed / max(1, trained), "bytes_per_sample": (pushed + pulled) / max(1, trained),
             "comm_share": float(np.mean(shares)), "link_s": float(np.mean([w["client"].get("link_s", 0.0) for w in ws])),
             "evals": evals}

@@ -65,7 +65,9 @@ class ScaleConfig(JobConfig):
     variants: str = opt("sync;sync,accum=4,batch=256;sync,shards=4;sync,shards=4,wire=bf16;async;ssp",
                         "paramserver runs, separated by ';': a mode (sync, ssp, async), then comma-separated "
                         "options: shards=K, wire=fp32|bf16|fp16, shm or tcp, overlap, accum=A, staleness=S (ssp), "
-                        "workers=N, batch=B[/B2] (run only at these global batches)")
+                        "workers=N, batch=B[/B2] (run only at these global batches), local=H (--local-steps H with "
+                        "outer averaging: the server runs sgd at lr 1, the workers AdamW/--optimizer's lr), "
+                        "compress=int8")
     steps: int = opt(40, "updates of the global batch per run (ssp/async: gradients pushed per worker); the held-out "
                          "loss is compared after these samples")
     warmup: int = opt(5, "first steps left out of samples/s (start gate, allocation, CUDA warm-up)")
@@ -149,6 +151,8 @@ class Variant:
     accum: int = 1
     staleness: int = 3
     batches: tuple[int, ...] = ()
+    local: int = 1            # --local-steps H (the server then runs outer averaging: sgd at lr 1)
+    compress: str = "none"    # --compress
 
 
 def parse_variant(text: str, workers: int) -> Variant:
@@ -157,7 +161,8 @@ def parse_variant(text: str, workers: int) -> Variant:
     mode, kw = tokens[0], {"workers": workers}
     if mode not in MODES:
         raise ValueError(f"--variants {text!r}: start with a mode ({', '.join(MODES)}), not {mode!r}")
-    allowed = "shards=K, wire=fp32|bf16|fp16, shm, tcp, overlap, accum=A, staleness=S, workers=N, batch=B[/B2]"
+    allowed = ("shards=K, wire=fp32|bf16|fp16, shm, tcp, overlap, accum=A, staleness=S, workers=N, batch=B[/B2], "
+               "local=H, compress=int8")
     for tok in tokens[1:]:
         key, eq, value = tok.partition("=")
         try:
@@ -165,7 +170,9 @@ def parse_variant(text: str, workers: int) -> Variant:
                 kw["shm"] = tok == "shm"
             elif tok == "overlap":
                 kw["overlap"] = True
-            elif eq and key in ("shards", "accum", "staleness", "workers"):
+            elif eq and key == "compress" and value in ("none", "int8"):
+                kw["compress"] = value
+            elif eq and key in ("shards", "accum", "staleness", "workers", "local"):
                 kw[key] = int(value)
                 if kw[key] < (0 if key == "staleness" else 1):
                     raise ValueError

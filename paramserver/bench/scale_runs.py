@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.config import JobConfig, ServerConfig, WorkerConfig, subset
+from common.config import LOCAL_SGD_OUTER, JobConfig, ServerConfig, WorkerConfig, subset
 
 if TYPE_CHECKING:
     from paramserver.bench.scale import ScaleConfig, Variant
@@ -156,9 +156,11 @@ def run_ps(cfg: ScaleConfig, v: Variant, batch: int, device: str, folder: str, s
             os.unlink(os.path.join(folder, f))
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // v.workers)
     wcfg = dataclasses.replace(_layout_cfgs(cfg, v.workers, batch, v.accum)[0], device=device, eval_every=0,
-                               log_every=0, shm=v.shm, overlap=v.overlap, wire_dtype=v.wire, log_level="warning")
+                               log_every=0, shm=v.shm, overlap=v.overlap, wire_dtype=v.wire, log_level="warning",
+                               local_steps=v.local, inner_lr=cfg.lr, compress=v.compress)
+    outer = {"optimizer": cfg.optimizer, "lr": cfg.lr} if v.local == 1 else LOCAL_SGD_OUTER   # local=H: averaging
     scfg = ServerConfig(bind="tcp://127.0.0.1:*", num_workers=v.workers, mode=v.mode,
-                        staleness=v.staleness if v.mode == "ssp" else None, optimizer=cfg.optimizer, lr=cfg.lr,
+                        staleness=v.staleness if v.mode == "ssp" else None, **outer,
                         aggregate="mean", shm=v.shm, log_level="warning",
                         threads=max(1, (os.cpu_count() or 1) // (v.workers + v.shards)),   # as `paramserver cluster`
                         checkpoint=os.path.join(folder, "checkpoint.pt"),
@@ -215,8 +217,8 @@ def run_ps(cfg: ScaleConfig, v: Variant, batch: int, device: str, folder: str, s
 def _throughput(cfg: ScaleConfig, v: Variant, batch: int, server: dict) -> dict:
     """Samples/s from the server's record of applied gradients, after the first warmup x workers of them."""
     updates = server.get("updates") or []
-    per_grad = batch // v.workers   # samples behind one pushed gradient (all its micro-batches)
-    skip = cfg.warmup * v.workers
+    per_grad = batch // v.workers * v.local   # samples behind one push (its micro-batches; local=H: H steps)
+    skip = -(-cfg.warmup // v.local) * v.workers   # the warm-up's steps, in pushes
     # (in a very long run the rows are every update_stride-th gradient: their "applied" column, not their
     # positions, counts gradients)
     out = {"gradients_applied": server.get("updates_total", updates[-1][6] if updates else 0), "samples_per_s": None,
