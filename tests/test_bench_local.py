@@ -7,7 +7,7 @@ import os
 import pytest
 
 from paramserver.bench.local import LocalBenchConfig, planned_runs, run_bench, time_to
-from paramserver.bench.local_report import comparisons, grouped, separated, target_loss
+from paramserver.bench.local_report import comparisons, grouped, pair_speedup, separated, target_loss
 
 
 def test_the_full_plan_compares_what_the_issue_names():
@@ -51,6 +51,9 @@ def test_tables_come_from_the_recorded_figures():
     lines = comparisons(groups, 100.0, 10)
     assert "bytes per trained sample: avg H=10 / sync H=1 = 0.100 (separated)" in lines
     assert "loss: avg H=10 vs sync H=1: +16.67% held-out loss (separated)" in lines
+    link = [_run("sync H=1 @100Mb/s", 2.0, [(4.0, 2.6, 5), (8.0, 2.0, 10)], seed=0),
+            _run("avg H=10 @100Mb/s", 2.3, [(1.0, 2.6, 5), (2.0, 2.3, 10)], seed=0)]
+    assert pair_speedup(link, "sync H=1 @100Mb/s", "avg H=10 @100Mb/s") == [4.0]   # 8 s vs 2 s to the 2.3 both reach
     one = grouped({"runs": runs[::2], "config": {}})
     assert "(one seed: no ranges)" in comparisons(one, 100.0, 10)[0]
     assert separated((1.0, 0.9, 1.1), (2.0, 1.9, 2.1)) and not separated((1.0, 0.9, 2.0), (2.0, 1.9, 2.1))

@@ -244,3 +244,27 @@ def test_a_worker_with_other_local_steps_is_refused(start_server):
     run_worker_thread(WorkerConfig(rank=1, local_steps=2, **base), results).join(timeout=60)   # the right one
     first.join(timeout=60)
     assert results[0]["inner_steps"] == results[1]["inner_steps"] == 4
+
+
+@pytest.mark.parametrize("case", ["bf16", "backup", "entry", "ssp"])
+def test_local_steps_work_with_the_other_features(start_server, case):
+    """H = 3 with a 16-bit wire, with backup workers (3 workers, the first 2 Δs of each round form the step),
+    with your own --entry model, and under ssp: every round is pushed and applied (or dropped as late)."""
+    n = 3 if case == "backup" else 2
+    server = {"backup": {"backup_workers": 1}, "ssp": {"mode": "ssp", "staleness": 1}}.get(case, {})
+    srv = start_server(num_workers=n, **{"mode": "sync", "optimizer": "sgd", "lr": 1.0, **server})
+    worker = {"bf16": {"wire_dtype": "bf16"}, "entry": {"entry": "examples.cnn_entry:make_job"}}.get(case, {})
+    cfgs = [WorkerConfig(server=srv.address, rank=r, num_workers=n, job="mlp", batch_size=8, steps=9, local_steps=3,
+                         eval_every=0, log_every=0, threads=1, **worker) for r in range(n)]
+    results: dict = {}
+    for t in [run_worker_thread(c, results) for c in cfgs]:
+        t.join(timeout=120)
+    assert all(isinstance(results[r], dict) and results[r]["inner_steps"] == 9 for r in range(n)), results
+    c = srv.server.status()["counters"]
+    assert c["received"] == 3 * n
+    if case == "backup":
+        assert srv.server.store.version == 3 and c["applied"] == 6 and c["dropped:backup"] == 3
+    elif case == "ssp":
+        assert srv.server.store.version == 6
+    else:
+        assert srv.server.store.version == 3 and c["applied"] == 6
