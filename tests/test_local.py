@@ -12,6 +12,7 @@ import torch
 from common.config import JobConfig, WorkerConfig, subset
 from paramserver.store import ParamStore
 from paramserver.update import UpdateRule
+from tests.cli_inproc import cli  # noqa: F401  (a pytest fixture)
 from tests.conftest import run_worker_thread, wait_for, worker_process
 from worker.local import LocalSteps
 from worker.models import build_job
@@ -268,3 +269,18 @@ def test_local_steps_work_with_the_other_features(start_server, case):
         assert srv.server.store.version == 6
     else:
         assert srv.server.store.version == 3 and c["applied"] == 6
+
+
+def test_the_readmes_local_steps_cluster_trains_with_outer_averaging(cli, tmp_path):
+    """`paramserver cluster --local-steps H` (the README's command, on a small job): the server runs outer
+    averaging (sgd, lr 1), every worker pushes once per round, and the run applies one outer step per round."""
+    import json
+    out = tmp_path / "local"
+    r = cli("cluster", "--local-steps", "5", "--workers", "2", "--job", "mlp", "--steps", "20", "--eval-every", "0",
+            "--sample-bytes", "0", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "optimizer sgd lr 1" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    workers = [metrics["workers"][k] for k in sorted(metrics["workers"])]
+    assert [w["inner_steps"] for w in workers] == [20, 20] and [len(w["steps"]) for w in workers] == [4, 4]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["version"] == 4
