@@ -58,8 +58,9 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 TRANSPORTS = ("tcp", "ipc", "inproc")
 
 
-def check_address(flag: str, value: str) -> None:
-    """Raise ValueError unless every comma-separated address in `value` names a ZeroMQ transport."""
+def check_address(flag: str, value: str, connect: bool = False) -> None:
+    """Raise ValueError unless every comma-separated address in `value` names a ZeroMQ transport. An address to
+    `connect` to needs a real port (1..65535); one to bind may also say 0 or * (a free one)."""
     for addr in value.split(","):
         addr = addr.strip()
         scheme, sep, rest = addr.partition("://")
@@ -71,6 +72,9 @@ def check_address(flag: str, value: str) -> None:
             host, colon, port = rest.rpartition(":")
             if not colon or not host:
                 raise ValueError(f"{flag} {addr!r} has no port: write tcp://{rest}:PORT")
+            if connect and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"{flag} {addr!r}: port {port!r} is not a TCP port to connect to (1..65535: the port "
+                                 "the server listens on, as its 'listening on' line says)")
             if port != "*" and not (port.isdigit() and int(port) <= 65535):
                 raise ValueError(f"{flag} {addr!r}: port {port!r} is not a TCP port (0..65535, or * for a free one)")
 
@@ -339,7 +343,7 @@ class WorkerConfig(JobConfig):
         if not (0 <= self.fault_drop < 1 and 0 <= self.fault_dup < 1):
             raise ValueError("--fault-drop and --fault-dup are fractions in [0, 1)")
         per_shard(self.curve_server, len(parse_addresses(self.server)), "--curve-server")
-        check_address("--server", self.server)
+        check_address("--server", self.server, connect=True)
 
 
 @dataclass

@@ -219,8 +219,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from worker.evaluate import load_job, sample_text
+    from common.checkpoint import load_checkpoint
     if args.bytes < 1:
         raise ConfigError("--bytes must be >= 1")
+    entry = (load_checkpoint(args.checkpoint).get("job") or {}).get("entry")
+    if entry:   # known from the checkpoint alone: no need to import the user's module (it may not import here)
+        raise ConfigError(f"this checkpoint's model is your own (--entry {entry}), not a text model: sample "
+                          "generates text from a checkpoint of --job gpt")
     job, _ = load_job(args.checkpoint, data=args.data)
     prompt = args.prompt.encode() if args.prompt is not None else None
     text = sample_text(job, args.bytes, prompt=prompt, seed=args.seed, temperature=args.temperature)

@@ -30,7 +30,7 @@ def _check_client_args(args: argparse.Namespace) -> None:
     if bool(args.curve_server) != bool(args.curve_secret):
         raise ConfigError("--curve-server and --curve-secret go together")
     try:
-        check_address("ADDRESS", args.address)
+        check_address("ADDRESS", args.address, connect=True)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_resolves("ADDRESS", args.address)

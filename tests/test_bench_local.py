@@ -62,20 +62,22 @@ def test_tables_come_from_the_recorded_figures():
 def test_a_small_run_counts_one_push_per_round(tmp_path):
     """2 workers, mlp: per-step sync against H = 5 at equal samples; the bytes each worker's client counted per
     trained sample fall to about 1/5 (plus the registration), and the report is written. In the async run the
-    samples are a shared budget: the straggler (3x slower) trains fewer of them than the other worker."""
+    samples are a shared budget of pushes: the server stops both workers once it is spent (how the budget splits
+    between the straggler and the other worker depends on timing, so it is not asserted)."""
     cfg = LocalBenchConfig(job="mlp", workers=2, samples=640, batch_size=16, h_values="5", nesterov_lrs="0.3",
                            link=0, straggler=3.0, eval_every=5, eval_batches=2,
                            only="sync H=1,avg H=5,async avg H=5 straggler", out=str(tmp_path))
     report = run_bench(cfg)
     runs = {r["name"]: r for r in report["runs"]}
     assert runs["sync H=1"]["samples"] == runs["avg H=5"]["samples"] == 640
-    assert runs["sync H=1"]["pushes"] == 40 and runs["avg H=5"]["pushes"] == 8
+    assert runs["sync H=1"]["pushes"] == 40 and runs["avg H=5"]["pushes"] == 8, runs
     ratio = runs["avg H=5"]["bytes_per_sample"] / runs["sync H=1"]["bytes_per_sample"]
     assert 0.15 < ratio < 0.3, ratio
     assert runs["avg H=5"]["updates"] == 4            # sync: one outer step per round of both workers
     shared = runs["async avg H=5 straggler"]
-    assert shared["updates"] >= 8 and shared["samples"] >= 640      # the budget: 8 pushes of 5 x 16 samples
-    steps = [s for s in shared["worker_steps"]]
-    assert steps[1] < steps[0], steps                                # the straggler trained less of it
+    # the budget: 8 pushes of 5 x 16 samples applied, then stop (a push already on its way is dropped, counted)
+    assert shared["updates"] == 8 and 8 <= shared["pushes"] <= 8 + 2, shared
+    assert sum(shared["worker_steps"]) * 16 == shared["samples"] >= 640, shared
+    assert max(shared["worker_steps"]) < 2 * 40      # each worker may train up to the whole budget, never more
     for f in ("results.json", "report.md", "loss_vs_bytes.png", "loss_vs_time.png"):
         assert os.path.exists(tmp_path / f), f

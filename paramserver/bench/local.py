@@ -157,7 +157,7 @@ def run_one(cfg: LocalBenchConfig, run: dict, folder: str) -> dict:
 def summarize(cfg: LocalBenchConfig, run: dict, raw: dict, final_eval: float) -> dict:
     """The figures of one run, from the workers' metrics (see the module docstring)."""
     ws = raw["workers"]
-    # samples behind the pushes that were applied or held (a push refused after the budget trained nothing kept)
+    # samples trained by the workers, including a round whose push came after an async budget was spent (dropped)
     trained = sum(w.get("inner_steps", len(w["steps"])) for w in ws) * cfg.batch_size
     pushed = sum(w["client"].get("bytes_pushed", 0) for w in ws)
     pulled = sum(w["client"].get("bytes_pulled", 0) for w in ws)
