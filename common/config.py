@@ -330,6 +330,10 @@ class WorkerConfig(JobConfig):
             raise ValueError("--inner-lr must be positive and --inner-weight-decay >= 0")
         if self.link_mbps < 0:
             raise ValueError(f"--link-mbps must be >= 0 (0: off), not {self.link_mbps}")
+        if self.overlap and self.local_steps > 1:
+            raise ValueError("--overlap hides the communication of per-step training; with --local-steps "
+                             f"{self.local_steps} a round would start from a θ fetched before its own push: drop "
+                             "--overlap (local steps communicate once per round)")
         for flag, value, least in (("--batch-size", self.batch_size, 1), ("--accum", self.accum, 1),
                                    ("--steps", self.steps, 0)):
             if value < least:   # name only the flag that is wrong
@@ -381,8 +385,9 @@ LOCAL_SGD_OUTER = {"optimizer": "sgd", "lr": 1.0}
 
 
 def outer_defaults(ns: argparse.Namespace, local_steps: int) -> dict:
-    """The outer optimizer's settings not given on the command line, for a job of --local-steps `local_steps`."""
-    if local_steps <= 1:
+    """The outer optimizer for a job of --local-steps `local_steps` > 1 without --optimizer: sgd, at lr 1 unless
+    --lr is given. A given --optimizer is taken as it is, with the server's --lr (given or default)."""
+    if local_steps <= 1 or "optimizer" in vars(ns):
         return {}
     return {k: v for k, v in LOCAL_SGD_OUTER.items() if k not in vars(ns)}
 

@@ -217,6 +217,7 @@ def test_cluster_defaults_to_outer_averaging_unless_told():
     assert outer_defaults(parse("--local-steps", "50"), 50) == {"optimizer": "sgd", "lr": 1.0}
     assert outer_defaults(parse("--local-steps", "50", "--optimizer", "nesterov", "--lr", "0.7"), 50) == {}
     assert outer_defaults(parse("--local-steps", "50", "--lr", "0.5"), 50) == {"optimizer": "sgd"}
+    assert outer_defaults(parse("--local-steps", "50", "--optimizer", "momentum"), 50) == {}   # yours, your --lr
     assert outer_defaults(parse(), 1) == {}
 
 

@@ -15,8 +15,13 @@ def test_async_overlap_local_steps_one_worker_server_theta_is_the_models(start_s
     hands the worker, at the next round, the θ fetched at the *start* of the last round (before its own Δ):
     each round restarts from a θ one whole round old and the server adds Δs anchored on stale θs."""
     from worker.api import DistributedOptimizer
+    from common.config import ConfigError
     srv = start_server(num_workers=1, mode="async", optimizer="sgd", lr=1.0)
     torch.manual_seed(0)
+    if overlap:   # (fixed by refusing the combination: local steps communicate once per round anyway)
+        with pytest.raises(ConfigError, match="--overlap"):
+            DistributedOptimizer(torch.nn.Linear(4, 1), local_steps=3, server=srv.address, shm=False, overlap=True)
+        return
     model = torch.nn.Linear(4, 1)
     opt = DistributedOptimizer(model, inner=torch.optim.SGD(model.parameters(), lr=0.05), local_steps=3,
                                server=srv.address, shm=False, overlap=overlap)

@@ -115,7 +115,8 @@ class DistributedOptimizer:
             self._sigterm_installed = True
         try:
             # PS_RANK=auto: the server's id mapped to a rank the one way the worker loop maps it too
-            welcome, self.cfg = register(self.client, self.cfg, init=self.io.numpy_params())
+            welcome, self.cfg = register(self.client, self.cfg, init=self.io.numpy_params(),
+                                         job={"local_steps": self.cfg.local_steps})   # every worker the same H
             self.rank = self.cfg.rank
             self.mode = welcome.meta.get("mode", "")
             self._pull()

@@ -157,8 +157,9 @@ def run_one(cfg: LocalBenchConfig, run: dict, folder: str) -> dict:
 def summarize(cfg: LocalBenchConfig, run: dict, raw: dict, final_eval: float) -> dict:
     """The figures of one run, from the workers' metrics (see the module docstring)."""
     ws = raw["workers"]
-    # samples trained by the workers, including a round whose push came after an async budget was spent (dropped)
-    trained = sum(w.get("inner_steps", len(w["steps"])) for w in ws) * cfg.batch_size
+    # samples behind the pushes the server kept: a round whose push came after an async budget was spent (its
+    # row's status "dropped") trained nothing that θ kept (a round's steps: the worker's steps per row)
+    trained = cfg.batch_size * sum(_kept_steps(w) for w in ws)
     pushed = sum(w["client"].get("bytes_pushed", 0) for w in ws)
     pulled = sum(w["client"].get("bytes_pulled", 0) for w in ws)
     shares = []
@@ -173,6 +174,12 @@ def summarize(cfg: LocalBenchConfig, run: dict, raw: dict, final_eval: float) ->
             "push_bytes_per_sample": pushed / max(1, trained), "bytes_per_sample": (pushed + pulled) / max(1, trained),
             "comm_share": float(np.mean(shares)), "link_s": float(np.mean([w["client"].get("link_s", 0.0) for w in ws])),
             "evals": evals}
+
+
+def _kept_steps(w: dict) -> int:
+    steps = w.get("inner_steps", len(w["steps"]))
+    dropped = sum(1 for row in w["steps"] if str(row[8]).startswith("dropped"))
+    return round(steps * (1 - dropped / len(w["steps"]))) if w["steps"] else steps
 
 
 def time_to(evals: list, target: float) -> float | None:
