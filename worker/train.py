@@ -125,15 +125,9 @@ def _train(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m
             log.info("worker %d: shard used up after %d epoch(s)", cfg.rank, cfg.epochs)
             break
         t0 = time.perf_counter()
-        params = client.pull(raw=True)   # 16-bit θ as it came: io.load widens it into the model
+        params, gated = _pull(cfg, client, gate, m, first=step == 0)
         t1 = time.perf_counter()
-        gated = 0.0
-        if step == 0:   # the first pull waits at the start gate: not a wait the policy imposes
-            gate.stop()
-            gated = float(params.meta.get("wait_s", 0.0))
-            m["start_gate_s"] = round(gated, 5)
-        if params.meta.get("stop"):
-            log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+        if params is None:
             break
         io.load(params.tensors)
         job.model.zero_grad(set_to_none=False)   # backward accumulates into the same .grad buffers
@@ -169,6 +163,22 @@ def _train(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m
                      params.clock, params.version, loss_sum)
 
 
+def _pull(cfg: WorkerConfig, client, gate, m: dict, first: bool):
+    """(θ as it came, seconds the first pull waited at the start gate), or (None, gated) when the server says
+    stop. 16-bit θ stays as it came: io.load widens it into the model. The start gate's wait is not a wait the
+    policy imposes: the first pull's is recorded apart, as m["start_gate_s"]."""
+    params = client.pull(raw=True)
+    gated = 0.0
+    if first:
+        gate.stop()
+        gated = float(params.meta.get("wait_s", 0.0))
+        m["start_gate_s"] = round(gated, 5)
+    if params.meta.get("stop"):
+        log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+        return None, gated
+    return params, gated
+
+
 def _train_local(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, gate, m: dict, t_start: float) -> None:
     """Rounds of --local-steps H: pull θ, H inner optimizer steps on this worker's batches, push Δ = θ_pulled −
     θ_local. `--steps` counts inner steps (batches of --accum micro-batches), so runs with different H train on
@@ -180,15 +190,9 @@ def _train_local(cfg: WorkerConfig, job, client, io: ParamIO, welcome, stream, g
     done, evaluated, exhausted = 0, -1, False
     while done < cfg.steps and not exhausted:
         t0 = time.perf_counter()
-        params = client.pull(raw=True)
+        params, gated = _pull(cfg, client, gate, m, first=local.rounds == 0)
         t1 = time.perf_counter()
-        gated = 0.0
-        if local.rounds == 0:
-            gate.stop()
-            gated = float(params.meta.get("wait_s", 0.0))
-            m["start_gate_s"] = round(gated, 5)
-        if params.meta.get("stop"):
-            log.info("worker %d: server says stop (%s)", cfg.rank, params.meta.get("reason"))
+        if params is None:
             break
         io.load(params.tensors)
         local.begin()
